@@ -1,0 +1,214 @@
+"""The ``conceptrank`` command line: thin Typer commands over the library's functions.
+
+Heavy imports (torch, sklearn, matplotlib) happen inside the commands so that ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Explain what a CNN has learned with ranked, human-readable concepts "
+    "(Network Dissection → local and global concept rankings → agreement).",
+)
+
+
+def _fail(msg: str) -> None:
+    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input: printed as one clear line, no traceback."""
+    from .errors import user_error_types
+
+    return user_error_types()
+
+
+def _run(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except _user_errors() as e:  # noqa: B030 - tuple computed lazily
+        _fail(str(e))
+
+
+@app.command()
+def synth(
+    out: Path = typer.Option(..., "--out", help="Folder to write the synthetic world into."),
+    seed: int = typer.Option(0, help="Random seed; the same seed gives identical files."),
+    size: int = typer.Option(64, help="Image side in pixels (segmentations are half of it)."),
+    probe_images: int = typer.Option(1200, "--probe-images", help="Images in the Broden-format probe set."),
+    images_per_class: int = typer.Option(80, "--images-per-class", help="Target images per class (half train, half test)."),
+    no_model: bool = typer.Option(False, "--no-model", help="Skip training the source model."),
+) -> None:
+    """Generate the synthetic concept world: Broden probe set, Stanford-40 target set, truth, model."""
+    from .data.synthetic import generate_world
+
+    info = _run(
+        generate_world, out, seed=seed, size=size, probe_images=probe_images,
+        images_per_class=images_per_class, train_model=not no_model,
+    )
+    typer.echo(info.summary())
+
+
+@app.command()
+def layers(
+    model: str = typer.Option(..., "--model", help="Model card (model.json or its folder) or torchvision name."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="Weights enum, state_dict file, or 'none'."),
+) -> None:
+    """List every hookable layer's dotted name and output shape for a sample input."""
+    from .models import list_layers, load_model
+
+    m = _run(load_model, model, weights)
+    rows = _run(list_layers, m)
+    width = max(len(r[0]) for r in rows)
+    for name, cls, shape in rows:
+        typer.echo(f"{name:<{width}}  {cls:<20}  {'x'.join(map(str, shape)) if shape else '(not reached)'}")
+
+
+@app.command()
+def dissect(
+    model: str = typer.Option(..., "--model", help="Model card or torchvision name."),
+    layer: List[str] = typer.Option(..., "--layer", help="Layer dotted name; repeat for several layers."),
+    probe: Path = typer.Option(..., "--probe", help="Broden-format probe set folder."),
+    out: Path = typer.Option(..., "--out", help="Output folder (tally.csv, thresholds.npy, dissect.json)."),
+    weights: Optional[str] = typer.Option(None, "--weights"),
+    categories: Optional[str] = typer.Option(None, "--categories", help="Comma-separated; default: all in category.csv."),
+    quantile: float = typer.Option(0.005, "--quantile", help="Top activation quantile that defines a unit's mask."),
+    iou_threshold: float = typer.Option(0.04, "--iou-threshold", help="IoU above which a unit counts as a detector."),
+    preprocess: str = typer.Option("model", "--preprocess", help="'model' (the weights' transforms) or 'netdissect' (Caffe style)."),
+    thresholds: Optional[Path] = typer.Option(None, "--thresholds", help="Reuse per-unit thresholds from a .npy file."),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    workers: int = typer.Option(2, "--workers", help="Data-loading worker processes."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    store: str = typer.Option("float32", "--store", help="Dtype of the on-disk feature cache between passes: float32 or float16."),
+) -> None:
+    """Network Dissection: label every unit of a layer with its best concept (NetDissect-Lite tally.csv)."""
+    from .dissect import DissectConfig, run_dissect
+
+    cfg = DissectConfig(
+        categories=tuple(c.strip() for c in categories.split(",")) if categories else None,
+        quantile=quantile, iou_threshold=iou_threshold, preprocess=preprocess,
+        batch_size=batch_size, workers=workers, device=device, store=store,
+    )
+    results = _run(run_dissect, model, weights, list(layer), probe, out, cfg, thresholds)
+    for r in results:
+        typer.echo(r.summary())
+
+
+@app.command()
+def extract(
+    model: str = typer.Option(..., "--model"),
+    layer: str = typer.Option(..., "--layer"),
+    dataset: Path = typer.Option(..., "--dataset", help="Stanford 40 folder, image folder, or CSV manifest."),
+    out: Path = typer.Option(..., "--out"),
+    weights: Optional[str] = typer.Option(None, "--weights"),
+    layout: str = typer.Option("auto", "--layout", help="auto, stanford40, imagefolder or manifest."),
+    resize: Optional[int] = typer.Option(None, "--resize", help="Resize images to PX×PX (default: the model's input size)."),
+    crop: str = typer.Option("none", "--crop", help="'none' or 'person' (Stanford 40 XMLAnnotations box)."),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    workers: int = typer.Option(2, "--workers"),
+    device: str = typer.Option("auto", "--device"),
+) -> None:
+    """Per image and unit: mean and max of the layer's activation map (activations.npz)."""
+    from .extract import ExtractConfig, run_extract
+
+    cfg = ExtractConfig(layout=layout, resize=resize, crop=crop, batch_size=batch_size, workers=workers, device=device)
+    res = _run(run_extract, model, weights, layer, dataset, out, cfg)
+    typer.echo(res.summary())
+
+
+@app.command()
+def rank(
+    activations: Path = typer.Option(..., "--activations", help="Output folder of `extract` (or its activations.npz)."),
+    tally: Path = typer.Option(..., "--tally", help="A NetDissect-Lite tally.csv (ours or an existing one)."),
+    out: Path = typer.Option(..., "--out"),
+    protocol: str = typer.Option("standard", "--protocol", help="standard (sound) or paper (the published code's quirks)."),
+    top_local: int = typer.Option(10, "--top-local"),
+    top_global: int = typer.Option(10, "--top-global"),
+    min_iou: Optional[float] = typer.Option(None, "--min-iou", help="Default 0.04 (standard) or 0 (paper)."),
+    categories: Optional[str] = typer.Option(None, "--categories", help="Comma-separated categories whose labels count."),
+    seed: int = typer.Option(0, "--seed"),
+    grid: bool = typer.Option(False, "--grid", help="paper protocol: grid-search C instead of C=0.001."),
+) -> None:
+    """Local (per image) and global (per class, linear SVM) concept rankings."""
+    from .rank import RankConfig, run_rank
+
+    cfg = RankConfig(
+        protocol=protocol, top_local=top_local, top_global=top_global, min_iou=min_iou,
+        categories=tuple(c.strip() for c in categories.split(",")) if categories else None,
+        seed=seed, grid=grid,
+    )
+    res = _run(run_rank, activations, tally, out, cfg)
+    typer.echo(res.summary())
+
+
+@app.command()
+def evaluate(
+    ranking: Path = typer.Option(..., "--ranking", help="Output folder of `rank`."),
+    configs: str = typer.Option("5:1,5:5,5:10,10:10", "--configs", help="K:G pairs (K local, G global concepts)."),
+    split: Optional[str] = typer.Option(None, "--split", help="test, train or all (default: test; all for the paper protocol)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Default: the ranking folder."),
+    truth: Optional[Path] = typer.Option(None, "--truth", help="truth.json of a synthetic world (ground-truth scores)."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Agreement between local and global concepts per class (the paper's Formula 2), and more."""
+    from .evaluate import EvaluateConfig, run_evaluate
+
+    cfg = EvaluateConfig(configs=configs, split=split, truth=truth, seed=seed)
+    res = _run(run_evaluate, ranking, out, cfg)
+    typer.echo(res.table())
+
+
+@app.command()
+def report(run: Path = typer.Option(..., "--run", help="A run folder made by `demo` or `run`.")) -> None:
+    """Write DIR/report.html and DIR/figures/*.png."""
+    from .report import write_report
+
+    path = _run(write_report, run)
+    typer.echo(f"report: {path}")
+
+
+@app.command()
+def explain(
+    run: Path = typer.Option(..., "--run"),
+    images: List[str] = typer.Argument(..., help="Image file names (relative to the dataset root)."),
+) -> None:
+    """Why did the classifier decide as it did for these images: concept contributions to the SVM score."""
+    from .explain import run_explain
+
+    res = _run(run_explain, run, images)
+    typer.echo(res.text())
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Run folder."),
+    quick: bool = typer.Option(False, "--quick", help="A tiny world for tests (seconds)."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """synth → dissect → extract → rank → evaluate → report on the synthetic world; prints a summary."""
+    from .pipeline import run_demo
+
+    _run(run_demo, out, quick=quick, seed=seed, echo=typer.echo)
+
+
+@app.command("run")
+def run_config(config: Path = typer.Argument(..., help="A TOML run configuration (see examples/).")) -> None:
+    """Run the stages described by a TOML config file (real models and data)."""
+    from .pipeline import run_from_config
+
+    _run(run_from_config, config, echo=typer.echo)
+
+
+def main() -> None:  # entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

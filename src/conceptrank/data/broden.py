@@ -1,0 +1,463 @@
+"""Read and write probe sets in the Broden format (see ``shared/spec/broden-format.md``).
+
+Layout at the dataset root: ``index.csv``, ``category.csv``, ``label.csv``, ``c_<category>.csv`` and
+``images/`` (JPEG images and RGB PNG masks whose pixel label is ``R + 256*G``, possibly nested).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+from PIL import Image
+
+__all__ = [
+    "BrodenError",
+    "BrodenRecord",
+    "BrodenDataset",
+    "LabelInfo",
+    "decode_mask",
+    "encode_mask",
+    "safe_relpath",
+    "write_broden",
+]
+
+INDEX_FIXED = ["image", "split", "ih", "iw", "sh", "sw"]
+BRODEN_CATEGORIES = ["color", "object", "part", "material", "scene", "texture"]
+
+
+class BrodenError(ValueError):
+    """A probe set that does not follow the Broden format; the message names the file and row."""
+
+
+def safe_relpath(rel: str, root: Path, what: str) -> Path:
+    """Resolve ``rel`` under ``root``, refusing absolute paths and ``..`` escapes."""
+    rel = rel.strip()
+    p = PurePosixPath(rel.replace("\\", "/"))
+    if not rel or p.is_absolute() or os.path.isabs(rel) or ".." in p.parts:
+        raise BrodenError(f"{what}: path {rel!r} escapes the dataset root (absolute or '..' paths are rejected)")
+    return root.joinpath(*p.parts)
+
+
+def encode_mask(labels: np.ndarray) -> Image.Image:
+    """Encode an ``(H, W)`` integer label map as an RGB image with ``label = R + 256*G``."""
+    labels = np.asarray(labels)
+    if labels.min(initial=0) < 0 or labels.max(initial=0) >= 256 * 256:
+        raise ValueError("mask labels must lie in [0, 65535]")
+    rgb = np.zeros(labels.shape + (3,), np.uint8)
+    rgb[..., 0] = labels % 256
+    rgb[..., 1] = labels // 256
+    return Image.fromarray(rgb, "RGB")
+
+
+def decode_mask(path: Path) -> np.ndarray:
+    """Decode a Broden mask PNG into an ``(H, W)`` int32 label map (``R + 256*G``).
+
+    Grayscale and palette PNGs are accepted by converting to RGB (a grayscale value v becomes
+    ``v + 256*v`` exactly as an RGB image with R=G=B=v would).
+    """
+    try:
+        with Image.open(path) as im:
+            if im.mode == "I;16" or im.mode == "I":
+                raise BrodenError(f"mask {path}: 16/32-bit single-channel masks are not Broden masks (mode {im.mode})")
+            rgb = np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise BrodenError(f"mask file missing: {path}") from None
+    except BrodenError:
+        raise
+    except Exception as e:  # PIL raises many types for corrupt files
+        raise BrodenError(f"mask {path}: cannot decode ({e})") from None
+    return rgb[..., 0].astype(np.int32) + 256 * rgb[..., 1].astype(np.int32)
+
+
+@dataclass(frozen=True)
+class LabelInfo:
+    number: int
+    name: str
+    categories: tuple[str, ...]
+    syns: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class BrodenRecord:
+    """One row of index.csv, restricted to the selected categories.
+
+    ``planes`` holds mask file paths relative to ``images/``; ``scalars`` image-level label numbers.
+    """
+
+    image: str
+    split: str
+    ih: int
+    iw: int
+    sh: int
+    sw: int
+    planes: tuple[str, ...]
+    scalars: tuple[int, ...]
+    row: int  # 1-based line number in index.csv (header = line 1), for error messages
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    if not path.exists():
+        raise BrodenError(f"missing file: {path}")
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _require(row: Mapping[str, str], cols: Sequence[str], path: Path) -> None:
+    missing = [c for c in cols if c not in row]
+    if missing:
+        raise BrodenError(f"{path}: missing column(s) {missing}")
+
+
+def _int(v: str, path: Path, line: int, col: str) -> int:
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        raise BrodenError(f"{path} line {line}: column {col!r} is not an integer: {v!r}") from None
+
+
+def _float(v: str, path: Path, line: int, col: str) -> float:
+    try:
+        return float(v) if v not in ("", None) else 0.0
+    except ValueError:
+        raise BrodenError(f"{path} line {line}: column {col!r} is not a number: {v!r}") from None
+
+
+class BrodenDataset:
+    """A Broden-format probe set.
+
+    Parameters
+    ----------
+    root : path
+        Dataset root holding ``index.csv`` etc.
+    categories : sequence of str, optional
+        Categories to use (default: all in ``category.csv``). Kept in ``category.csv`` order.
+
+    Attributes
+    ----------
+    categories : list of str
+        Selected categories in ``category.csv`` order.
+    labels : dict of int to LabelInfo
+    primary : np.ndarray, shape (L+1,)
+        Index into ``categories`` of each label's primary category, -1 if none is selected.
+    records : list of BrodenRecord
+        Rows with data in at least one selected category.
+    dropped_rows : int
+        index.csv rows without data in any selected category (dropped, as NetDissect does).
+    """
+
+    def __init__(self, root: str | os.PathLike, categories: Sequence[str] | None = None) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise BrodenError(f"probe set directory not found: {self.root}")
+        cat_rows = _read_csv(self.root / "category.csv")
+        if cat_rows:
+            _require(cat_rows[0], ["name"], self.root / "category.csv")
+        self.all_categories = [r["name"] for r in cat_rows]
+        if categories is None:
+            self.categories = list(self.all_categories)
+        else:
+            wanted = [c.strip() for c in categories if c.strip()]
+            unknown = [c for c in wanted if c not in self.all_categories]
+            if unknown:
+                raise BrodenError(
+                    f"unknown categor{'y' if len(unknown) == 1 else 'ies'} {unknown}; "
+                    f"category.csv lists {self.all_categories}"
+                )
+            self.categories = [c for c in self.all_categories if c in wanted]
+        if not self.categories:
+            raise BrodenError("no categories selected")
+        self._read_labels()
+        self._read_coverage()
+        self._compute_primary()
+        self._read_index()
+
+    # -- tables -----------------------------------------------------------------------------
+    def _read_labels(self) -> None:
+        path = self.root / "label.csv"
+        rows = _read_csv(path)
+        if rows:
+            _require(rows[0], ["number", "name", "category"], path)
+        self.labels: dict[int, LabelInfo] = {}
+        for i, r in enumerate(rows, start=2):
+            num = _int(r["number"], path, i, "number")
+            if num <= 0:
+                raise BrodenError(f"{path} line {i}: label number must be >= 1, got {num}")
+            if num in self.labels:
+                raise BrodenError(f"{path} line {i}: duplicate label number {num}")
+            cats = []
+            for item in (r.get("category") or "").split(";"):
+                item = item.strip()
+                if item:
+                    cats.append(item.split("(", 1)[0])
+            syns = tuple(s for s in (r.get("syns") or "").split(";") if s)
+            self.labels[num] = LabelInfo(num, r["name"], tuple(cats), syns)
+        self.max_label = max(self.labels, default=0)
+        self.label_names = [""] * (self.max_label + 1)
+        for n, info in self.labels.items():
+            self.label_names[n] = info.name
+
+    def _read_coverage(self) -> None:
+        # coverage[cat][number] from c_<cat>.csv; used to choose a label's primary category.
+        self.coverage: dict[str, dict[int, float]] = {}
+        for cat in self.categories:
+            path = self.root / f"c_{cat}.csv"
+            if not path.exists():
+                raise BrodenError(f"missing file: {path} (needed for selected category {cat!r})")
+            rows = _read_csv(path)
+            if rows:
+                _require(rows[0], ["code", "number"], path)
+            cov: dict[int, float] = {}
+            for i, r in enumerate(rows, start=2):
+                num = _int(r["number"], path, i, "number")
+                if num not in self.labels:
+                    raise BrodenError(f"{path} line {i}: label number {num} is not in label.csv")
+                cov[num] = _float(r.get("coverage", ""), path, i, "coverage")
+            self.coverage[cat] = cov
+
+    def _compute_primary(self) -> None:
+        primary = np.full(self.max_label + 1, -1, dtype=np.int64)
+        for num, info in self.labels.items():
+            best, best_cov = -1, -np.inf
+            for ci, cat in enumerate(self.categories):
+                in_cat = num in self.coverage[cat] or cat in info.categories
+                if not in_cat:
+                    continue
+                cov = self.coverage[cat].get(num, 0.0)
+                if cov >= best_cov:  # ties go to the later category in category.csv order
+                    best, best_cov = ci, cov
+            primary[num] = best
+        self.primary = primary
+
+    def _read_index(self) -> None:
+        path = self.root / "index.csv"
+        if not path.exists():
+            raise BrodenError(f"missing file: {path}")
+        self.records: list[BrodenRecord] = []
+        self.dropped_rows = 0
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            missing = [c for c in INDEX_FIXED if c not in header]
+            if missing:
+                raise BrodenError(f"{path}: missing column(s) {missing}")
+            for line, r in enumerate(reader, start=2):
+                planes: list[str] = []
+                scalars: list[int] = []
+                for cat in self.categories:
+                    for item in (r.get(cat) or "").split(";"):
+                        item = item.strip()
+                        if not item:
+                            continue
+                        if item.lstrip("-").isdigit():
+                            num = int(item)
+                            if num not in self.labels:
+                                raise BrodenError(
+                                    f"{path} line {line}: image-level label {num} in column {cat!r} "
+                                    "is not in label.csv"
+                                )
+                            scalars.append(num)
+                        else:
+                            safe_relpath(item, self.root / "images", f"{path} line {line}")
+                            planes.append(item)
+                if not planes and not scalars:
+                    self.dropped_rows += 1
+                    continue
+                image = r["image"]
+                safe_relpath(image, self.root / "images", f"{path} line {line}")
+                self.records.append(
+                    BrodenRecord(
+                        image=image,
+                        split=r.get("split", ""),
+                        ih=_int(r["ih"], path, line, "ih"),
+                        iw=_int(r["iw"], path, line, "iw"),
+                        sh=_int(r["sh"], path, line, "sh"),
+                        sw=_int(r["sw"], path, line, "sw"),
+                        planes=tuple(planes),
+                        scalars=tuple(scalars),
+                        row=line,
+                    )
+                )
+        if not self.records:
+            raise BrodenError(f"{path}: no image has data in the selected categories {self.categories}")
+
+    # -- access -----------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def num_labels(self) -> int:
+        """Size of the label axis (max label number + 1; index 0 is 'unlabelled')."""
+        return self.max_label + 1
+
+    def image_path(self, i: int) -> Path:
+        return safe_relpath(self.records[i].image, self.root / "images", "index.csv")
+
+    def load_image(self, i: int) -> Image.Image:
+        """The i-th probe image as RGB."""
+        path = self.image_path(i)
+        try:
+            with Image.open(path) as im:
+                return im.convert("RGB")
+        except FileNotFoundError:
+            raise BrodenError(f"index.csv line {self.records[i].row}: image file missing: {path}") from None
+        except Exception as e:
+            raise BrodenError(f"index.csv line {self.records[i].row}: cannot decode image {path} ({e})") from None
+
+    def load_planes(self, i: int) -> np.ndarray:
+        """Mask planes of image i in the selected categories, shape ``(P, sh, sw)`` int32.
+
+        Raises BrodenError naming the file when a mask is missing, has the wrong size, or holds a
+        label number absent from label.csv.
+        """
+        rec = self.records[i]
+        out = np.zeros((len(rec.planes), rec.sh, rec.sw), np.int32)
+        for k, rel in enumerate(rec.planes):
+            path = safe_relpath(rel, self.root / "images", f"index.csv line {rec.row}")
+            m = decode_mask(path)
+            if m.shape != (rec.sh, rec.sw):
+                raise BrodenError(
+                    f"mask {path} (index.csv line {rec.row}) is {m.shape[0]}x{m.shape[1]}, "
+                    f"expected sh x sw = {rec.sh}x{rec.sw}"
+                )
+            present = np.unique(m)
+            bad = [int(v) for v in present if v != 0 and (v > self.max_label or not self.label_names[v])]
+            if bad:
+                raise BrodenError(
+                    f"mask {path} (index.csv line {rec.row}) holds label number(s) {bad[:5]} absent from label.csv"
+                )
+            out[k] = m
+        return out
+
+    def fingerprint(self) -> str:
+        """SHA-256 over the index and label tables and the selected categories (not image bytes)."""
+        h = hashlib.sha256()
+        for name in ["index.csv", "category.csv", "label.csv"] + [f"c_{c}.csv" for c in self.categories]:
+            h.update(name.encode())
+            h.update((self.root / name).read_bytes())
+        h.update(",".join(self.categories).encode())
+        return h.hexdigest()
+
+    def category_of_label(self, number: int) -> str:
+        ci = int(self.primary[number]) if 0 <= number <= self.max_label else -1
+        return self.categories[ci] if ci >= 0 else ""
+
+
+# -- writer ---------------------------------------------------------------------------------
+@dataclass
+class _Stat:
+    frequency: int = 0
+    pixels: float = 0.0  # coverage in units of whole images
+
+
+@dataclass
+class WriterRow:
+    """A row to write: mask planes (paths relative to images/) and image-level labels per category."""
+
+    image: str
+    split: str
+    ih: int
+    iw: int
+    sh: int
+    sw: int
+    cells: dict[str, list[str | int]] = field(default_factory=dict)
+
+
+def _fmt(x: float) -> str:
+    # Fixed-point, never '.5' or '1e-05' (NetDissect-Lite's parser rejects those).
+    s = f"{x:.6f}".rstrip("0")
+    return s + "0" if s.endswith(".") else s
+
+
+def write_broden(
+    root: str | os.PathLike,
+    categories: Sequence[str],
+    labels: Iterable[tuple[int, str, str]],
+    rows: Sequence[WriterRow],
+    syns: Mapping[int, Sequence[str]] | None = None,
+) -> None:
+    """Write the Broden tables for images and masks already saved under ``root/images``.
+
+    Parameters
+    ----------
+    categories : category names in the order they go into category.csv.
+    labels : ``(number, name, category)`` triples; a label may appear with several categories.
+    rows : index rows; frequencies and coverages are computed from the masks themselves.
+    """
+    root = Path(root)
+    label_list = list(labels)
+    names: dict[int, str] = {}
+    label_cats: dict[int, list[str]] = {}
+    for num, name, cat in label_list:
+        if cat not in categories:
+            raise ValueError(f"label {num} {name!r}: unknown category {cat!r}")
+        names[num] = name
+        label_cats.setdefault(num, []).append(cat)
+
+    stats: dict[tuple[str, int], _Stat] = {}
+    cat_freq = {c: 0 for c in categories}
+    for r in rows:
+        for cat, items in r.cells.items():
+            if items:
+                cat_freq[cat] += 1
+            seen: dict[int, float] = {}
+            for item in items:
+                if isinstance(item, (int, np.integer)):
+                    seen[int(item)] = seen.get(int(item), 0.0) + 1.0
+                else:
+                    m = decode_mask(root / "images" / item)
+                    counts = np.bincount(m.ravel())
+                    for num in np.nonzero(counts)[0]:
+                        if num:
+                            seen[int(num)] = seen.get(int(num), 0.0) + counts[num] / m.size
+            for num, cov in seen.items():
+                if num not in names:
+                    raise ValueError(f"row {r.image}: label {num} not declared")
+                st = stats.setdefault((cat, num), _Stat())
+                st.frequency += 1
+                st.pixels += cov
+
+    def total(num: int) -> _Stat:
+        s = _Stat()
+        for c in label_cats[num]:
+            st = stats.get((c, num))
+            if st:
+                s.frequency += st.frequency
+                s.pixels += st.pixels
+        return s
+
+    with open(root / "index.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(INDEX_FIXED + list(categories))
+        for r in rows:
+            cells = [";".join(str(x) for x in r.cells.get(c, [])) for c in categories]
+            w.writerow([r.image, r.split, r.ih, r.iw, r.sh, r.sw] + cells)
+
+    with open(root / "category.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["name", "first", "last", "count", "frequency"])
+        for c in categories:
+            nums = sorted(n for n, cs in label_cats.items() if c in cs)
+            w.writerow([c, nums[0] if nums else 0, nums[-1] if nums else 0, len(nums), cat_freq[c]])
+
+    with open(root / "label.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["number", "name", "category", "frequency", "coverage", "syns"])
+        for num in sorted(names):
+            t = total(num)
+            cats = ";".join(f"{c}({stats.get((c, num), _Stat()).frequency})" for c in label_cats[num])
+            w.writerow([num, names[num], cats, t.frequency, _fmt(t.pixels), ";".join((syns or {}).get(num, []))])
+
+    for c in categories:
+        with open(root / f"c_{c}.csv", "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f, lineterminator="\n")
+            w.writerow(["code", "number", "name", "frequency", "coverage"])
+            nums = sorted(n for n, cs in label_cats.items() if c in cs)
+            for code, num in enumerate(nums, start=1):
+                st = stats.get((c, num), _Stat())
+                w.writerow([code, num, names[num], st.frequency, _fmt(st.pixels)])

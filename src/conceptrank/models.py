@@ -1,0 +1,332 @@
+"""Load a model with its preprocessing: a conceptrank model card, or a torchvision model by name.
+
+``--model`` is either a path to a model card (``model.json`` or the folder holding it) or a
+torchvision classification model name (``resnet152``). ``--weights`` is then a weights enum
+(``DEFAULT``, ``IMAGENET1K_V1``; read from the torch hub cache, never downloaded), a local
+state_dict file (loaded with ``weights_only=True``) or ``none`` (random init, seeded).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from .cache import file_sha256, hash_json
+
+__all__ = [
+    "ModelError",
+    "LoadedModel",
+    "load_model",
+    "save_model_card",
+    "list_layers",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CARD_FORMAT = "conceptrank-model-card"
+
+
+class ModelError(ValueError):
+    """A model or weights specification that cannot be loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model in eval mode with the preprocessing that belongs to its weights.
+
+    Attributes
+    ----------
+    module : the ``nn.Module`` (eval mode, on CPU until moved).
+    name : the model specification as given (card path or torchvision name).
+    weights : the weights specification (``none``, an enum name, or a file path).
+    input_size : ``(H, W)`` the weights expect.
+    mean, std : per-channel normalization of ``[0, 1]`` RGB input.
+    fingerprint : SHA-256 identifying architecture and weights (keys caches).
+    """
+
+    module: nn.Module
+    name: str
+    weights: str
+    input_size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    fingerprint: str
+
+    def to_tensor(self, img: Image.Image, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """RGB PIL image → normalized ``(3, H, W)`` float32 tensor.
+
+        ``size`` ``(H, W)`` resizes (bilinear, aspect ratio not kept); ``None`` keeps the image size.
+        """
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        if size is not None and (img.height, img.width) != tuple(size):
+            img = img.resize((size[1], size[0]), Image.BILINEAR)
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        mean = torch.tensor(self.mean, dtype=torch.float32)[:, None, None]
+        std = torch.tensor(self.std, dtype=torch.float32)[:, None, None]
+        return (x - mean) / std
+
+    def describe(self) -> dict:
+        return {
+            "model": self.name,
+            "weights": self.weights,
+            "input_size": list(self.input_size),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "fingerprint": self.fingerprint,
+        }
+
+
+def netdissect_tensor(img: Image.Image, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """NetDissect-Lite's Caffe-style input: RGB→BGR, subtract the BGR mean, back to RGB, / (255·0.224)."""
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    if size is not None and (img.height, img.width) != tuple(size):
+        img = img.resize((size[1], size[0]), Image.BILINEAR)
+    a = np.asarray(img, dtype=np.float32)[:, :, ::-1]
+    a = a - np.array([109.5388, 118.6897, 124.6901], dtype=np.float32)
+    a = a[:, :, ::-1] / np.float32(255 * 0.224)
+    return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)
+
+
+# -- model cards ------------------------------------------------------------------------------
+def _card_path(spec: str) -> Path | None:
+    p = Path(spec)
+    if p.is_dir() and (p / "model.json").exists():
+        return p / "model.json"
+    if p.suffix == ".json" and p.exists():
+        return p
+    if p.suffix == ".json" or os.sep in spec:
+        raise ModelError(f"model card not found: {spec} (expected a model.json or a folder holding one)")
+    return None
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.exists():
+        raise ModelError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(path))
+    else:
+        try:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ModelError(f"cannot load weights {path} with weights_only=True ({e})") from None
+        if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+            sd = sd["state_dict"]
+        if not isinstance(sd, dict):
+            raise ModelError(f"{path} does not hold a state_dict")
+    # Checkpoints saved from nn.DataParallel prefix every key with 'module.'.
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def _load_state(module: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    own = module.state_dict()
+    for k, v in sd.items():
+        if k in own and tuple(own[k].shape) != tuple(v.shape):
+            raise ModelError(
+                f"{source}: shape mismatch at {k!r}: file has {tuple(v.shape)}, model expects {tuple(own[k].shape)}"
+            )
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    if missing or unexpected:
+        raise ModelError(
+            f"{source}: state_dict does not match the architecture "
+            f"(missing {missing[:5]}{' …' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{' …' if len(unexpected) > 5 else ''})"
+        )
+    module.load_state_dict(sd)
+
+
+def save_model_card(
+    folder: str | os.PathLike,
+    module: nn.Module,
+    architecture: str,
+    num_classes: int,
+    input_size: Sequence[int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    arch_kwargs: dict | None = None,
+    extra: dict | None = None,
+) -> Path:
+    """Save ``module``'s weights as safetensors and a ``model.json`` card next to them."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = folder / "weights.safetensors"
+    save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, str(weights))
+    card = {
+        "format": CARD_FORMAT,
+        "version": 1,
+        "architecture": architecture,
+        "arch_kwargs": arch_kwargs or {},
+        "num_classes": int(num_classes),
+        "input_size": [int(s) for s in input_size],
+        "normalization": {"mean": [float(m) for m in mean], "std": [float(s) for s in std]},
+        "weights": weights.name,
+        "weights_sha256": file_sha256(weights),
+    }
+    if extra:
+        card.update(extra)
+    path = folder / "model.json"
+    path.write_text(json.dumps(card, indent=2) + "\n")
+    return path
+
+
+def _load_card(path: Path, weights: str | None) -> LoadedModel:
+    from .nets import ARCHITECTURES
+
+    try:
+        card = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"model card {path} is not valid JSON ({e})") from None
+    for key in ("architecture", "num_classes", "input_size", "normalization", "weights"):
+        if key not in card:
+            raise ModelError(f"model card {path} lacks the field {key!r}")
+    arch = card["architecture"]
+    if arch in ARCHITECTURES:
+        module = ARCHITECTURES[arch](num_classes=int(card["num_classes"]), **card.get("arch_kwargs", {}))
+    else:
+        module = _torchvision_arch(arch, num_classes=int(card["num_classes"]))
+    wfile = Path(weights) if weights not in (None, "", "card") else path.parent / card["weights"]
+    if not wfile.is_absolute() and not wfile.exists():
+        wfile = path.parent / wfile
+    sd = _read_state_dict(wfile)
+    _load_state(module, sd, str(wfile))
+    module.eval()
+    norm = card["normalization"]
+    digest = file_sha256(wfile)
+    return LoadedModel(
+        module=module,
+        name=str(path),
+        weights=str(wfile),
+        input_size=tuple(int(s) for s in card["input_size"]),
+        mean=tuple(float(m) for m in norm["mean"]),
+        std=tuple(float(s) for s in norm["std"]),
+        fingerprint=hash_json({"architecture": arch, "kwargs": card.get("arch_kwargs", {}), "weights": digest}),
+    )
+
+
+# -- torchvision --------------------------------------------------------------------------------
+def _torchvision_names() -> list[str]:
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def _torchvision_arch(name: str, num_classes: int | None = None) -> nn.Module:
+    import torchvision
+
+    names = _torchvision_names()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ModelError(
+            f"unknown model {name!r}: neither a model card (model.json) nor a torchvision classification "
+            f"model.{hint}"
+        )
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    return torchvision.models.get_model(name, weights=None, **kwargs)
+
+
+def _load_torchvision(name: str, weights: str | None) -> LoadedModel:
+    import torchvision
+
+    wspec = (weights or "none").strip()
+    if wspec.lower() == "none":
+        torch.manual_seed(0)  # random init, reproducible
+        module = _torchvision_arch(name)
+        module.eval()
+        return LoadedModel(
+            module, name, "none", (224, 224), IMAGENET_MEAN, IMAGENET_STD,
+            hash_json({"torchvision": name, "weights": "none", "seed": 0}),
+        )
+    path = Path(wspec)
+    if path.suffix in (".pth", ".pt", ".safetensors", ".bin", ".ckpt") or path.exists():
+        module = _torchvision_arch(name)
+        sd = _read_state_dict(path)
+        _load_state(module, sd, str(path))
+        module.eval()
+        return LoadedModel(
+            module, name, str(path), (224, 224), IMAGENET_MEAN, IMAGENET_STD,
+            hash_json({"torchvision": name, "weights": file_sha256(path)}),
+        )
+    module = _torchvision_arch(name)
+    try:
+        enum_cls = torchvision.models.get_model_weights(name)
+    except Exception as e:  # pragma: no cover - torchvision always has weights enums for listed models
+        raise ModelError(f"no weights enum for {name}: {e}") from None
+    if wspec == "DEFAULT":
+        w = enum_cls.DEFAULT
+    else:
+        try:
+            w = enum_cls[wspec.split(".")[-1]]
+        except KeyError:
+            raise ModelError(
+                f"unknown weights {wspec!r} for {name}; choose one of "
+                f"{[m.name for m in enum_cls] + ['DEFAULT', 'none', 'a local state_dict file']}"
+            ) from None
+    hub = Path(torch.hub.get_dir()) / "checkpoints"
+    fname = os.path.basename(w.url)
+    file = hub / fname
+    if not file.exists():
+        raise ModelError(
+            f"weights {name} {w.name} are not available offline: place the file {fname} in {hub} "
+            f"(download it from {w.url} on a machine with network access), or pass --weights PATH "
+            "to a local state_dict file. conceptrank never downloads weights itself."
+        )
+    sd = _read_state_dict(file)
+    _load_state(module, sd, str(file))
+    module.eval()
+    t = w.transforms()
+    size = int(getattr(t, "crop_size", [224])[0])
+    return LoadedModel(
+        module, name, w.name, (size, size), tuple(t.mean), tuple(t.std),
+        hash_json({"torchvision": name, "weights": file_sha256(file)}),
+    )
+
+
+def load_model(model: str, weights: str | None = None) -> LoadedModel:
+    """Load a model card or a torchvision model with its preprocessing.
+
+    Parameters
+    ----------
+    model : path to a model card (``model.json`` or its folder) or a torchvision model name.
+    weights : for torchvision: an enum name (``DEFAULT``, ``IMAGENET1K_V1``), a state_dict file, or
+        ``none``; for a card: optional override of the card's weights file.
+    """
+    card = _card_path(model)
+    if card is not None:
+        return _load_card(card, weights)
+    return _load_torchvision(model, weights)
+
+
+def list_layers(loaded: LoadedModel, size: tuple[int, int] | None = None) -> list[tuple[str, str, tuple]]:
+    """Every submodule's dotted name, class name and output shape for one sample input.
+
+    Returns ``[(name, class, shape)]``; shape is ``()`` for modules the sample does not reach.
+    """
+    from .hooks import layer_names, record_layers
+
+    names = layer_names(loaded.module)
+    h, w = size or loaded.input_size
+    x = torch.zeros(1, 3, h, w)
+    with torch.no_grad(), record_layers(loaded.module, names) as out:
+        loaded.module(x)
+    modules = dict(loaded.module.named_modules())
+    return [(n, type(modules[n]).__name__, tuple(out[n].shape) if n in out else ()) for n in names]

@@ -1,0 +1,499 @@
+"""Network Dissection with NetDissect-Lite's exact semantics (``shared/spec/netdissect-semantics.md``).
+
+Two passes over the probe set, the model run once:
+
+1. *forward*: each image through the model; the hooked layers' maps ``(N, U, h, w)`` go to a
+   feature cache on disk (a memmap, deleted afterwards) and into a running top-k per unit from
+   which the exact ``1 - quantile`` threshold follows;
+2. *tally*: masks are decoded in loader workers; per batch, only the (image, unit) pairs whose map
+   exceeds the unit's threshold somewhere are upsampled (PIL-exact bilinear) and intersected with
+   every label at once as tensor operations.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .cache import atomic_write_json, atomic_write_text, hash_json, package_versions
+from .data.broden import BrodenDataset, BrodenError
+from .errors import ConceptrankError
+from .stats import TopKQuantile
+from .tally import format_tally
+from .upsample import upsample_bilinear
+
+__all__ = [
+    "DissectConfig",
+    "DissectResult",
+    "TallyAccumulator",
+    "dissect",
+    "run_dissect",
+    "float32_floor",
+    "label_category_matrix",
+    "best_labels",
+]
+
+
+@dataclass(frozen=True)
+class DissectConfig:
+    """Parameters of a dissection (all of them key the outputs' fingerprint)."""
+
+    categories: tuple[str, ...] | None = None
+    quantile: float = 0.005
+    iou_threshold: float = 0.04
+    preprocess: str = "model"  # 'model' or 'netdissect'
+    batch_size: int = 64
+    workers: int = 2
+    device: str = "auto"
+    store: str = "float32"  # dtype of the on-disk feature cache between the two passes
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.preprocess not in ("model", "netdissect"):
+            raise ConceptrankError(f"--preprocess must be 'model' or 'netdissect', got {self.preprocess!r}")
+        if not 0.0 < self.quantile < 1.0:
+            raise ConceptrankError(f"--quantile must lie in (0, 1), got {self.quantile}")
+        if self.store not in ("float32", "float16"):
+            raise ConceptrankError(f"--store must be float32 or float16, got {self.store!r}")
+        if self.batch_size < 1:
+            raise ConceptrankError("--batch-size must be >= 1")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConceptrankError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class DissectResult:
+    """Outcome of dissecting one layer.
+
+    Attributes
+    ----------
+    layer : dotted layer name.
+    out : folder holding tally.csv, thresholds.npy, dissect.json.
+    thresholds : (U,) float64 per-unit thresholds.
+    iou : (U, L) float64 IoU of every unit with every label.
+    best_label : (U, C) int best label per unit and category; ``best_category`` (U,) index into
+        ``categories``; ``score`` (U,) the unit's best IoU.
+    """
+
+    layer: str
+    out: Path
+    categories: tuple[str, ...]
+    label_names: tuple[str, ...]
+    thresholds: np.ndarray
+    iou: np.ndarray
+    best_label: np.ndarray
+    best_category: np.ndarray
+    score: np.ndarray
+    iou_threshold: float
+    counts: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+
+    def unit_label(self, u: int) -> tuple[str, str, float]:
+        """``(label name, category, iou)`` of unit ``u`` (0-based)."""
+        c = int(self.best_category[u])
+        return self.label_names[self.best_label[u, c]], self.categories[c], float(self.score[u])
+
+    def summary(self) -> str:
+        n = len(self.score)
+        det = int((self.score >= self.iou_threshold).sum())
+        per = ", ".join(f"{k} {v}" for k, v in self.counts.get("unique_concepts", {}).items())
+        return (
+            f"dissect {self.layer}: {det}/{n} units with IoU >= {self.iou_threshold} "
+            f"({self.counts.get('concepts', 0)} distinct concepts: {per}); "
+            f"{self.counts.get('images', 0)} probe images in {self.timings.get('total', 0):.1f}s -> {self.out / 'tally.csv'}"
+        )
+
+
+# -- pure computation ------------------------------------------------------------------------
+def float32_floor(t: np.ndarray) -> np.ndarray:
+    """Largest float32 ≤ t, elementwise: for float32 x, ``x > t`` ⟺ ``x > float32_floor(t)``."""
+    t = np.asarray(t, dtype=np.float64)
+    t32 = t.astype(np.float32)
+    over = t32.astype(np.float64) > t
+    t32[over] = np.nextafter(t32[over], np.float32(-np.inf))
+    return t32
+
+
+def label_category_matrix(primary: np.ndarray, num_categories: int) -> np.ndarray:
+    """One-hot ``(L, C)`` of each label's primary category (rows of -1 stay zero)."""
+    m = np.zeros((len(primary), num_categories), np.int64)
+    ok = primary >= 0
+    m[np.nonzero(ok)[0], primary[ok]] = 1
+    return m
+
+
+class TallyAccumulator:
+    """Streaming NetDissect tally: truth, intersection and per-category activation counts.
+
+    Parameters
+    ----------
+    thresholds : (U,) float64 per-unit thresholds; a pixel is active when its upsampled value is
+        strictly greater.
+    label_cat : (L, C) int one-hot of every label's primary category.
+
+    Accumulates ``truth`` (L,), ``intersect`` (U, L), ``activation`` (U, C), all int64.
+    """
+
+    def __init__(self, thresholds: np.ndarray, label_cat: np.ndarray, device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+        self.thresholds = np.asarray(thresholds, np.float64)
+        self.thr32 = torch.from_numpy(float32_floor(self.thresholds)).to(self.device)
+        self.label_cat = torch.as_tensor(np.asarray(label_cat), dtype=torch.float32, device=self.device)
+        U = len(self.thresholds)
+        L, C = self.label_cat.shape
+        self.truth = torch.zeros(L, dtype=torch.int64, device=self.device)
+        self.intersect = torch.zeros(U, L, dtype=torch.int64, device=self.device)
+        self.activation = torch.zeros(U, C, dtype=torch.int64, device=self.device)
+        self.images = 0
+
+    @property
+    def num_units(self) -> int:
+        return len(self.thresholds)
+
+    def add(self, features: torch.Tensor, planes: Sequence[torch.Tensor], scalars: Sequence[Sequence[int]],
+            pair_chunk: int = 4096) -> None:
+        """Tally one batch.
+
+        Parameters
+        ----------
+        features : (B, U, h, w) float32 activations of the batch.
+        planes : B tensors ``(P_i, sh, sw)`` int of global label numbers (P_i may be 0).
+        scalars : B lists of image-level label numbers.
+        """
+        feats = features.to(self.device, torch.float32)
+        B, U, h, w = feats.shape
+        if U != self.num_units:
+            raise ValueError(f"features have {U} units, thresholds {self.num_units}")
+        L = self.truth.shape[0]
+        active_any = feats.amax(dim=(2, 3)) > self.thr32[None, :]  # (B, U): bilinear never exceeds the max
+        for b in range(B):
+            pl = planes[b].to(self.device, torch.int64)
+            sh, sw = int(pl.shape[-2]), int(pl.shape[-1])
+            S = sh * sw
+            pl = pl.reshape(pl.shape[0], S)
+            sc = torch.as_tensor(list(scalars[b]), dtype=torch.int64, device=self.device)
+            # truth: every plane's labelled pixels, plus sh*sw per image-level label
+            if pl.numel():
+                cnt = torch.bincount(pl.reshape(-1), minlength=L)
+                cnt[0] = 0
+                self.truth += cnt[:L]
+            if sc.numel():
+                self.truth.index_add_(0, sc, torch.full_like(sc, S))
+            units = torch.nonzero(active_any[b]).flatten()
+            if units.numel() == 0:
+                continue
+            if pl.numel():
+                labs = torch.unique(pl)
+                labs = labs[labs != 0]
+            else:
+                labs = pl.new_zeros(0)
+            # (S, n) count of planes carrying each present label at each pixel
+            onehot = (pl[:, :, None] == labs[None, None, :]).sum(dim=0).to(torch.float32) if labs.numel() else None
+            cat_scalar = self.label_cat[sc].sum(dim=0) > 0 if sc.numel() else None
+            for start in range(0, units.numel(), pair_chunk):
+                us = units[start:start + pair_chunk]
+                up = upsample_bilinear(feats[b, us], (sh, sw))  # (P, sh, sw) float32
+                mask = (up > self.thr32[us][:, None, None]).reshape(len(us), S)
+                size = mask.sum(dim=1)  # (P,) active pixels per unit
+                flags = torch.zeros(len(us), self.label_cat.shape[1], dtype=torch.bool, device=self.device)
+                if onehot is not None:
+                    inter = (mask.to(torch.float32) @ onehot).round().to(torch.int64)  # (P, n), exact counts
+                    self.intersect[us[:, None], labs[None, :]] += inter
+                    flags |= ((inter > 0).to(torch.float32) @ self.label_cat[labs]) > 0
+                if sc.numel():
+                    for lab in sc.tolist():  # image-level labels count as full-image masks
+                        self.intersect[us, lab] += size
+                    flags |= cat_scalar[None, :]
+                self.activation[us] += size[:, None] * flags.to(torch.int64)
+        self.images += B
+
+    def merge(self, other: "TallyAccumulator") -> None:
+        self.truth += other.truth.to(self.device)
+        self.intersect += other.intersect.to(self.device)
+        self.activation += other.activation.to(self.device)
+        self.images += other.images
+
+    def state_dict(self) -> dict:
+        return {
+            "thresholds": self.thresholds, "truth": self.truth.cpu().numpy(),
+            "intersect": self.intersect.cpu().numpy(), "activation": self.activation.cpu().numpy(),
+            "images": self.images,
+        }
+
+    def iou(self) -> np.ndarray:
+        """``(U, L)`` IoU = I / (A[u, primary(l)] + T[l] − I + 1e-10)."""
+        inter = self.intersect.cpu().numpy().astype(np.float64)
+        act = self.activation.cpu().numpy().astype(np.float64) @ self.label_cat.cpu().numpy().astype(np.float64).T
+        truth = self.truth.cpu().numpy().astype(np.float64)
+        return inter / (act + truth[None, :] - inter + 1e-10)
+
+
+def best_labels(iou: np.ndarray, primary: np.ndarray, num_categories: int) -> np.ndarray:
+    """Best label per unit and category: ``(U, C)`` argmax over labels whose primary category is c.
+
+    Ties go to the lowest label number; a category with all-zero IoU gets label 0 (numpy argmax).
+    """
+    U, L = iou.shape
+    out = np.zeros((U, num_categories), np.int64)
+    for c in range(num_categories):
+        masked = iou * (primary[:L] == c)[None, :]
+        out[:, c] = masked.argmax(axis=1)
+    return out
+
+
+# -- data loading ------------------------------------------------------------------------------
+class _ProbeImages(torch.utils.data.Dataset):
+    def __init__(self, ds: BrodenDataset, to_tensor, size):
+        self.ds, self.to_tensor, self.size = ds, to_tensor, size
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        return self.to_tensor(self.ds.load_image(i), self.size)
+
+
+class _ProbeMasks(torch.utils.data.Dataset):
+    def __init__(self, ds: BrodenDataset):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(self.ds.load_planes(i)), list(self.ds.records[i].scalars)
+
+
+def _collate_masks(batch):
+    return [b[0] for b in batch], [b[1] for b in batch]
+
+
+def _loader(dataset, batch_size, workers, collate_fn=None):
+    kwargs = {}
+    if workers > 0:
+        kwargs = {"num_workers": workers, "prefetch_factor": 4, "persistent_workers": False}
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn, **kwargs)
+
+
+def _progress(iterable, total, desc, enabled):
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit="batch", file=sys.stderr, leave=False,
+                disable=not sys.stderr.isatty())
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConceptrankError("--device cuda requested but no CUDA device is available")
+    return torch.device(device)
+
+
+def _probe_size(ds: BrodenDataset) -> tuple[int, int]:
+    sizes: dict[tuple[int, int], int] = {}
+    for r in ds.records:
+        sizes[(r.ih, r.iw)] = sizes.get((r.ih, r.iw), 0) + 1
+    return max(sizes, key=lambda k: sizes[k])
+
+
+# -- the stage ---------------------------------------------------------------------------------
+def dissect(model, layers: Sequence[str], probe: BrodenDataset, out: Path, cfg: DissectConfig = DissectConfig(),
+            thresholds: dict[str, np.ndarray] | None = None) -> list[DissectResult]:
+    """Dissect ``layers`` of ``model`` (a :class:`~conceptrank.models.LoadedModel`) on ``probe``.
+
+    Writes ``out/tally.csv``, ``out/thresholds.npy`` and ``out/dissect.json`` for a single layer,
+    or the same under ``out/<layer>/`` for several. ``thresholds`` maps a layer to ``(U,)`` values
+    to reuse instead of computing them.
+    """
+    from .hooks import record_layers, resolve_layer
+    from .models import netdissect_tensor
+
+    cfg.validate()
+    t_start = time.perf_counter()
+    layers = list(dict.fromkeys(layers))
+    for name in layers:
+        resolve_layer(model.module, name)  # fail before any work
+    device = resolve_device(cfg.device)
+    module = model.module.to(device).eval()
+    size = _probe_size(probe)
+    to_tensor = netdissect_tensor if cfg.preprocess == "netdissect" else model.to_tensor
+    N = len(probe)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    outdirs = {name: (out if len(layers) == 1 else out / name) for name in layers}
+    scratch = out / ".features"
+    scratch.mkdir(exist_ok=True)
+
+    memmaps: dict[str, np.memmap] = {}
+    topk: dict[str, TopKQuantile] = {}
+    store_dtype = np.float16 if cfg.store == "float16" else np.float32
+    timings = {"forward": 0.0, "threshold": 0.0, "tally": 0.0}
+    try:
+        # -- pass 1: forward once, cache features, running top-k ------------------------------------
+        t0 = time.perf_counter()
+        loader = _loader(_ProbeImages(probe, to_tensor, size), cfg.batch_size, cfg.workers)
+        i0 = 0
+        t_thr = 0.0
+        with torch.inference_mode(), record_layers(module, layers) as rec:
+            for x in _progress(loader, len(loader), "dissect: forward", cfg.progress):
+                module(x.to(device))
+                B = x.shape[0]
+                for name in layers:
+                    f = rec[name]
+                    if f.dim() != 4:
+                        raise ConceptrankError(f"layer {name!r} outputs shape {tuple(f.shape)}; dissection needs (B, U, h, w) maps")
+                    if not torch.isfinite(f).all():
+                        bad = torch.nonzero(~torch.isfinite(f).flatten(1).all(1)).flatten().tolist()
+                        files = [probe.records[i0 + j].image for j in bad[:3]]
+                        raise ConceptrankError(
+                            f"layer {name!r} produced NaN/inf activations for probe image(s) {files}; "
+                            "check the model weights and --preprocess"
+                        )
+                    f = f.float()
+                    if name not in memmaps:
+                        U, h, w = f.shape[1:]
+                        memmaps[name] = np.lib.format.open_memmap(
+                            scratch / f"{name}.npy", mode="w+", dtype=store_dtype, shape=(N, U, h, w))
+                        if thresholds is None or name not in thresholds:
+                            topk[name] = TopKQuantile(U, N * h * w, cfg.quantile, device=device)
+                    stored = f.to(torch.float16 if store_dtype == np.float16 else torch.float32)
+                    memmaps[name][i0:i0 + B] = stored.cpu().numpy()
+                    if name in topk:
+                        ts = time.perf_counter()
+                        # thresholds are taken over exactly the values the tally will compare
+                        topk[name].add(stored.float().permute(1, 0, 2, 3).reshape(f.shape[1], -1))
+                        t_thr += time.perf_counter() - ts
+                i0 += B
+        timings["forward"] = time.perf_counter() - t0 - t_thr
+
+        ts = time.perf_counter()
+        thr: dict[str, np.ndarray] = {}
+        for name in layers:
+            U = memmaps[name].shape[1]
+            if thresholds is not None and name in thresholds:
+                t = np.asarray(thresholds[name], dtype=np.float64).reshape(-1)
+                if t.shape != (U,):
+                    raise ConceptrankError(f"thresholds for layer {name!r} have {t.size} values; the layer has {U} units")
+                thr[name] = t
+            else:
+                thr[name] = topk[name].result()
+        timings["threshold"] = t_thr + time.perf_counter() - ts
+
+        # -- pass 2: tally -------------------------------------------------------------------------
+        t0 = time.perf_counter()
+        C = len(probe.categories)
+        label_cat = label_category_matrix(probe.primary, C)
+        accs = {name: TallyAccumulator(thr[name], label_cat, device) for name in layers}
+        loader = _loader(_ProbeMasks(probe), cfg.batch_size, cfg.workers, _collate_masks)
+        i0 = 0
+        for planes, scalars in _progress(loader, len(loader), "dissect: tally", cfg.progress):
+            B = len(planes)
+            for name in layers:
+                f = torch.from_numpy(np.asarray(memmaps[name][i0:i0 + B], dtype=np.float32))
+                accs[name].add(f, planes, scalars)
+            i0 += B
+        timings["tally"] = time.perf_counter() - t0
+    finally:
+        for m in memmaps.values():
+            del m
+        memmaps.clear()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    timings["total"] = time.perf_counter() - t_start
+    results = []
+    for name in layers:
+        results.append(_finish_layer(name, model, probe, cfg, accs[name], thr[name], outdirs[name], timings))
+    return results
+
+
+def _finish_layer(name, model, probe, cfg, acc: TallyAccumulator, thr, outdir: Path, timings) -> DissectResult:
+    C = len(probe.categories)
+    iou = acc.iou()
+    best = best_labels(iou, probe.primary, C)
+    U = iou.shape[0]
+    rows = np.arange(U)[:, None]
+    best_iou = iou[rows, best]  # (U, C)
+    truth = acc.truth.cpu().numpy()[best]
+    # activation column: the unit's activation count in that category (the best label's primary)
+    act_cols = acc.activation.cpu().numpy()
+    inter = acc.intersect.cpu().numpy()[rows, best]
+    best_cat = C - 1 - np.argmax(best_iou[:, ::-1], axis=1)
+    score = best_iou[np.arange(U), best_cat]
+    names = tuple(probe.label_names)
+    outdir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(outdir / "tally.csv", format_tally(probe.categories, best, truth, act_cols, inter, best_iou, names))
+    with open(outdir / ".thresholds.npy.tmp", "wb") as f:
+        np.save(f, thr)
+    os.replace(outdir / ".thresholds.npy.tmp", outdir / "thresholds.npy")
+
+    det = score >= cfg.iou_threshold
+    unique: dict[str, int] = {}
+    concepts = set()
+    for u in np.nonzero(det)[0]:
+        c = int(best_cat[u])
+        lab = names[best[u, c]]
+        if lab and (probe.categories[c], lab) not in concepts:
+            concepts.add((probe.categories[c], lab))
+            unique[probe.categories[c]] = unique.get(probe.categories[c], 0) + 1
+    counts = {
+        "images": len(probe),
+        "dropped_rows": probe.dropped_rows,
+        "units": U,
+        "detectors": int(det.sum()),
+        "concepts": len(concepts),
+        "unique_concepts": {c: unique.get(c, 0) for c in probe.categories},
+        "detectors_per_category": {c: int((det & (best_cat == ci)).sum()) for ci, c in enumerate(probe.categories)},
+    }
+    params = {k: v for k, v in asdict(cfg).items() if k not in ("batch_size", "workers", "device", "progress")}
+    manifest = {
+        "stage": "dissect",
+        "layer": name,
+        "config": asdict(cfg),
+        "model": model.describe(),
+        "probe": str(probe.root),
+        "categories": list(probe.categories),
+        "fingerprints": {
+            "model": model.fingerprint,
+            "layer": name,
+            "probe": probe.fingerprint(),
+            "params": hash_json(params),
+            "thresholds": hash_json(np.asarray(thr).tolist()),
+        },
+        "counts": counts,
+        "timings": {k: round(v, 4) for k, v in timings.items()},
+        "package_versions": package_versions(),
+    }
+    atomic_write_json(outdir / "dissect.json", manifest)
+    return DissectResult(name, outdir, tuple(probe.categories), names, thr, iou, best, best_cat, score,
+                         cfg.iou_threshold, counts, dict(timings))
+
+
+def run_dissect(model: str, weights: str | None, layers: Sequence[str], probe: Path, out: Path,
+                cfg: DissectConfig, thresholds_file: Path | None = None) -> list[DissectResult]:
+    """I/O edge of the dissect stage: load the model, probe set and optional thresholds, dissect."""
+    from .models import load_model
+
+    loaded = load_model(model, weights)
+    ds = BrodenDataset(probe, cfg.categories)
+    thr = None
+    if thresholds_file is not None:
+        if not Path(thresholds_file).exists():
+            raise ConceptrankError(f"--thresholds file not found: {thresholds_file}")
+        arr = np.load(thresholds_file, allow_pickle=False)
+        if len(layers) != 1:
+            raise ConceptrankError("--thresholds applies to a single --layer")
+        thr = {layers[0]: arr}
+    return dissect(loaded, layers, ds, out, cfg, thr)

@@ -310,6 +310,37 @@ def _probe_size(ds: BrodenDataset) -> tuple[int, int]:
 
 
 # -- the stage ---------------------------------------------------------------------------------
+TOP_IMAGES = 16
+
+
+class _TopImages:
+    """Per unit, the probe images with the highest map maximum (for unit cards in the report)."""
+
+    def __init__(self, num_units: int, k: int) -> None:
+        self.k = k
+        self.value = torch.full((num_units, 0), -np.inf)
+        self.index = torch.zeros((num_units, 0), dtype=torch.int64)
+
+    def add(self, maxima: torch.Tensor, offset: int) -> None:
+        """``maxima`` (B, U): per image and unit the map's maximum; images are offset..offset+B-1."""
+        B, U = maxima.shape
+        idx = torch.arange(offset, offset + B).expand(U, B)
+        v = torch.cat([self.value, maxima.T.float()], dim=1)
+        i = torch.cat([self.index, idx], dim=1)
+        k = min(self.k, v.shape[1])
+        top = torch.topk(v, k, dim=1)  # ties: torch.topk is not stable, but values identical
+        self.value, self.index = top.values, torch.gather(i, 1, top.indices)
+
+    def save(self, path: Path, probe: BrodenDataset) -> None:
+        order = torch.argsort(-self.value, dim=1, stable=True)
+        value = torch.gather(self.value, 1, order).numpy()
+        index = torch.gather(self.index, 1, order).numpy()
+        tmp = path.with_name("." + path.name + ".tmp.npz")
+        images = np.array([[probe.records[j].image for j in row] for row in index], dtype=str)
+        np.savez(tmp, index=index, value=value, images=images)
+        os.replace(tmp, path)
+
+
 def dissect(model, layers: Sequence[str], probe: BrodenDataset, out: Path, cfg: DissectConfig = DissectConfig(),
             thresholds: dict[str, np.ndarray] | None = None) -> list[DissectResult]:
     """Dissect ``layers`` of ``model`` (a :class:`~conceptrank.models.LoadedModel`) on ``probe``.
@@ -339,6 +370,7 @@ def dissect(model, layers: Sequence[str], probe: BrodenDataset, out: Path, cfg: 
 
     memmaps: dict[str, np.memmap] = {}
     topk: dict[str, TopKQuantile] = {}
+    top_images: dict[str, _TopImages] = {}
     store_dtype = np.float16 if cfg.store == "float16" else np.float32
     timings = {"forward": 0.0, "threshold": 0.0, "tally": 0.0}
     try:
@@ -369,8 +401,10 @@ def dissect(model, layers: Sequence[str], probe: BrodenDataset, out: Path, cfg: 
                             scratch / f"{name}.npy", mode="w+", dtype=store_dtype, shape=(N, U, h, w))
                         if thresholds is None or name not in thresholds:
                             topk[name] = TopKQuantile(U, N * h * w, cfg.quantile, device=device)
+                        top_images[name] = _TopImages(U, TOP_IMAGES)
                     stored = f.to(torch.float16 if store_dtype == np.float16 else torch.float32)
                     memmaps[name][i0:i0 + B] = stored.cpu().numpy()
+                    top_images[name].add(f.amax(dim=(2, 3)).cpu(), i0)
                     if name in topk:
                         ts = time.perf_counter()
                         # thresholds are taken over exactly the values the tally will compare
@@ -416,6 +450,7 @@ def dissect(model, layers: Sequence[str], probe: BrodenDataset, out: Path, cfg: 
     results = []
     for name in layers:
         results.append(_finish_layer(name, model, probe, cfg, accs[name], thr[name], outdirs[name], timings))
+        top_images[name].save(outdirs[name] / "top_images.npz", probe)
     return results
 
 

@@ -132,6 +132,11 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> Pipelin
     out.mkdir(parents=True, exist_ok=True)
     timings = {}
     model = load_model(cfg.model, cfg.weights)
+    from dataclasses import asdict
+
+    from .cache import atomic_write_json
+
+    atomic_write_json(out / "run.json", {"config": asdict(cfg), "model": model.describe()})
 
     t0 = time.perf_counter()
     dres = None

@@ -187,6 +187,21 @@ def explain(
 
 
 @app.command()
+def fetch(
+    dataset: str = typer.Argument(..., help="broden or stanford40"),
+    to: Path = typer.Option(..., "--to", help="Folder to download and extract into."),
+    variant: str = typer.Option("224", "--variant", help="Broden only: 224 (broden1_224) or 227 (broden1_227)."),
+    base_url: Optional[str] = typer.Option(None, "--base-url", help="Mirror to download from instead of the official address."),
+    timeout: float = typer.Option(10.0, "--timeout", help="Seconds to wait for the server before failing."),
+) -> None:
+    """Download a dataset (resumable, checksummed, extracted); offline it fails fast with manual steps."""
+    from .fetch import fetch_dataset
+
+    res = _run(fetch_dataset, dataset, to, variant=variant, base_url=base_url, timeout=timeout)
+    typer.echo(res.summary())
+
+
+@app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Run folder."),
     quick: bool = typer.Option(False, "--quick", help="A tiny world for tests (seconds)."),

@@ -136,10 +136,10 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def _load_state(module: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
     own = module.state_dict()
-    for k, v in sd.items():
-        if k in own and tuple(own[k].shape) != tuple(v.shape):
+    for k, want in own.items():  # in the module's own order, so the first layer at fault is named
+        if k in sd and tuple(sd[k].shape) != tuple(want.shape):
             raise ModelError(
-                f"{source}: shape mismatch at {k!r}: file has {tuple(v.shape)}, model expects {tuple(own[k].shape)}"
+                f"{source}: shape mismatch at {k!r}: file has {tuple(sd[k].shape)}, model expects {tuple(want.shape)}"
             )
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]

@@ -128,3 +128,12 @@ def test_help_is_fast_and_lazy():
     assert r.exit_code == 0
     for cmd in ["synth", "layers", "dissect", "extract", "rank", "evaluate", "report", "demo", "run", "fetch"]:
         assert cmd in r.output
+
+
+def test_hook_records_value_before_inplace_ops():
+    import torchvision
+
+    net = torchvision.models.resnet18().eval()
+    with torch.no_grad(), record_layers(net, ["bn1"]) as rec:
+        net(torch.randn(1, 3, 64, 64))
+    assert rec["bn1"].min() < 0  # bn1 is followed by ReLU(inplace=True)

@@ -40,7 +40,7 @@ def record_layers(model: nn.Module, names: Sequence[str]) -> Iterator[dict]:
     """Record the outputs of the named layers during forward passes.
 
     Yields a dict that after each forward pass maps each layer name to its output tensor
-    ``(B, U, h, w)`` (detached). The hooks are removed on exit, also when an exception escapes.
+    ``(B, U, h, w)`` (detached copy). The hooks are removed on exit, also when an exception escapes.
     """
     modules = [resolve_layer(model, n) for n in names]
     store: dict = {}
@@ -50,7 +50,9 @@ def record_layers(model: nn.Module, names: Sequence[str]) -> Iterator[dict]:
             def hook(_m, _inp, out, name=name):
                 if isinstance(out, (tuple, list)):
                     out = out[0]
-                store[name] = out.detach()
+                # clone: a later in-place op (ReLU(inplace=True), `out += identity`) would
+                # otherwise change the recorded values
+                store[name] = out.detach().clone()
             handles.append(module.register_forward_hook(hook))
         yield store
     finally:

@@ -1,0 +1,546 @@
+"""Per image and unit of one layer: the mean (the paper's Formula 1) and the max of its activation map.
+
+:func:`extract` is the pure computation (a stream of images through the model, nothing written);
+:func:`run_extract` is the I/O edge (loads the model and the target index, calls :func:`extract`,
+writes ``activations.npz``, ``skipped.csv`` and ``extract.json`` atomically).
+
+Images are decoded in DataLoader worker processes with :func:`conceptrank.data.images.load_rgb`;
+an image that cannot be used travels through the loader as a marker with its reason, is filtered
+out by the collate function, and ends up in ``skipped`` (and ``skipped.csv``), never silently
+dropped. Memory beyond the two ``(N, U)`` outputs does not grow with the dataset.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import csv
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import cache
+from .data import images as _images
+from .data.images import ImageDecodeError, load_rgb
+from .data.targets import TargetError, TargetSet, load_targets, person_box
+from .errors import ConceptrankError
+from .hooks import record_layers, resolve_layer
+from .models import LoadedModel, load_model
+
+__all__ = ["ExtractConfig", "ExtractResult", "extract", "run_extract", "read_activations"]
+
+CROPS = ("none", "person")
+FORMAT = "conceptrank-extract"
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Parameters of :func:`extract`.
+
+    Attributes
+    ----------
+    layout : str
+        Target set layout for :func:`~conceptrank.data.targets.load_targets` (``auto``,
+        ``stanford40``, ``imagefolder``, ``manifest``).
+    resize : int, optional
+        Resize every image to ``resize × resize`` (aspect ratio not kept, as in the paper); default:
+        the model's ``input_size``.
+    crop : str
+        ``none`` (whole image, as in the paper) or ``person`` (crop to the Stanford 40
+        ``XMLAnnotations`` person box first; images without a box are skipped).
+    batch_size : int
+        Images per forward pass.
+    workers : int
+        DataLoader worker processes decoding images (0: decode in this process).
+    device : str
+        ``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+    """
+
+    layout: str = "auto"
+    resize: int | None = None
+    crop: str = "none"
+    batch_size: int = 32
+    workers: int = 2
+    device: str = "auto"
+
+    def validate(self) -> None:
+        """Raise ConceptrankError for invalid values (called by :func:`extract`, not at construction,
+        so that the CLI prints the error as one line)."""
+        if self.crop not in CROPS:
+            raise ConceptrankError(f"unknown crop {self.crop!r}; choose one of {', '.join(CROPS)}")
+        if self.resize is not None and int(self.resize) < 1:
+            raise ConceptrankError(f"resize must be a positive number of pixels, got {self.resize}")
+        if int(self.batch_size) < 1:
+            raise ConceptrankError(f"batch_size must be >= 1, got {self.batch_size}")
+        if int(self.workers) < 0:
+            raise ConceptrankError(f"workers must be >= 0, got {self.workers}")
+
+
+@dataclass(frozen=True)
+class ExtractResult:
+    """What :func:`run_extract` wrote.
+
+    Attributes
+    ----------
+    out : Path
+        The output folder.
+    layer : str
+        Dotted layer name.
+    n_images, n_units : int
+        Rows and columns of the ``mean`` / ``max`` arrays.
+    n_skipped : int
+        Images that could not be used.
+    skipped : tuple of (rel, reason)
+        Those images, in dataset order.
+    timings : dict
+        ``load`` (model and target index), ``forward`` (decoding and forward passes, which overlap
+        when workers > 0) and ``total``, in seconds.
+    """
+
+    out: Path
+    layer: str
+    n_images: int
+    n_units: int
+    n_skipped: int
+    skipped: tuple[tuple[str, str], ...]
+    timings: dict
+
+    def summary(self, show: int = 10) -> str:
+        """Human-readable summary; lists up to ``show`` skipped images."""
+        lines = [
+            f"extract {self.layer}: {self.n_images} images x {self.n_units} units -> "
+            f"{self.out / 'activations.npz'} ({self.timings.get('total', 0.0):.1f} s)"
+        ]
+        if self.n_skipped:
+            reasons = collections.Counter(r for _, r in self.skipped)
+            by = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
+            lines.append(f"skipped {self.n_skipped} image(s): {by} (all listed in {self.out / 'skipped.csv'})")
+            for rel, reason in self.skipped[:show]:
+                lines.append(f"  {rel}: {reason}")
+            if self.n_skipped > show:
+                lines.append(f"  ... and {self.n_skipped - show} more")
+        else:
+            lines.append("skipped 0 images")
+        return "\n".join(lines)
+
+
+# -- streaming dataset ----------------------------------------------------------------------------
+class _ImageStream(torch.utils.data.Dataset):
+    """Decodes item ``i`` into ``(i, x, None)`` with ``x`` a ``(3, H, W)`` float32 tensor, or into
+    ``(i, None, reason)`` when the image cannot be used. Holds no model weights (cheap to send to
+    worker processes); the decode limits are captured at construction so workers use the same."""
+
+    def __init__(
+        self,
+        paths: list[str],
+        rels: list[str],
+        size: tuple[int, int],
+        prep: LoadedModel,
+        boxes_root: str | None,
+    ) -> None:
+        self.paths = paths
+        self.rels = rels
+        self.size = size
+        self.prep = prep
+        self.boxes_root = boxes_root
+        self.max_pixels = _images.MAX_PIXELS
+        self.min_side = _images.MIN_SIDE
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            img = load_rgb(self.paths[i], self.max_pixels, self.min_side)
+            if self.boxes_root is not None:
+                img = _crop_person(img, self.boxes_root, self.rels[i], self.min_side)
+        except ImageDecodeError as e:
+            return (i, None, e.reason)
+        except TargetError:
+            return (i, None, "bad person box")
+        return (i, self.prep.to_tensor(img, self.size), None)
+
+
+def _crop_person(img, root: str, rel: str, min_side: int):
+    """Crop to the XML person box (PIL box: pixel edges, clipped to the image)."""
+    box = person_box(root, rel)
+    if box is None:
+        raise ImageDecodeError(rel, "no person box")
+    x0, y0, x1, y1 = box
+    x0, y0 = max(0, min(x0, img.width)), max(0, min(y0, img.height))
+    x1, y1 = max(0, min(x1, img.width)), max(0, min(y1, img.height))
+    if x1 - x0 < min_side or y1 - y0 < min_side:
+        raise ImageDecodeError(rel, "bad person box")
+    return img.crop((x0, y0, x1, y1))
+
+
+def _collate(batch):
+    """Stack the decoded images of a batch and pass skip markers through.
+
+    Returns
+    -------
+    idx : LongTensor (b,)
+        Dataset indices of the decoded images.
+    x : Tensor (b, 3, H, W) or None
+        None when every image of the batch was skipped.
+    skipped : list of (index, reason)
+    """
+    kept = [(i, x) for i, x, _ in batch if x is not None]
+    skipped = [(i, r) for i, x, r in batch if x is None]
+    idx = torch.tensor([i for i, _ in kept], dtype=torch.long)
+    x = torch.stack([x for _, x in kept]) if kept else None
+    return idx, x, skipped
+
+
+# -- computation ----------------------------------------------------------------------------------
+def _pick_device(spec: str) -> torch.device:
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise ConceptrankError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConceptrankError(f"device {spec!r} requested but CUDA is not available; use --device cpu")
+    return dev
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def reduce_activations(a: torch.Tensor, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and max over the spatial axes of a layer output.
+
+    Parameters
+    ----------
+    a : Tensor (B, U, h, w) or (B, U)
+        A 2-D output counts as ``h = w = 1``.
+
+    Returns
+    -------
+    mean, max : float32 Tensors (B, U)
+
+    Raises
+    ------
+    ConceptrankError
+        For any other number of dimensions.
+    """
+    if not isinstance(a, torch.Tensor):
+        raise ConceptrankError(f"layer {layer!r} outputs a {type(a).__name__}, not a tensor")
+    a = a.float()
+    if a.dim() == 4:
+        return a.mean(dim=(2, 3)), a.amax(dim=(2, 3))
+    if a.dim() == 2:
+        return a, a
+    raise ConceptrankError(
+        f"layer {layer!r} outputs shape {tuple(a.shape)} ({a.dim()}-D); expected (B, U, h, w) feature "
+        "maps or (B, U) vectors. Choose a convolutional layer (see `conceptrank layers`)."
+    )
+
+
+def extract(
+    model: LoadedModel,
+    layer: str,
+    targets: TargetSet,
+    cfg: ExtractConfig = ExtractConfig(),
+) -> tuple[np.ndarray, np.ndarray, list[int], list[tuple[str, str]]]:
+    """Stream the target images through the model and reduce one layer's activation maps.
+
+    Pure computation: reads images, writes nothing.
+
+    Parameters
+    ----------
+    model : LoadedModel
+        Its ``module`` is put in eval mode and moved to the device for the duration of the call
+        (restored afterwards); ``to_tensor`` gives the input.
+    layer : str
+        Dotted layer name (``layer4``, ``features.28``).
+    targets : TargetSet
+    cfg : ExtractConfig
+
+    Returns
+    -------
+    mean : np.ndarray (N, U) float32
+        ``mean[n, u]`` = mean over ``h × w`` of unit ``u``'s activation map on kept image ``n``.
+    max : np.ndarray (N, U) float32
+        The maximum over ``h × w``.
+    kept : list of int
+        Index into ``targets.items`` of each row, ascending (``N = len(kept)``).
+    skipped : list of (rel, reason)
+        Images that could not be used, in dataset order.
+
+    Raises
+    ------
+    UnknownLayerError
+        ``layer`` is not a submodule (the message lists the valid names).
+    ConceptrankError
+        Invalid config, ``crop='person'`` without ``XMLAnnotations``, a layer output that is neither
+        4-D nor 2-D or never reached, a failed forward pass, or NaN/inf activations (naming images).
+    """
+    cfg.validate()
+    module = model.module
+    resolve_layer(module, layer)  # fail fast, before any worker starts
+    device = _pick_device(cfg.device)
+    size = (int(cfg.resize), int(cfg.resize)) if cfg.resize else tuple(int(s) for s in model.input_size)
+    items = targets.items
+    boxes_root = None
+    if cfg.crop == "person":
+        if not targets.has_person_boxes():
+            raise ConceptrankError(
+                f"--crop person needs Stanford 40 person boxes in {targets.annotations_dir}, which does not "
+                f"exist (layout {targets.layout}); use --crop none"
+            )
+        boxes_root = str(targets.image_root)
+
+    stream = _ImageStream(
+        [str(targets.path(it)) for it in items],
+        [it.rel for it in items],
+        size,
+        dataclasses.replace(model, module=nn.Identity()),  # preprocessing only, no weights to workers
+        boxes_root,
+    )
+    loader = torch.utils.data.DataLoader(
+        stream,
+        batch_size=int(cfg.batch_size),
+        shuffle=False,
+        num_workers=int(cfg.workers),
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+    )
+
+    n_total = len(items)
+    mean_buf: np.ndarray | None = None
+    max_buf: np.ndarray | None = None
+    pos = 0  # rows filled; batches arrive in dataset order, so kept rows are written compactly
+    kept: list[int] = []
+    skipped: list[tuple[str, str]] = []
+
+    was_training = module.training
+    home = _module_device(module)
+    module.eval()
+    module.to(device)
+    it = iter(loader)
+    try:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.inference_mode())
+            store = stack.enter_context(record_layers(module, [layer]))
+            bar = stack.enter_context(_progress(n_total, f"extract {layer}"))
+            for idx, x, skip in it:
+                skipped.extend((items[i].rel, reason) for i, reason in skip)
+                bar.update(len(skip))
+                if x is None:
+                    continue
+                store.clear()
+                try:
+                    module(x.to(device, non_blocking=True))
+                except RuntimeError as e:
+                    raise ConceptrankError(
+                        f"forward pass failed on input {tuple(x.shape)} (first image "
+                        f"{items[int(idx[0])].rel}): {str(e).splitlines()[0]}"
+                    ) from None
+                if layer not in store:
+                    raise ConceptrankError(f"layer {layer!r} was not reached by the model's forward pass")
+                m, mx = reduce_activations(store.pop(layer), layer)
+                m = m.cpu().numpy()
+                mx = mx.cpu().numpy()
+                finite = np.isfinite(m).all(axis=1) & np.isfinite(mx).all(axis=1)
+                if not finite.all():
+                    bad = [items[int(idx[j])].rel for j in np.flatnonzero(~finite)]
+                    shown = ", ".join(bad[:5]) + (f" ... and {len(bad) - 5} more" if len(bad) > 5 else "")
+                    raise ConceptrankError(
+                        f"layer {layer!r} produced NaN/inf activations for {len(bad)} image(s) in this batch: "
+                        f"{shown} (check the weights and the input normalization)"
+                    )
+                if mean_buf is None:
+                    mean_buf = np.empty((n_total, m.shape[1]), np.float32)
+                    max_buf = np.empty((n_total, m.shape[1]), np.float32)
+                b = m.shape[0]
+                mean_buf[pos:pos + b] = m
+                max_buf[pos:pos + b] = mx
+                pos += b
+                kept.extend(int(i) for i in idx)
+                bar.update(b)
+    finally:
+        del it  # shuts worker processes down now, also when an error escapes
+        module.to(home)
+        module.train(was_training)
+
+    if mean_buf is None:
+        empty = np.zeros((0, 0), np.float32)
+        return empty, empty.copy(), kept, skipped
+    return mean_buf[:pos], max_buf[:pos], kept, skipped
+
+
+@contextlib.contextmanager
+def _progress(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=not sys.stderr.isatty(), leave=False)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+# -- I/O edge -------------------------------------------------------------------------------------
+def _write_skipped(path: Path, skipped: list[tuple[str, str]]) -> None:
+    with cache.atomic_write(path, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["image", "reason"])
+        w.writerows(skipped)
+
+
+def _str_array(values) -> np.ndarray:
+    values = list(values)
+    return np.array(values, dtype=str) if values else np.zeros(0, dtype="<U1")
+
+
+def run_extract(
+    model: str | LoadedModel,
+    weights: str | None,
+    layer: str,
+    dataset: str | Path,
+    out: str | Path,
+    cfg: ExtractConfig = ExtractConfig(),
+) -> ExtractResult:
+    """Load model and targets, run :func:`extract`, write the outputs.
+
+    Writes (atomically) ``out/activations.npz`` with ``mean`` and ``max`` ``(N, U)`` float32,
+    ``images`` / ``classes`` / ``splits`` ``(N,)`` unicode (per kept image) and ``class_names``
+    (the dataset's class order); ``out/skipped.csv`` (``image,reason``, always written); and
+    ``out/extract.json`` (config, model, layer, fingerprints, counts, timings, package versions),
+    written last.
+
+    Parameters
+    ----------
+    model : str or LoadedModel
+        A model card / torchvision name for :func:`~conceptrank.models.load_model`, or a loaded model
+        (then ``weights`` is ignored).
+    weights : str, optional
+    layer : str
+    dataset : path
+        Target set root (or CSV manifest), read with ``cfg.layout``.
+    out : path
+        Output folder (created).
+    cfg : ExtractConfig
+
+    Raises
+    ------
+    ConceptrankError
+        Also when every image was skipped (``skipped.csv`` is still written).
+    """
+    t0 = time.perf_counter()
+    cfg.validate()
+    out = Path(out)
+    loaded = model if isinstance(model, LoadedModel) else load_model(str(model), weights)
+    resolve_layer(loaded.module, layer)
+    targets = load_targets(dataset, cfg.layout)
+    t1 = time.perf_counter()
+    mean, mx, kept, skipped = extract(loaded, layer, targets, cfg)
+    t2 = time.perf_counter()
+
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("extract.json", "activations.npz"):  # never leave a previous run's outputs half-valid
+        (out / stale).unlink(missing_ok=True)
+    _write_skipped(out / "skipped.csv", skipped)
+    if not kept:
+        reasons = collections.Counter(r for _, r in skipped)
+        raise ConceptrankError(
+            f"all {len(targets.items)} images were skipped ("
+            + ", ".join(f"{n} {r}" for r, n in reasons.most_common())
+            + f"); see {out / 'skipped.csv'}"
+        )
+
+    items = [targets.items[i] for i in kept]
+    with cache.atomic_write(out / "activations.npz", "wb") as f:
+        np.savez(
+            f,
+            mean=mean,
+            max=mx,
+            images=_str_array(it.rel for it in items),
+            classes=_str_array(it.cls for it in items),
+            splits=_str_array(it.split for it in items),
+            class_names=_str_array(targets.classes),
+        )
+    t3 = time.perf_counter()
+
+    size = [int(cfg.resize)] * 2 if cfg.resize else [int(s) for s in loaded.input_size]
+    params = {
+        "version": 1,
+        "input_size": size,
+        "crop": cfg.crop,
+        "normalization": {"mean": list(loaded.mean), "std": list(loaded.std)},
+        "reductions": ["mean", "max"],
+        "decode": {"max_pixels": _images.MAX_PIXELS, "min_side": _images.MIN_SIDE},
+    }
+    per_class = {c: 0 for c in targets.classes}
+    per_split: dict[str, int] = {}
+    for it in items:
+        per_class[it.cls] += 1
+        per_split[it.split] = per_split.get(it.split, 0) + 1
+    timings = {"load": round(t1 - t0, 4), "forward": round(t2 - t1, 4), "total": round(t3 - t0, 4)}
+    meta = {
+        "format": FORMAT,
+        "version": 1,
+        "config": dataclasses.asdict(cfg),
+        "input_size": size,
+        "model": loaded.describe(),
+        "layer": layer,
+        "dataset": {
+            "root": str(targets.root),
+            "layout": targets.layout,
+            "classes": list(targets.classes),
+            "items": len(targets.items),
+        },
+        "fingerprints": {
+            "model": loaded.fingerprint,
+            "layer": layer,
+            "dataset": targets.fingerprint(),
+            "params": cache.hash_json(params),
+        },
+        "params": params,
+        "counts": {
+            "images": int(mean.shape[0]),
+            "units": int(mean.shape[1]),
+            "skipped": len(skipped),
+            "per_class": per_class,
+            "per_split": per_split,
+            "skipped_reasons": dict(collections.Counter(r for _, r in skipped)),
+        },
+        "timings": timings,
+        "package_versions": cache.package_versions(),
+        "outputs": {"activations": "activations.npz", "skipped": "skipped.csv"},
+    }
+    cache.atomic_write_json(out / "extract.json", meta)
+    return ExtractResult(
+        out=out,
+        layer=layer,
+        n_images=int(mean.shape[0]),
+        n_units=int(mean.shape[1]),
+        n_skipped=len(skipped),
+        skipped=tuple(skipped),
+        timings=timings,
+    )
+
+
+def read_activations(path: str | Path) -> dict[str, np.ndarray]:
+    """Read ``activations.npz`` (or the folder holding it) into a dict of arrays (no pickle)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "activations.npz"
+    if not p.is_file():
+        raise ConceptrankError(f"activations not found: {p} (run `conceptrank extract` first)")
+    with np.load(p, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}

@@ -511,7 +511,12 @@ class GlobalRanker(ClassifierMixin, BaseEstimator):
     def _fit_paper(self, X: np.ndarray, y: np.ndarray) -> None:
         if X.shape[0] < self.folds:
             raise ConceptrankError(f"{X.shape[0]} images are fewer than the {self.folds} KFold folds")
-        splits = list(KFold(n_splits=self.folds).split(X))
+        # The published code listed images with os.listdir (an arbitrary, effectively shuffled
+        # order) and then ran KFold without shuffling. Our images come sorted by class, where
+        # unshuffled folds would hold out whole classes; a seeded permutation stands in for the
+        # listdir order, and the folds over it are KFold's contiguous, unshuffled blocks.
+        perm = np.random.default_rng(self.seed).permutation(X.shape[0])
+        splits = [(perm[tr], perm[va]) for tr, va in KFold(n_splits=self.folds).split(perm)]
         self.cv_scores_ = {}
         best: dict[float, tuple[float, int, Any]] = {}
         for C in self._candidates():
@@ -786,7 +791,8 @@ def run_rank(activations: Path, tally: Path, out: Path, cfg: RankConfig) -> Rank
         eval_idx = model.eval_index_
         evaluated = "paper best fold"
         n_train = N - len(eval_idx)
-        cv_desc = f"KFold(n_splits={cfg.folds}) without shuffling over all images; best fold model kept; no scaling"
+        cv_desc = (f"KFold(n_splits={cfg.folds}) without shuffling over all images in a seeded random order "
+                   f"(seed {cfg.seed}, standing in for the published code's os.listdir order); best fold model kept; no scaling")
         if model.missing_classes_:
             notes.append(
                 f"the kept fold model never saw class(es) {model.missing_classes_} (KFold without "

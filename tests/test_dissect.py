@@ -206,3 +206,28 @@ def test_unknown_category(tmp_path):
     probe = make_planted_probe(tmp_path / "probe", n=4)
     with pytest.raises(BrodenError, match="unknown category.*'texture'"):
         BrodenDataset(probe, ["object", "texture"])
+
+
+def test_label_stability_between_quantiles(tmp_path):
+    probe = make_planted_probe(tmp_path / "probe")
+    n = 24
+    q = (4 * n - 0.5) / (64 * n - 1)  # see test_planted_detectors_are_found
+    cfg = DissectConfig(workers=0, batch_size=8, progress=False, quantile=q, stability_quantile=0.08)
+    (res,) = dissect(planted_model(), ["units"], BrodenDataset(probe), tmp_path / "out", cfg)
+    st = json.loads((tmp_path / "out" / "dissect.json").read_text())["label_stability"]
+    assert st["other_quantile"] == 0.08 and st["detectors"] == 4
+    assert st["same_label_detectors"] == 1.0  # the colour detectors keep their colour
+    # the thresholds at the base quantile are unchanged by also computing the other one
+    (plain,) = dissect(planted_model(), ["units"], BrodenDataset(probe), tmp_path / "o2",
+                       DissectConfig(workers=0, batch_size=8, progress=False, quantile=q))
+    np.testing.assert_array_equal(res.thresholds, plain.thresholds)
+
+
+def test_topk_other_quantile():
+    rng = np.random.default_rng(4)
+    vals = rng.standard_normal((2, 5000)).astype(np.float32)
+    acc = TopKQuantile(2, 5000, 0.01)
+    acc.add(torch.from_numpy(vals))
+    np.testing.assert_allclose(acc.result(0.005), np.quantile(vals.astype(np.float64), 0.995, axis=1), atol=1e-12)
+    with pytest.raises(ValueError, match="needs more values"):
+        acc.result(0.05)

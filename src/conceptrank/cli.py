@@ -87,6 +87,7 @@ def dissect(
     workers: int = typer.Option(2, "--workers", help="Data-loading worker processes."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     store: str = typer.Option("float32", "--store", help="Dtype of the on-disk feature cache between passes: float32 or float16."),
+    stability_quantile: Optional[float] = typer.Option(None, "--stability-quantile", help="Also label units at this quantile (e.g. 0.01) and report label stability."),
 ) -> None:
     """Network Dissection: label every unit of a layer with its best concept (NetDissect-Lite tally.csv)."""
     from .dissect import DissectConfig, run_dissect
@@ -94,7 +95,7 @@ def dissect(
     cfg = DissectConfig(
         categories=tuple(c.strip() for c in categories.split(",")) if categories else None,
         quantile=quantile, iou_threshold=iou_threshold, preprocess=preprocess,
-        batch_size=batch_size, workers=workers, device=device, store=store,
+        batch_size=batch_size, workers=workers, device=device, store=store, stability_quantile=stability_quantile,
     )
     results = _run(run_dissect, model, weights, list(layer), probe, out, cfg, thresholds)
     for r in results:

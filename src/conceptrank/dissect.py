@@ -57,6 +57,8 @@ class DissectConfig:
     device: str = "auto"
     store: str = "float32"  # dtype of the on-disk feature cache between the two passes
     progress: bool = True
+    # also label units at this second quantile (same pass) and report how many keep their label
+    stability_quantile: float | None = None
 
     def validate(self) -> None:
         if self.preprocess not in ("model", "netdissect"):
@@ -67,6 +69,8 @@ class DissectConfig:
             raise ConceptrankError(f"--store must be float32 or float16, got {self.store!r}")
         if self.batch_size < 1:
             raise ConceptrankError("--batch-size must be >= 1")
+        if self.stability_quantile is not None and not 0.0 < self.stability_quantile < 1.0:
+            raise ConceptrankError(f"stability quantile must lie in (0, 1), got {self.stability_quantile}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConceptrankError(f"--device must be auto, cpu or cuda, got {self.device!r}")
 
@@ -399,8 +403,9 @@ def dissect(model, layers: Sequence[str], probe: BrodenDataset, out: Path, cfg: 
                         U, h, w = f.shape[1:]
                         memmaps[name] = np.lib.format.open_memmap(
                             scratch / f"{name}.npy", mode="w+", dtype=store_dtype, shape=(N, U, h, w))
-                        if thresholds is None or name not in thresholds:
-                            topk[name] = TopKQuantile(U, N * h * w, cfg.quantile, device=device)
+                        qmax = max(cfg.quantile, cfg.stability_quantile or 0.0)
+                        if thresholds is None or name not in thresholds or cfg.stability_quantile:
+                            topk[name] = TopKQuantile(U, N * h * w, qmax, device=device)
                         top_images[name] = _TopImages(U, TOP_IMAGES)
                     stored = f.to(torch.float16 if store_dtype == np.float16 else torch.float32)
                     memmaps[name][i0:i0 + B] = stored.cpu().numpy()
@@ -423,7 +428,8 @@ def dissect(model, layers: Sequence[str], probe: BrodenDataset, out: Path, cfg: 
                     raise ConceptrankError(f"thresholds for layer {name!r} have {t.size} values; the layer has {U} units")
                 thr[name] = t
             else:
-                thr[name] = topk[name].result()
+                thr[name] = topk[name].result(cfg.quantile)
+        thr_alt = {name: topk[name].result(cfg.stability_quantile) for name in layers} if cfg.stability_quantile else {}
         timings["threshold"] = t_thr + time.perf_counter() - ts
 
         # -- pass 2: tally -------------------------------------------------------------------------
@@ -431,6 +437,7 @@ def dissect(model, layers: Sequence[str], probe: BrodenDataset, out: Path, cfg: 
         C = len(probe.categories)
         label_cat = label_category_matrix(probe.primary, C)
         accs = {name: TallyAccumulator(thr[name], label_cat, device) for name in layers}
+        alt = {name: TallyAccumulator(thr_alt[name], label_cat, device) for name in thr_alt}
         loader = _loader(_ProbeMasks(probe), cfg.batch_size, cfg.workers, _collate_masks)
         i0 = 0
         for planes, scalars in _progress(loader, len(loader), "dissect: tally", cfg.progress):
@@ -438,6 +445,8 @@ def dissect(model, layers: Sequence[str], probe: BrodenDataset, out: Path, cfg: 
             for name in layers:
                 f = torch.from_numpy(np.asarray(memmaps[name][i0:i0 + B], dtype=np.float32))
                 accs[name].add(f, planes, scalars)
+                if name in alt:
+                    alt[name].add(f, planes, scalars)
             i0 += B
         timings["tally"] = time.perf_counter() - t0
     finally:
@@ -449,12 +458,41 @@ def dissect(model, layers: Sequence[str], probe: BrodenDataset, out: Path, cfg: 
     timings["total"] = time.perf_counter() - t_start
     results = []
     for name in layers:
-        results.append(_finish_layer(name, model, probe, cfg, accs[name], thr[name], outdirs[name], timings))
+        stability = _label_stability(accs[name], alt[name], probe, cfg) if name in alt else None
+        results.append(_finish_layer(name, model, probe, cfg, accs[name], thr[name], outdirs[name], timings, stability))
         top_images[name].save(outdirs[name] / "top_images.npz", probe)
     return results
 
 
-def _finish_layer(name, model, probe, cfg, acc: TallyAccumulator, thr, outdir: Path, timings) -> DissectResult:
+def _unit_labels(acc: TallyAccumulator, probe: BrodenDataset) -> tuple[np.ndarray, np.ndarray]:
+    """Per unit: best label number and its IoU, ``(U,)`` each."""
+    C = len(probe.categories)
+    iou = acc.iou()
+    best = best_labels(iou, probe.primary, C)
+    best_iou = iou[np.arange(iou.shape[0])[:, None], best]
+    cat = C - 1 - np.argmax(best_iou[:, ::-1], axis=1)
+    rows = np.arange(iou.shape[0])
+    return best[rows, cat], best_iou[rows, cat]
+
+
+def _label_stability(base: TallyAccumulator, alt: TallyAccumulator, probe: BrodenDataset, cfg: DissectConfig) -> dict:
+    """How many units keep their label when the activation quantile changes."""
+    lab_a, iou_a = _unit_labels(base, probe)
+    lab_b, iou_b = _unit_labels(alt, probe)
+    det = iou_a >= cfg.iou_threshold
+    same = lab_a == lab_b
+    return {
+        "quantile": cfg.quantile,
+        "other_quantile": cfg.stability_quantile,
+        "same_label_detectors": float(same[det].mean()) if det.any() else None,
+        "same_label_all_units": float(same.mean()),
+        "detectors_at_other_quantile": int((iou_b >= cfg.iou_threshold).sum()),
+        "detectors": int(det.sum()),
+    }
+
+
+def _finish_layer(name, model, probe, cfg, acc: TallyAccumulator, thr, outdir: Path, timings,
+                  stability: dict | None = None) -> DissectResult:
     C = len(probe.categories)
     iou = acc.iou()
     best = best_labels(iou, probe.primary, C)
@@ -508,6 +546,7 @@ def _finish_layer(name, model, probe, cfg, acc: TallyAccumulator, thr, outdir: P
             "thresholds": hash_json(np.asarray(thr).tolist()),
         },
         "counts": counts,
+        "label_stability": stability,
         "timings": {k: round(v, 4) for k, v in timings.items()},
         "package_versions": package_versions(),
     }

@@ -40,6 +40,7 @@ class RunConfig:
     weights: str | None = None
     categories: tuple[str, ...] | None = None
     quantile: float = 0.005
+    stability_quantile: float | None = 0.01
     preprocess: str = "model"
     layout: str = "auto"
     resize: int | None = None
@@ -62,6 +63,7 @@ class RunConfig:
 _SECTIONS = {
     "model": {"name": "model", "weights": "weights", "layer": "layer"},
     "probe": {"path": "probe", "categories": "categories", "quantile": "quantile", "preprocess": "preprocess",
+              "stability_quantile": "stability_quantile",
               "tally": "tally"},
     "target": {"path": "target", "layout": "layout", "resize": "resize", "crop": "crop"},
     "rank": {"protocol": "protocol", "top_local": "top_local", "top_global": "top_global", "min_iou": "min_iou",
@@ -148,7 +150,8 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> Pipelin
         from .dissect import dissect
 
         dcfg = DissectConfig(categories=cfg.categories, quantile=cfg.quantile, preprocess=cfg.preprocess,
-                             batch_size=cfg.batch_size, workers=cfg.workers, device=cfg.device)
+                             batch_size=cfg.batch_size, workers=cfg.workers, device=cfg.device,
+                             stability_quantile=cfg.stability_quantile)
         (dres,) = dissect(model, [cfg.layer], BrodenDataset(cfg.probe, cfg.categories), out / "dissect", dcfg)
         tally = out / "dissect" / "tally.csv"
         echo(dres.summary())

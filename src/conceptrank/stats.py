@@ -90,14 +90,21 @@ class TopKQuantile:
         self.count += other.count
         self._compact()
 
-    def result(self) -> np.ndarray:
-        """Per-unit quantile, shape ``(U,)`` float64; requires all ``total`` values to have been added."""
+    def result(self, quantile: float | None = None) -> np.ndarray:
+        """Per-unit quantile, shape ``(U,)`` float64; requires all ``total`` values to have been added.
+
+        ``quantile`` may name any upper-tail fraction up to the one the accumulator was built
+        for (its top-k holds every value those need); default: that one.
+        """
+        q = self.quantile if quantile is None else float(quantile)
         if self.count != self.total:
             raise ValueError(f"received {self.count} of {self.total} values per unit; the quantile would be wrong")
+        if quantile_rank_count(self.total, q) > self.k:
+            raise ValueError(f"quantile {q} needs more values than the {self.k} kept for quantile {self.quantile}")
         self._compact()
         top = torch.sort(self.top.double(), dim=1, descending=True).values.cpu().numpy()
         M = self.total
-        idx = (1.0 - self.quantile) * (M - 1)
+        idx = (1.0 - q) * (M - 1)
         lo = math.floor(idx)
         t = idx - lo
         a = top[:, M - 1 - lo]

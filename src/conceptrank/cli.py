@@ -167,11 +167,15 @@ def evaluate(
 
 
 @app.command()
-def report(run: Path = typer.Option(..., "--run", help="A run folder made by `demo` or `run`.")) -> None:
+def report(
+    run: Path = typer.Option(..., "--run", help="A run folder made by `demo` or `run`."),
+    max_units: Optional[int] = typer.Option(None, "--max-units", help="Draw unit cards for at most this many units (best IoU first)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the sampled image panels."),
+) -> None:
     """Write DIR/report.html and DIR/figures/*.png."""
-    from .report import write_report
+    from .report import ReportOptions, write_report
 
-    path = _run(write_report, run)
+    path = _run(write_report, run, ReportOptions(max_units=max_units, seed=seed))
     typer.echo(f"report: {path}")
 
 

@@ -9,12 +9,15 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import warnings
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
+
+from .images import ImageDecodeError, load_rgb
 
 __all__ = [
     "BrodenError",
@@ -36,10 +39,14 @@ class BrodenError(ValueError):
 
 
 def safe_relpath(rel: str, root: Path, what: str) -> Path:
-    """Resolve ``rel`` under ``root``, refusing absolute paths and ``..`` escapes."""
-    rel = rel.strip()
+    """Resolve ``rel`` under ``root``, refusing empty paths, absolute paths (also ``C:\\…``) and ``..``."""
+    rel = (rel or "").strip()
+    if not rel:
+        raise BrodenError(f"{what}: empty file path")
+    if "\x00" in rel:
+        raise BrodenError(f"{what}: path {rel!r} contains a NUL character")
     p = PurePosixPath(rel.replace("\\", "/"))
-    if not rel or p.is_absolute() or os.path.isabs(rel) or ".." in p.parts:
+    if p.is_absolute() or os.path.isabs(rel) or PureWindowsPath(rel).drive or ".." in p.parts:
         raise BrodenError(f"{what}: path {rel!r} escapes the dataset root (absolute or '..' paths are rejected)")
     return root.joinpath(*p.parts)
 
@@ -55,16 +62,26 @@ def encode_mask(labels: np.ndarray) -> Image.Image:
     return Image.fromarray(rgb, "RGB")
 
 
-def decode_mask(path: Path) -> np.ndarray:
-    """Decode a Broden mask PNG into an ``(H, W)`` int32 label map (``R + 256*G``).
+def decode_mask(path: Path, shape: tuple[int, int] | None = None, where: str = "") -> np.ndarray:
+    """Decode a Broden mask PNG into an ``(H, W)`` int32 label map (``R + 256*G``, blue ignored).
 
     Grayscale and palette PNGs are accepted by converting to RGB (a grayscale value v becomes
-    ``v + 256*v`` exactly as an RGB image with R=G=B=v would).
+    ``v + 256*v`` exactly as an RGB image with R=G=B=v would; a palette entry's colour is decoded).
+    With ``shape`` = ``(sh, sw)`` the size is checked from the file header, before any pixel is
+    decoded, so a wrong-size (or decompression-bomb-sized) mask fails fast.
     """
     try:
-        with Image.open(path) as im:
-            if im.mode == "I;16" or im.mode == "I":
+        with warnings.catch_warnings():
+            # the size is checked below from the header, before decoding (PIL itself refuses > 2x its limit)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
+            if im.mode.startswith("I") or im.mode == "F":
                 raise BrodenError(f"mask {path}: 16/32-bit single-channel masks are not Broden masks (mode {im.mode})")
+            if shape is not None and (im.height, im.width) != tuple(shape):
+                raise BrodenError(
+                    f"mask {path}{where} is {im.height}x{im.width}, expected sh x sw = {shape[0]}x{shape[1]}"
+                )
             rgb = np.asarray(im.convert("RGB"))
     except FileNotFoundError:
         raise BrodenError(f"mask file missing: {path}") from None
@@ -104,8 +121,13 @@ class BrodenRecord:
 def _read_csv(path: Path) -> list[dict[str, str]]:
     if not path.exists():
         raise BrodenError(f"missing file: {path}")
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            return list(csv.DictReader(f))
+    except UnicodeDecodeError as e:
+        raise BrodenError(f"{path}: not UTF-8 text ({e})") from None
+    except csv.Error as e:
+        raise BrodenError(f"{path}: not a valid CSV file ({e})") from None
 
 
 def _require(row: Mapping[str, str], cols: Sequence[str], path: Path) -> None:
@@ -199,8 +221,10 @@ class BrodenDataset:
             self.labels[num] = LabelInfo(num, r["name"], tuple(cats), syns)
         self.max_label = max(self.labels, default=0)
         self.label_names = [""] * (self.max_label + 1)
+        self._known = np.zeros(self.max_label + 1, bool)  # label numbers present in label.csv
         for n, info in self.labels.items():
             self.label_names[n] = info.name
+            self._known[n] = True
 
     def _read_coverage(self) -> None:
         # coverage[cat][number] from c_<cat>.csv; used to choose a label's primary category.
@@ -240,51 +264,67 @@ class BrodenDataset:
             raise BrodenError(f"missing file: {path}")
         self.records: list[BrodenRecord] = []
         self.dropped_rows = 0
-        with open(path, newline="", encoding="utf-8") as f:
+        # File names that are not UTF-8 round-trip to the same bytes on disk (surrogateescape).
+        with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
             reader = csv.DictReader(f)
             header = reader.fieldnames or []
             missing = [c for c in INDEX_FIXED if c not in header]
             if missing:
                 raise BrodenError(f"{path}: missing column(s) {missing}")
-            for line, r in enumerate(reader, start=2):
-                planes: list[str] = []
-                scalars: list[int] = []
-                for cat in self.categories:
-                    for item in (r.get(cat) or "").split(";"):
-                        item = item.strip()
-                        if not item:
-                            continue
-                        if item.lstrip("-").isdigit():
-                            num = int(item)
-                            if num not in self.labels:
-                                raise BrodenError(
-                                    f"{path} line {line}: image-level label {num} in column {cat!r} "
-                                    "is not in label.csv"
-                                )
-                            scalars.append(num)
-                        else:
-                            safe_relpath(item, self.root / "images", f"{path} line {line}")
-                            planes.append(item)
-                if not planes and not scalars:
-                    self.dropped_rows += 1
-                    continue
-                image = r["image"]
-                safe_relpath(image, self.root / "images", f"{path} line {line}")
-                self.records.append(
-                    BrodenRecord(
-                        image=image,
-                        split=r.get("split", ""),
-                        ih=_int(r["ih"], path, line, "ih"),
-                        iw=_int(r["iw"], path, line, "iw"),
-                        sh=_int(r["sh"], path, line, "sh"),
-                        sw=_int(r["sw"], path, line, "sw"),
-                        planes=tuple(planes),
-                        scalars=tuple(scalars),
-                        row=line,
-                    )
+            absent = [c for c in self.categories if c not in header]
+            if absent:
+                raise BrodenError(
+                    f"{path}: no column for selected categor{'y' if len(absent) == 1 else 'ies'} {absent} "
+                    f"(header: {','.join(header)})"
                 )
+            try:
+                self._read_rows(path, reader)
+            except csv.Error as e:
+                raise BrodenError(f"{path} line {reader.line_num}: not valid CSV ({e})") from None
         if not self.records:
             raise BrodenError(f"{path}: no image has data in the selected categories {self.categories}")
+
+    def _read_rows(self, path: Path, reader: csv.DictReader) -> None:
+        for r in reader:
+            line = reader.line_num  # physical line of this row (blank lines and CRLF counted right)
+            planes: list[str] = []
+            scalars: list[int] = []
+            for cat in self.categories:
+                for item in (r.get(cat) or "").split(";"):
+                    item = item.strip()
+                    if not item:
+                        continue
+                    if item.lstrip("-").isdigit():
+                        num = int(item)
+                        if num not in self.labels:
+                            raise BrodenError(
+                                f"{path} line {line}: image-level label {num} in column {cat!r} "
+                                "is not in label.csv"
+                            )
+                        scalars.append(num)
+                    else:
+                        safe_relpath(item, self.root / "images", f"{path} line {line}")
+                        planes.append(item)
+            if not planes and not scalars:
+                self.dropped_rows += 1
+                continue
+            image = (r["image"] or "").strip()
+            safe_relpath(image, self.root / "images", f"{path} line {line}")
+            dims = {}
+            for col in ("ih", "iw", "sh", "sw"):
+                dims[col] = _int(r[col], path, line, col)
+                if dims[col] < 1:
+                    raise BrodenError(f"{path} line {line}: column {col!r} must be a positive size, got {dims[col]}")
+            self.records.append(
+                BrodenRecord(
+                    image=image,
+                    split=r.get("split") or "",
+                    planes=tuple(planes),
+                    scalars=tuple(scalars),
+                    row=line,
+                    **dims,
+                )
+            )
 
     # -- access -----------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -299,15 +339,21 @@ class BrodenDataset:
         return safe_relpath(self.records[i].image, self.root / "images", "index.csv")
 
     def load_image(self, i: int) -> Image.Image:
-        """The i-th probe image as RGB."""
+        """The i-th probe image as 8-bit RGB, decoded like target images
+        (:func:`conceptrank.data.images.load_rgb`: grayscale, CMYK, 16-bit and alpha images converted;
+        truncated, corrupt, empty, 1-pixel and decompression-bomb-sized files refused).
+
+        Raises BrodenError naming the index.csv line and the file.
+        """
         path = self.image_path(i)
+        row = self.records[i].row
         try:
-            with Image.open(path) as im:
-                return im.convert("RGB")
-        except FileNotFoundError:
-            raise BrodenError(f"index.csv line {self.records[i].row}: image file missing: {path}") from None
-        except Exception as e:
-            raise BrodenError(f"index.csv line {self.records[i].row}: cannot decode image {path} ({e})") from None
+            return load_rgb(path)
+        except ImageDecodeError as e:
+            if e.reason == "missing file":
+                raise BrodenError(f"index.csv line {row}: image file missing: {path}") from None
+            detail = f": {e.detail}" if e.detail else ""
+            raise BrodenError(f"index.csv line {row}: cannot use image {path} ({e.reason}{detail})") from None
 
     def load_planes(self, i: int) -> np.ndarray:
         """Mask planes of image i in the selected categories, shape ``(P, sh, sw)`` int32.
@@ -319,14 +365,9 @@ class BrodenDataset:
         out = np.zeros((len(rec.planes), rec.sh, rec.sw), np.int32)
         for k, rel in enumerate(rec.planes):
             path = safe_relpath(rel, self.root / "images", f"index.csv line {rec.row}")
-            m = decode_mask(path)
-            if m.shape != (rec.sh, rec.sw):
-                raise BrodenError(
-                    f"mask {path} (index.csv line {rec.row}) is {m.shape[0]}x{m.shape[1]}, "
-                    f"expected sh x sw = {rec.sh}x{rec.sw}"
-                )
+            m = decode_mask(path, (rec.sh, rec.sw), f" (index.csv line {rec.row})")
             present = np.unique(m)
-            bad = [int(v) for v in present if v != 0 and (v > self.max_label or not self.label_names[v])]
+            bad = [int(v) for v in present if v != 0 and (v > self.max_label or not self._known[v])]
             if bad:
                 raise BrodenError(
                     f"mask {path} (index.csv line {rec.row}) holds label number(s) {bad[:5]} absent from label.csv"

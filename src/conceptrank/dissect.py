@@ -8,14 +8,20 @@ Two passes over the probe set, the model run once:
 2. *tally*: masks are decoded in loader workers; per batch, only the (image, unit) pairs whose map
    exceeds the unit's threshold somewhere are upsampled (PIL-exact bilinear) and intersected with
    every label at once as tensor operations.
+
+Caching and resume (see :mod:`conceptrank.cache`): each layer's outputs are reused when its
+``dissect.json`` was written for the same key (model weights, layer, probe index and files,
+thresholds, every parameter, package versions); layers of a multi-layer run are keyed one by one.
+Otherwise the run works in ``out/.features/<key>/`` (feature memmaps plus a checkpoint of the running
+top-k, top images and tally counts, written every ``CONCEPTRANK_CHECKPOINT_SECONDS``), resumes from
+the last checkpoint after a crash or kill, and deletes the folder when every output is written.
+
+GPU memory: a batch whose forward pass runs out of CUDA memory is retried in halves (down to one
+image at a time, then an error naming ``--batch-size``); later batches keep the smaller size.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,6 +31,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from . import cache
 from .cache import atomic_write_json, atomic_write_text, hash_json, package_versions
 from .data.broden import BrodenDataset, BrodenError
 from .errors import ConceptrankError
@@ -41,6 +48,7 @@ __all__ = [
     "float32_floor",
     "label_category_matrix",
     "best_labels",
+    "forward_in_chunks",
 ]
 
 
@@ -101,6 +109,7 @@ class DissectResult:
     iou_threshold: float
     counts: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+    reused: bool = False  # True when the outputs of an earlier run with the same key were reused
 
     def unit_label(self, u: int) -> tuple[str, str, float]:
         """``(label name, category, iou)`` of unit ``u`` (0-based)."""
@@ -111,6 +120,12 @@ class DissectResult:
         n = len(self.score)
         det = int((self.score >= self.iou_threshold).sum())
         per = ", ".join(f"{k} {v}" for k, v in self.counts.get("unique_concepts", {}).items())
+        if self.reused:
+            return (
+                f"dissect {self.layer}: {det}/{n} units with IoU >= {self.iou_threshold} "
+                f"({self.counts.get('concepts', 0)} distinct concepts: {per}); reused cached result "
+                f"({self.timings.get('total', 0):.2f}s) -> {self.out / 'tally.csv'}"
+            )
         return (
             f"dissect {self.layer}: {det}/{n} units with IoU >= {self.iou_threshold} "
             f"({self.counts.get('concepts', 0)} distinct concepts: {per}); "
@@ -234,6 +249,19 @@ class TallyAccumulator:
             "images": self.images,
         }
 
+    @classmethod
+    def from_state_dict(cls, state: dict, label_cat: np.ndarray, device: str | torch.device = "cpu") -> "TallyAccumulator":
+        """Inverse of :meth:`state_dict` (``label_cat`` as for the constructor)."""
+        acc = cls(np.asarray(state["thresholds"], np.float64), label_cat, device)
+        for name in ("truth", "intersect", "activation"):
+            want = getattr(acc, name)
+            got = torch.as_tensor(np.array(state[name], dtype=np.int64), device=acc.device)
+            if got.shape != want.shape:
+                raise ValueError(f"{name} has shape {tuple(got.shape)}, expected {tuple(want.shape)}")
+            setattr(acc, name, got)
+        acc.images = int(state["images"])
+        return acc
+
     def iou(self) -> np.ndarray:
         """``(U, L)`` IoU = I / (A[u, primary(l)] + T[l] − I + 1e-10)."""
         inter = self.intersect.cpu().numpy().astype(np.float64)
@@ -315,80 +343,279 @@ def _probe_size(ds: BrodenDataset) -> tuple[int, int]:
 
 # -- the stage ---------------------------------------------------------------------------------
 TOP_IMAGES = 16
+FORMAT_VERSION = 2  # bump when an output's bytes change for the same inputs
 
 
 class _TopImages:
-    """Per unit, the probe images with the highest map maximum (for unit cards in the report)."""
+    """Per unit, the probe images with the highest map maximum (for unit cards in the report).
 
-    def __init__(self, num_units: int, k: int) -> None:
+    Deterministic: ties in value go to the lower image index, whatever the batching.
+    """
+
+    def __init__(self, num_units: int, k: int, value: np.ndarray | None = None, index: np.ndarray | None = None) -> None:
         self.k = k
-        self.value = torch.full((num_units, 0), -np.inf)
-        self.index = torch.zeros((num_units, 0), dtype=torch.int64)
+        self.value = np.zeros((num_units, 0), np.float32) if value is None else np.asarray(value, np.float32)
+        self.index = np.zeros((num_units, 0), np.int64) if index is None else np.asarray(index, np.int64)
 
     def add(self, maxima: torch.Tensor, offset: int) -> None:
         """``maxima`` (B, U): per image and unit the map's maximum; images are offset..offset+B-1."""
         B, U = maxima.shape
-        idx = torch.arange(offset, offset + B).expand(U, B)
-        v = torch.cat([self.value, maxima.T.float()], dim=1)
-        i = torch.cat([self.index, idx], dim=1)
-        k = min(self.k, v.shape[1])
-        top = torch.topk(v, k, dim=1)  # ties: torch.topk is not stable, but values identical
-        self.value, self.index = top.values, torch.gather(i, 1, top.indices)
+        v = np.concatenate([self.value, maxima.T.float().numpy()], axis=1)
+        i = np.concatenate([self.index, np.broadcast_to(np.arange(offset, offset + B, dtype=np.int64), (U, B))], axis=1)
+        order = np.lexsort((i, -v), axis=1)[:, :self.k]  # value descending, then index ascending
+        self.value = np.take_along_axis(v, order, axis=1)
+        self.index = np.take_along_axis(i, order, axis=1)
 
     def save(self, path: Path, probe: BrodenDataset) -> None:
-        order = torch.argsort(-self.value, dim=1, stable=True)
-        value = torch.gather(self.value, 1, order).numpy()
-        index = torch.gather(self.index, 1, order).numpy()
-        tmp = path.with_name("." + path.name + ".tmp.npz")
-        images = np.array([[probe.records[j].image for j in row] for row in index], dtype=str)
-        np.savez(tmp, index=index, value=value, images=images)
-        os.replace(tmp, path)
+        images = np.array([[probe.records[j].image for j in row] for row in self.index], dtype=str)
+        cache.save_npz(path, index=self.index, value=self.value, images=images)
+
+
+def forward_in_chunks(x: torch.Tensor, fn, state: dict, what: str = "forward pass") -> list:
+    """``[fn(chunk) for chunk in x]`` over chunks of at most ``state['chunk']`` images.
+
+    On ``torch.cuda.OutOfMemoryError`` the chunk is halved (``state['chunk']`` remembers it for later
+    batches) and retried; at one image it raises :class:`ConceptrankError` naming ``--batch-size``.
+    """
+    outs = []
+    i, n_all = 0, int(x.shape[0])
+    state.setdefault("chunk", n_all)
+    first = None  # chunk size that first ran out of memory in this batch
+    while i < n_all:
+        n = max(1, min(int(state["chunk"]), n_all - i))
+        oom = False
+        try:
+            outs.append(fn(x[i:i + n]))
+        except torch.cuda.OutOfMemoryError:
+            oom = True  # handled outside the except block so the failed batch's memory can be freed
+        if not oom:
+            i += n
+            continue
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if n == 1:
+            raise ConceptrankError(
+                f"out of GPU memory in the {what} even for a single image (retried down to --batch-size 1); "
+                "use --device cpu, a smaller --resize, or free the GPU (other processes may be using it)"
+            )
+        first = n if first is None else first
+        state["chunk"] = n // 2
+    if first is not None:
+        print(f"warning: CUDA out of memory in the {what} with {first} images at once; continuing with "
+              f"{state['chunk']} (pass --batch-size {state['chunk']} to avoid the retries)", file=sys.stderr, flush=True)
+    return outs
+
+
+def _probe_files_fingerprint(probe: BrodenDataset) -> str:
+    rels: list[str] = []
+    for r in probe.records:
+        rels.append(r.image)
+        rels.extend(r.planes)
+    return cache.files_fingerprint(probe.root / "images", rels)
+
+
+def _cache_params(model, probe: BrodenDataset, cfg: DissectConfig, size) -> dict:
+    """Everything besides the fingerprints that shapes a layer's outputs (not batch size, workers,
+    device or progress)."""
+    inp = {"size": list(size), "preprocess": cfg.preprocess}
+    if cfg.preprocess == "model":
+        inp.update(mean=list(model.mean), std=list(model.std))
+    return {
+        "format": FORMAT_VERSION,
+        "categories": list(probe.categories),
+        "quantile": cfg.quantile,
+        "iou_threshold": cfg.iou_threshold,
+        "store": cfg.store,
+        "stability_quantile": cfg.stability_quantile,
+        "input": inp,
+        "top_images": TOP_IMAGES,
+        "images": len(probe),
+    }
+
+
+OUTPUTS = ("tally.csv", "thresholds.npy", "top_images.npz", "tally_counts.npz")
 
 
 def dissect(model, layers: Sequence[str], probe: BrodenDataset, out: Path, cfg: DissectConfig = DissectConfig(),
             thresholds: dict[str, np.ndarray] | None = None) -> list[DissectResult]:
     """Dissect ``layers`` of ``model`` (a :class:`~conceptrank.models.LoadedModel`) on ``probe``.
 
-    Writes ``out/tally.csv``, ``out/thresholds.npy`` and ``out/dissect.json`` for a single layer,
-    or the same under ``out/<layer>/`` for several. ``thresholds`` maps a layer to ``(U,)`` values
-    to reuse instead of computing them.
+    Writes ``out/tally.csv``, ``out/thresholds.npy``, ``out/top_images.npz``,
+    ``out/tally_counts.npz`` (truth, intersect and activation counts) and ``out/dissect.json`` (the
+    manifest, last) for a single layer, or the same under ``out/<layer>/`` for several.
+    ``thresholds`` maps a layer to ``(U,)`` values to reuse instead of computing them.
+
+    A layer whose outputs were made with the same inputs and parameters is not recomputed (its
+    result has ``reused=True``); an interrupted run resumes from its last checkpoint.
     """
-    from .hooks import record_layers, resolve_layer
-    from .models import netdissect_tensor
+    from .hooks import resolve_layer
 
     cfg.validate()
     t_start = time.perf_counter()
     layers = list(dict.fromkeys(layers))
     for name in layers:
         resolve_layer(model.module, name)  # fail before any work
+    if len(probe) == 0:
+        raise ConceptrankError(f"the probe set {probe.root} has no images in categories {list(probe.categories)}")
+    out = Path(out)
+    outdirs = {name: (out if len(layers) == 1 else out / name) for name in layers}
+    size = _probe_size(probe)
+    label_cat = label_category_matrix(probe.primary, len(probe.categories))
+    given = {name: np.asarray(thresholds[name], dtype=np.float64).reshape(-1)
+             for name in layers if thresholds is not None and name in thresholds}
+    common = {"model": model.fingerprint, "probe": probe.fingerprint(), "probe_files": _probe_files_fingerprint(probe)}
+    params = _cache_params(model, probe, cfg, size)
+    fps = {name: {**common, "layer": name, "thresholds": cache.array_sha256(given[name]) if name in given else None}
+           for name in layers}
+    keys = {name: cache.stage_key("dissect", fps[name], params) for name in layers}
+
+    results: dict[str, DissectResult] = {}
+    for name in layers:
+        res = _reuse_layer(name, keys[name], outdirs[name], probe, label_cat, cfg, t_start)
+        if res is not None:
+            results[name] = res
+    todo = [name for name in layers if name not in results]
+    if todo:
+        for name in todo:  # a stale manifest must never vouch for outputs being rewritten
+            why = cache.why_recompute(outdirs[name] / "dissect.json", keys[name], fps[name], params)
+            if why:
+                print(f"dissect {name}: recomputing ({why})", file=sys.stderr, flush=True)
+            (outdirs[name] / "dissect.json").unlink(missing_ok=True)
+            cache.remove_temps(outdirs[name], OUTPUTS + ("dissect.json",))
+        run_key = cache.stage_key("dissect-run", {**common, "layers": todo,
+                                                  "thresholds": {n: fps[n]["thresholds"] for n in todo}}, params)
+        computed = _compute(model, todo, probe, cfg, given, size, label_cat, out, run_key, t_start)
+        for name in todo:
+            acc, thr, top_images, stability, timings, resumed = computed[name]
+            results[name] = _finish_layer(name, model, probe, cfg, acc, thr, outdirs[name], timings, stability,
+                                          top_images, keys[name], fps[name], params, resumed)
+        cache.remove_scratch(out / ".features" / run_key[:32])
+    return [results[name] for name in layers]
+
+
+def _reuse_layer(name, key, outdir: Path, probe, label_cat, cfg, t_start) -> DissectResult | None:
+    m = cache.lookup(outdir / "dissect.json", key)
+    if m is None:
+        return None
+    try:
+        thr = np.load(outdir / "thresholds.npy", allow_pickle=False)
+        with np.load(outdir / "tally_counts.npz", allow_pickle=False) as z:
+            state = {k: z[k] for k in ("truth", "intersect", "activation")}
+        acc = TallyAccumulator.from_state_dict({**state, "thresholds": thr, "images": len(probe)}, label_cat)
+    except (OSError, ValueError, KeyError):
+        return None
+    iou, best, best_cat, score = _labels(acc, probe)
+    return DissectResult(name, outdir, tuple(probe.categories), tuple(probe.label_names), acc.thresholds, iou, best,
+                         best_cat, score, cfg.iou_threshold, dict(m.data.get("counts") or {}),
+                         {"total": time.perf_counter() - t_start}, reused=True)
+
+
+def _compute(model, layers, probe: BrodenDataset, cfg: DissectConfig, given: dict, size, label_cat, out: Path,
+             run_key: str, t_start: float) -> dict:
+    """Both passes over the probe set for ``layers``, resumable; returns per layer
+    ``(accumulator, thresholds, top images, stability accumulator pair or None, timings)``."""
+    from .hooks import record_layers
+    from .models import netdissect_tensor
+
     device = resolve_device(cfg.device)
     module = model.module.to(device).eval()
-    size = _probe_size(probe)
     to_tensor = netdissect_tensor if cfg.preprocess == "netdissect" else model.to_tensor
     N = len(probe)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    outdirs = {name: (out if len(layers) == 1 else out / name) for name in layers}
-    scratch = out / ".features"
-    scratch.mkdir(exist_ok=True)
+    store_dtype = np.float16 if cfg.store == "float16" else np.float32
+    scratch = out / ".features" / run_key[:32]
+    cache.clear_scratch(out / ".features", keep=scratch.name)
+    scratch.mkdir(parents=True, exist_ok=True)
+    ckpt_path = scratch / "checkpoint.npz"
+    qmax = max(cfg.quantile, cfg.stability_quantile or 0.0)
+    need_topk = [n for n in layers if n not in given or cfg.stability_quantile]
 
     memmaps: dict[str, np.memmap] = {}
     topk: dict[str, TopKQuantile] = {}
     top_images: dict[str, _TopImages] = {}
-    store_dtype = np.float16 if cfg.store == "float16" else np.float32
+    thr: dict[str, np.ndarray] = {}
+    thr_alt: dict[str, np.ndarray] = {}
+    accs: dict[str, TallyAccumulator] = {}
+    alt: dict[str, TallyAccumulator] = {}
     timings = {"forward": 0.0, "threshold": 0.0, "tally": 0.0}
-    try:
-        # -- pass 1: forward once, cache features, running top-k ------------------------------------
+    phase, start, batches, shapes = 1, 0, 0, {}
+    resumed = None
+
+    def feature_file(name):
+        return scratch / f"{name}.npy"
+
+    state = cache.load_checkpoint(ckpt_path, run_key)
+    if state is not None:
+        try:
+            meta, arr = state
+            phase, start, batches = int(meta["pass"]), int(meta["next"]), int(meta["batches"])
+            shapes = {n: tuple(int(v) for v in meta["shapes"][n]) for n in layers}
+            for n in layers:
+                mm = np.lib.format.open_memmap(feature_file(n), mode="r+" if phase == 1 else "r")
+                if mm.shape != (N,) + shapes[n] or mm.dtype != store_dtype:
+                    raise ValueError(f"feature cache {feature_file(n)} has the wrong shape")
+                memmaps[n] = mm
+                top_images[n] = _TopImages(shapes[n][0], TOP_IMAGES, arr[f"top_value/{n}"], arr[f"top_index/{n}"])
+                if phase == 1 and n in need_topk:
+                    topk[n] = TopKQuantile.from_state_dict({**meta["topk"][n], "top": arr[f"topk/{n}"]}, device)
+                if phase == 2:
+                    thr[n] = arr[f"thr/{n}"]
+                    accs[n] = TallyAccumulator.from_state_dict({**_acc_state(arr, "acc", n), "thresholds": thr[n]},
+                                                               label_cat, device)
+                    if f"thr_alt/{n}" in arr:
+                        thr_alt[n] = arr[f"thr_alt/{n}"]
+                        alt[n] = TallyAccumulator.from_state_dict(
+                            {**_acc_state(arr, "alt", n), "thresholds": thr_alt[n]}, label_cat, device)
+            resumed = {"pass": phase, "image": start}
+            print(f"dissect: resuming from a checkpoint (pass {phase}, image {start}/{N})", file=sys.stderr, flush=True)
+        except (OSError, ValueError, KeyError, TypeError):
+            for d in (memmaps, topk, top_images, thr, thr_alt, accs, alt):
+                d.clear()
+            phase, start, batches, shapes, resumed = 1, 0, 0, {}, None
+
+    def save_checkpoint(phase, nxt, batches):
+        for mm in memmaps.values():
+            if mm.mode != "r":
+                mm.flush()  # the checkpoint must never claim images that are not on disk
+        meta = {"key": run_key, "pass": phase, "next": nxt, "batches": batches,
+                "shapes": {n: list(shapes[n]) for n in layers}, "topk": {}}
+        arrays = {}
+        for n in layers:
+            arrays[f"top_value/{n}"] = top_images[n].value
+            arrays[f"top_index/{n}"] = top_images[n].index
+            if phase == 1 and n in topk:
+                st = topk[n].state_dict()
+                arrays[f"topk/{n}"] = st.pop("top")
+                meta["topk"][n] = st
+            if phase == 2:
+                arrays[f"thr/{n}"] = thr[n]
+                arrays.update(_acc_arrays("acc", n, accs[n]))
+                if n in alt:
+                    arrays[f"thr_alt/{n}"] = thr_alt[n]
+                    arrays.update(_acc_arrays("alt", n, alt[n]))
+        cache.write_checkpoint(ckpt_path, meta, arrays)
+
+    # -- pass 1: forward once, cache features, running top-k ------------------------------------
+    if phase == 1:
         t0 = time.perf_counter()
-        loader = _loader(_ProbeImages(probe, to_tensor, size), cfg.batch_size, cfg.workers)
-        i0 = 0
+        ckpt = cache.Checkpointer("dissect-forward")
+        dataset = torch.utils.data.Subset(_ProbeImages(probe, to_tensor, size), range(start, N))
+        loader = _loader(dataset, cfg.batch_size, cfg.workers)
+        i0 = start
         t_thr = 0.0
+        oom: dict = {}
         with torch.inference_mode(), record_layers(module, layers) as rec:
+            def run(chunk):
+                rec.clear()
+                module(chunk.to(device))
+                return {n: rec[n] for n in layers if n in rec}
+
             for x in _progress(loader, len(loader), "dissect: forward", cfg.progress):
-                module(x.to(device))
+                parts = forward_in_chunks(x, run, oom, "dissect forward pass")
                 B = x.shape[0]
                 for name in layers:
-                    f = rec[name]
+                    if any(name not in p for p in parts):
+                        raise ConceptrankError(f"layer {name!r} was not reached by the model's forward pass")
+                    f = parts[0][name] if len(parts) == 1 else torch.cat([p[name] for p in parts])
                     if f.dim() != 4:
                         raise ConceptrankError(f"layer {name!r} outputs shape {tuple(f.shape)}; dissection needs (B, U, h, w) maps")
                     if not torch.isfinite(f).all():
@@ -401,12 +628,13 @@ def dissect(model, layers: Sequence[str], probe: BrodenDataset, out: Path, cfg: 
                     f = f.float()
                     if name not in memmaps:
                         U, h, w = f.shape[1:]
+                        shapes[name] = (U, h, w)
                         memmaps[name] = np.lib.format.open_memmap(
-                            scratch / f"{name}.npy", mode="w+", dtype=store_dtype, shape=(N, U, h, w))
-                        qmax = max(cfg.quantile, cfg.stability_quantile or 0.0)
-                        if thresholds is None or name not in thresholds or cfg.stability_quantile:
-                            topk[name] = TopKQuantile(U, N * h * w, qmax, device=device)
+                            feature_file(name), mode="w+", dtype=store_dtype, shape=(N, U, h, w))
                         top_images[name] = _TopImages(U, TOP_IMAGES)
+                    if name in need_topk and name not in topk:
+                        U, h, w = shapes[name]
+                        topk[name] = TopKQuantile(U, N * h * w, qmax, device=device)
                     stored = f.to(torch.float16 if store_dtype == np.float16 else torch.float32)
                     memmaps[name][i0:i0 + B] = stored.cpu().numpy()
                     top_images[name].add(f.amax(dim=(2, 3)).cpu(), i0)
@@ -416,52 +644,69 @@ def dissect(model, layers: Sequence[str], probe: BrodenDataset, out: Path, cfg: 
                         topk[name].add(stored.float().permute(1, 0, 2, 3).reshape(f.shape[1], -1))
                         t_thr += time.perf_counter() - ts
                 i0 += B
+                batches += 1
+                if i0 < N and ckpt.due(batches):
+                    save_checkpoint(1, i0, batches)
+                    ckpt.saved(batches)
         timings["forward"] = time.perf_counter() - t0 - t_thr
 
         ts = time.perf_counter()
-        thr: dict[str, np.ndarray] = {}
         for name in layers:
-            U = memmaps[name].shape[1]
-            if thresholds is not None and name in thresholds:
-                t = np.asarray(thresholds[name], dtype=np.float64).reshape(-1)
+            U = shapes[name][0]
+            if name in given:
+                t = given[name]
                 if t.shape != (U,):
                     raise ConceptrankError(f"thresholds for layer {name!r} have {t.size} values; the layer has {U} units")
                 thr[name] = t
             else:
                 thr[name] = topk[name].result(cfg.quantile)
-        thr_alt = {name: topk[name].result(cfg.stability_quantile) for name in layers} if cfg.stability_quantile else {}
+            if cfg.stability_quantile:
+                thr_alt[name] = topk[name].result(cfg.stability_quantile)
         timings["threshold"] = t_thr + time.perf_counter() - ts
-
-        # -- pass 2: tally -------------------------------------------------------------------------
-        t0 = time.perf_counter()
-        C = len(probe.categories)
-        label_cat = label_category_matrix(probe.primary, C)
         accs = {name: TallyAccumulator(thr[name], label_cat, device) for name in layers}
         alt = {name: TallyAccumulator(thr_alt[name], label_cat, device) for name in thr_alt}
-        loader = _loader(_ProbeMasks(probe), cfg.batch_size, cfg.workers, _collate_masks)
-        i0 = 0
-        for planes, scalars in _progress(loader, len(loader), "dissect: tally", cfg.progress):
-            B = len(planes)
-            for name in layers:
-                f = torch.from_numpy(np.asarray(memmaps[name][i0:i0 + B], dtype=np.float32))
-                accs[name].add(f, planes, scalars)
-                if name in alt:
-                    alt[name].add(f, planes, scalars)
-            i0 += B
-        timings["tally"] = time.perf_counter() - t0
-    finally:
-        for m in memmaps.values():
-            del m
-        memmaps.clear()
-        shutil.rmtree(scratch, ignore_errors=True)
+        topk.clear()
+        phase, start, batches = 2, 0, 0
+        save_checkpoint(2, 0, 0)  # pass 1 is never redone
 
+    # -- pass 2: tally -------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    ckpt = cache.Checkpointer("dissect-tally")
+    loader = _loader(torch.utils.data.Subset(_ProbeMasks(probe), range(start, N)), cfg.batch_size, cfg.workers,
+                     _collate_masks)
+    i0 = start
+    for planes, scalars in _progress(loader, len(loader), "dissect: tally", cfg.progress):
+        B = len(planes)
+        for name in layers:
+            f = torch.from_numpy(np.asarray(memmaps[name][i0:i0 + B], dtype=np.float32))
+            accs[name].add(f, planes, scalars)
+            if name in alt:
+                alt[name].add(f, planes, scalars)
+        i0 += B
+        batches += 1
+        if ckpt.due(batches):
+            save_checkpoint(2, i0, batches)
+            ckpt.saved(batches)
+    if batches and ckpt.last_batches != batches:
+        save_checkpoint(2, i0, batches)  # a kill while the outputs are written resumes right here
+    timings["tally"] = time.perf_counter() - t0
+    memmaps.clear()  # close the memmaps before the folder is deleted
     timings["total"] = time.perf_counter() - t_start
-    results = []
+
+    res = {}
     for name in layers:
         stability = _label_stability(accs[name], alt[name], probe, cfg) if name in alt else None
-        results.append(_finish_layer(name, model, probe, cfg, accs[name], thr[name], outdirs[name], timings, stability))
-        top_images[name].save(outdirs[name] / "top_images.npz", probe)
-    return results
+        res[name] = (accs[name], thr[name], top_images[name], stability, timings, resumed)
+    return res
+
+
+def _acc_arrays(prefix: str, name: str, acc: TallyAccumulator) -> dict:
+    st = acc.state_dict()
+    return {f"{prefix}_{k}/{name}": np.asarray(st[k]) for k in ("truth", "intersect", "activation", "images")}
+
+
+def _acc_state(arr: dict, prefix: str, name: str) -> dict:
+    return {k: arr[f"{prefix}_{k}/{name}"] for k in ("truth", "intersect", "activation", "images")}
 
 
 def _unit_labels(acc: TallyAccumulator, probe: BrodenDataset) -> tuple[np.ndarray, np.ndarray]:
@@ -491,11 +736,23 @@ def _label_stability(base: TallyAccumulator, alt: TallyAccumulator, probe: Brode
     }
 
 
-def _finish_layer(name, model, probe, cfg, acc: TallyAccumulator, thr, outdir: Path, timings,
-                  stability: dict | None = None) -> DissectResult:
+def _labels(acc: TallyAccumulator, probe: BrodenDataset):
+    """``(iou (U, L), best label (U, C), best category (U,), score (U,))`` of an accumulator."""
     C = len(probe.categories)
     iou = acc.iou()
     best = best_labels(iou, probe.primary, C)
+    U = iou.shape[0]
+    best_iou = iou[np.arange(U)[:, None], best]  # (U, C)
+    best_cat = C - 1 - np.argmax(best_iou[:, ::-1], axis=1)
+    score = best_iou[np.arange(U), best_cat]
+    return iou, best, best_cat, score
+
+
+def _finish_layer(name, model, probe, cfg, acc: TallyAccumulator, thr, outdir: Path, timings,
+                  stability: dict | None, top_images: _TopImages, key: str, fingerprints: dict, params: dict,
+                  resumed: dict | None = None) -> DissectResult:
+    C = len(probe.categories)
+    iou, best, best_cat, score = _labels(acc, probe)
     U = iou.shape[0]
     rows = np.arange(U)[:, None]
     best_iou = iou[rows, best]  # (U, C)
@@ -503,14 +760,15 @@ def _finish_layer(name, model, probe, cfg, acc: TallyAccumulator, thr, outdir: P
     # activation column: the unit's activation count in that category (the best label's primary)
     act_cols = acc.activation.cpu().numpy()
     inter = acc.intersect.cpu().numpy()[rows, best]
-    best_cat = C - 1 - np.argmax(best_iou[:, ::-1], axis=1)
-    score = best_iou[np.arange(U), best_cat]
     names = tuple(probe.label_names)
     outdir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(outdir / "tally.csv", format_tally(probe.categories, best, truth, act_cols, inter, best_iou, names))
-    with open(outdir / ".thresholds.npy.tmp", "wb") as f:
-        np.save(f, thr)
-    os.replace(outdir / ".thresholds.npy.tmp", outdir / "thresholds.npy")
+    with cache.atomic_write(outdir / "thresholds.npy", "wb") as f:
+        np.save(f, np.asarray(thr, np.float64))
+    top_images.save(outdir / "top_images.npz", probe)
+    st = acc.state_dict()
+    cache.save_npz(outdir / "tally_counts.npz", truth=st["truth"], intersect=st["intersect"],
+                   activation=st["activation"], label_category=np.asarray(acc.label_cat.cpu().numpy(), np.int64))
 
     det = score >= cfg.iou_threshold
     unique: dict[str, int] = {}
@@ -530,7 +788,7 @@ def _finish_layer(name, model, probe, cfg, acc: TallyAccumulator, thr, outdir: P
         "unique_concepts": {c: unique.get(c, 0) for c in probe.categories},
         "detectors_per_category": {c: int((det & (best_cat == ci)).sum()) for ci, c in enumerate(probe.categories)},
     }
-    params = {k: v for k, v in asdict(cfg).items() if k not in ("batch_size", "workers", "device", "progress")}
+    old_params = {k: v for k, v in asdict(cfg).items() if k not in ("batch_size", "workers", "device", "progress")}
     manifest = {
         "stage": "dissect",
         "layer": name,
@@ -539,20 +797,21 @@ def _finish_layer(name, model, probe, cfg, acc: TallyAccumulator, thr, outdir: P
         "probe": str(probe.root),
         "categories": list(probe.categories),
         "fingerprints": {
-            "model": model.fingerprint,
-            "layer": name,
-            "probe": probe.fingerprint(),
-            "params": hash_json(params),
+            **fingerprints,
+            "params": hash_json(old_params),
             "thresholds": hash_json(np.asarray(thr).tolist()),
         },
         "counts": counts,
         "label_stability": stability,
         "timings": {k: round(v, 4) for k, v in timings.items()},
+        "resumed": resumed,
         "package_versions": package_versions(),
+        "outputs": {k: k for k in OUTPUTS},
+        "cache": cache.manifest_section("dissect", key, fingerprints, params, outdir, OUTPUTS),
     }
-    atomic_write_json(outdir / "dissect.json", manifest)
-    return DissectResult(name, outdir, tuple(probe.categories), names, thr, iou, best, best_cat, score,
-                         cfg.iou_threshold, counts, dict(timings))
+    atomic_write_json(outdir / "dissect.json", manifest)  # last: it vouches for the outputs above
+    return DissectResult(name, outdir, tuple(probe.categories), names, np.asarray(thr, np.float64), iou, best,
+                         best_cat, score, cfg.iou_threshold, counts, dict(timings))
 
 
 def run_dissect(model: str, weights: str | None, layers: Sequence[str], probe: Path, out: Path,

@@ -8,6 +8,14 @@ Images are decoded in DataLoader worker processes with :func:`conceptrank.data.i
 an image that cannot be used travels through the loader as a marker with its reason, is filtered
 out by the collate function, and ends up in ``skipped`` (and ``skipped.csv``), never silently
 dropped. Memory beyond the two ``(N, U)`` outputs does not grow with the dataset.
+
+Caching and resume (see :mod:`conceptrank.cache`): :func:`run_extract` reuses ``activations.npz``
+when ``extract.json`` was written for the same key (model weights, layer, target index and file
+stats, input size, crop, normalization, decode limits, package versions); otherwise it streams into
+memmaps under ``out/.partial/<key>/`` with a checkpoint every ``CONCEPTRANK_CHECKPOINT_SECONDS``,
+resumes from there after a crash or kill, and deletes the folder once the outputs are written.
+A forward pass that runs out of CUDA memory is retried with half the images (down to one, then an
+error naming ``--batch-size``).
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import dataclasses
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
@@ -29,6 +37,7 @@ from . import cache
 from .data import images as _images
 from .data.images import ImageDecodeError, load_rgb
 from .data.targets import TargetError, TargetSet, load_targets, person_box
+from .dissect import forward_in_chunks
 from .errors import ConceptrankError
 from .hooks import record_layers, resolve_layer
 from .models import LoadedModel, load_model
@@ -37,6 +46,7 @@ __all__ = ["ExtractConfig", "ExtractResult", "extract", "run_extract", "read_act
 
 CROPS = ("none", "person")
 FORMAT = "conceptrank-extract"
+FORMAT_VERSION = 2  # bump when an output's bytes change for the same inputs
 
 
 @dataclass(frozen=True)
@@ -110,12 +120,14 @@ class ExtractResult:
     n_skipped: int
     skipped: tuple[tuple[str, str], ...]
     timings: dict
+    reused: bool = False  # True when the outputs of an earlier run with the same key were reused
 
     def summary(self, show: int = 10) -> str:
         """Human-readable summary; lists up to ``show`` skipped images."""
+        how = "reused cached result, " if self.reused else ""
         lines = [
             f"extract {self.layer}: {self.n_images} images x {self.n_units} units -> "
-            f"{self.out / 'activations.npz'} ({self.timings.get('total', 0.0):.1f} s)"
+            f"{self.out / 'activations.npz'} ({how}{self.timings.get('total', 0.0):.1f} s)"
         ]
         if self.n_skipped:
             reasons = collections.Counter(r for _, r in self.skipped)
@@ -255,10 +267,13 @@ def extract(
     layer: str,
     targets: TargetSet,
     cfg: ExtractConfig = ExtractConfig(),
+    *,
+    resume_dir: str | Path | None = None,
+    resume_key: str = "",
 ) -> tuple[np.ndarray, np.ndarray, list[int], list[tuple[str, str]]]:
     """Stream the target images through the model and reduce one layer's activation maps.
 
-    Pure computation: reads images, writes nothing.
+    Pure computation: reads images, writes nothing (unless ``resume_dir`` is given).
 
     Parameters
     ----------
@@ -269,6 +284,12 @@ def extract(
         Dotted layer name (``layer4``, ``features.28``).
     targets : TargetSet
     cfg : ExtractConfig
+    resume_dir : path, optional
+        Folder for the partial results (memmaps) and a checkpoint written every
+        ``CONCEPTRANK_CHECKPOINT_SECONDS``; a checkpoint there written for ``resume_key`` is resumed.
+        The caller deletes the folder when done.
+    resume_key : str
+        Identifies the inputs; a checkpoint with another key is ignored.
 
     Returns
     -------
@@ -325,7 +346,70 @@ def extract(
     max_buf: np.ndarray | None = None
     pos = 0  # rows filled; batches arrive in dataset order, so kept rows are written compactly
     kept: list[int] = []
-    skipped: list[tuple[str, str]] = []
+    skipped_idx: list[tuple[int, str]] = []
+    start = 0  # first item index still to process
+    batches = 0
+    ckpt_path = Path(resume_dir) / "checkpoint.npz" if resume_dir is not None else None
+
+    def open_buffers(units: int, mode: str) -> None:
+        nonlocal mean_buf, max_buf
+        if resume_dir is None:
+            mean_buf = np.empty((n_total, units), np.float32)
+            max_buf = np.empty((n_total, units), np.float32)
+            return
+        bufs = []
+        for name in ("mean", "max"):
+            if mode == "w+":
+                bufs.append(np.lib.format.open_memmap(Path(resume_dir) / f"{name}.npy", mode="w+",
+                                                      dtype=np.float32, shape=(n_total, units)))
+            else:
+                mm = np.lib.format.open_memmap(Path(resume_dir) / f"{name}.npy", mode="r+")
+                if mm.shape != (n_total, units) or mm.dtype != np.float32:
+                    raise ValueError("partial activations have the wrong shape")
+                bufs.append(mm)
+        mean_buf, max_buf = bufs
+
+    if ckpt_path is not None:
+        Path(resume_dir).mkdir(parents=True, exist_ok=True)
+        state = cache.load_checkpoint(ckpt_path, resume_key)
+        if state is not None:
+            meta, arr = state
+            try:
+                if meta["units"] is not None:
+                    open_buffers(int(meta["units"]), "r+")
+                start, pos, batches = int(meta["next"]), int(meta["pos"]), int(meta["batches"])
+                kept = [int(i) for i in arr["kept"]]
+                skipped_idx = [(int(i), str(r)) for i, r in zip(arr["skipped_index"], arr["skipped_reason"])]
+                if len(kept) != pos:
+                    raise ValueError("inconsistent checkpoint")
+                print(f"extract: resuming from a checkpoint (image {start}/{n_total})", file=sys.stderr, flush=True)
+            except (OSError, ValueError, KeyError, TypeError):
+                mean_buf = max_buf = None
+                start, pos, batches, kept, skipped_idx = 0, 0, 0, [], []
+
+    def save_checkpoint(nxt: int) -> None:
+        for buf in (mean_buf, max_buf):
+            if isinstance(buf, np.memmap):
+                buf.flush()  # the checkpoint must never claim rows that are not on disk
+        meta = {"key": resume_key, "next": nxt, "pos": pos, "batches": batches,
+                "units": None if mean_buf is None else int(mean_buf.shape[1])}
+        cache.write_checkpoint(ckpt_path, meta, {
+            "kept": np.asarray(kept, np.int64),
+            "skipped_index": np.asarray([i for i, _ in skipped_idx], np.int64),
+            "skipped_reason": _str_array(r for _, r in skipped_idx),
+        })
+
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(stream, range(start, n_total)),
+        batch_size=int(cfg.batch_size),
+        shuffle=False,
+        num_workers=int(cfg.workers),
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+    )
+    ckpt = cache.Checkpointer("extract")
+    oom: dict = {}
+    nxt = start
 
     was_training = module.training
     home = _module_device(module)
@@ -337,49 +421,63 @@ def extract(
             stack.enter_context(torch.inference_mode())
             store = stack.enter_context(record_layers(module, [layer]))
             bar = stack.enter_context(_progress(n_total, f"extract {layer}"))
-            for idx, x, skip in it:
-                skipped.extend((items[i].rel, reason) for i, reason in skip)
-                bar.update(len(skip))
-                if x is None:
-                    continue
+            bar.update(start)
+
+            def run(chunk: torch.Tensor):
                 store.clear()
                 try:
-                    module(x.to(device, non_blocking=True))
+                    module(chunk.to(device, non_blocking=True))
+                except torch.cuda.OutOfMemoryError:
+                    raise
                 except RuntimeError as e:
                     raise ConceptrankError(
-                        f"forward pass failed on input {tuple(x.shape)} (first image "
+                        f"forward pass failed on input {tuple(chunk.shape)} (first image "
                         f"{items[int(idx[0])].rel}): {str(e).splitlines()[0]}"
                     ) from None
                 if layer not in store:
                     raise ConceptrankError(f"layer {layer!r} was not reached by the model's forward pass")
                 m, mx = reduce_activations(store.pop(layer), layer)
-                m = m.cpu().numpy()
-                mx = mx.cpu().numpy()
-                finite = np.isfinite(m).all(axis=1) & np.isfinite(mx).all(axis=1)
-                if not finite.all():
-                    bad = [items[int(idx[j])].rel for j in np.flatnonzero(~finite)]
-                    shown = ", ".join(bad[:5]) + (f" ... and {len(bad) - 5} more" if len(bad) > 5 else "")
-                    raise ConceptrankError(
-                        f"layer {layer!r} produced NaN/inf activations for {len(bad)} image(s) in this batch: "
-                        f"{shown} (check the weights and the input normalization)"
-                    )
-                if mean_buf is None:
-                    mean_buf = np.empty((n_total, m.shape[1]), np.float32)
-                    max_buf = np.empty((n_total, m.shape[1]), np.float32)
-                b = m.shape[0]
-                mean_buf[pos:pos + b] = m
-                max_buf[pos:pos + b] = mx
-                pos += b
-                kept.extend(int(i) for i in idx)
-                bar.update(b)
+                return m.cpu().numpy(), mx.cpu().numpy()
+
+            for idx, x, skip in it:
+                skipped_idx.extend(skip)
+                nxt += len(skip) + len(idx)
+                bar.update(len(skip))
+                if x is not None:
+                    parts = forward_in_chunks(x, run, oom, f"extract {layer} forward pass")
+                    m = np.concatenate([p[0] for p in parts])
+                    mx = np.concatenate([p[1] for p in parts])
+                    finite = np.isfinite(m).all(axis=1) & np.isfinite(mx).all(axis=1)
+                    if not finite.all():
+                        bad = [items[int(idx[j])].rel for j in np.flatnonzero(~finite)]
+                        shown = ", ".join(bad[:5]) + (f" ... and {len(bad) - 5} more" if len(bad) > 5 else "")
+                        raise ConceptrankError(
+                            f"layer {layer!r} produced NaN/inf activations for {len(bad)} image(s) in this batch: "
+                            f"{shown} (check the weights and the input normalization)"
+                        )
+                    if mean_buf is None:
+                        open_buffers(m.shape[1], "w+")
+                    b = m.shape[0]
+                    mean_buf[pos:pos + b] = m
+                    max_buf[pos:pos + b] = mx
+                    pos += b
+                    kept.extend(int(i) for i in idx)
+                    bar.update(b)
+                batches += 1
+                if ckpt_path is not None and nxt < n_total and ckpt.due(batches):
+                    save_checkpoint(nxt)
+                    ckpt.saved(batches)
     finally:
         del it  # shuts worker processes down now, also when an error escapes
         module.to(home)
         module.train(was_training)
 
+    skipped = [(items[i].rel, reason) for i, reason in skipped_idx]
     if mean_buf is None:
         empty = np.zeros((0, 0), np.float32)
         return empty, empty.copy(), kept, skipped
+    if isinstance(mean_buf, np.memmap):  # copy out of the partial files, which the caller deletes
+        return np.array(mean_buf[:pos]), np.array(max_buf[:pos]), kept, skipped
     return mean_buf[:pos], max_buf[:pos], kept, skipped
 
 
@@ -447,34 +545,6 @@ def run_extract(
     loaded = model if isinstance(model, LoadedModel) else load_model(str(model), weights)
     resolve_layer(loaded.module, layer)
     targets = load_targets(dataset, cfg.layout)
-    t1 = time.perf_counter()
-    mean, mx, kept, skipped = extract(loaded, layer, targets, cfg)
-    t2 = time.perf_counter()
-
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in ("extract.json", "activations.npz"):  # never leave a previous run's outputs half-valid
-        (out / stale).unlink(missing_ok=True)
-    _write_skipped(out / "skipped.csv", skipped)
-    if not kept:
-        reasons = collections.Counter(r for _, r in skipped)
-        raise ConceptrankError(
-            f"all {len(targets.items)} images were skipped ("
-            + ", ".join(f"{n} {r}" for r, n in reasons.most_common())
-            + f"); see {out / 'skipped.csv'}"
-        )
-
-    items = [targets.items[i] for i in kept]
-    with cache.atomic_write(out / "activations.npz", "wb") as f:
-        np.savez(
-            f,
-            mean=mean,
-            max=mx,
-            images=_str_array(it.rel for it in items),
-            classes=_str_array(it.cls for it in items),
-            splits=_str_array(it.split for it in items),
-            class_names=_str_array(targets.classes),
-        )
-    t3 = time.perf_counter()
 
     size = [int(cfg.resize)] * 2 if cfg.resize else [int(s) for s in loaded.input_size]
     params = {
@@ -485,15 +555,70 @@ def run_extract(
         "reductions": ["mean", "max"],
         "decode": {"max_pixels": _images.MAX_PIXELS, "min_side": _images.MIN_SIDE},
     }
+    fingerprints = {
+        "model": loaded.fingerprint,
+        "layer": layer,
+        "dataset": targets.fingerprint(),
+        "params": cache.hash_json(params),
+        "dataset_files": cache.files_fingerprint(targets.image_root, [it.rel for it in targets.items]),
+    }
+    if cfg.crop == "person":
+        fingerprints["person_boxes"] = cache.files_fingerprint(
+            targets.annotations_dir, [PurePosixPath(it.rel).stem + ".xml" for it in targets.items])
+    cache_params = {**params, "format": FORMAT_VERSION, "layout": targets.layout, "classes": list(targets.classes)}
+    key = cache.stage_key("extract", fingerprints, cache_params)
+    manifest = cache.lookup(out / "extract.json", key)
+    if manifest is not None:
+        reused = _reused(out, layer, manifest, t0)
+        if reused is not None:
+            return reused
+
+    why = cache.why_recompute(out / "extract.json", key, fingerprints, cache_params)
+    if why:
+        print(f"extract {layer}: recomputing ({why})", file=sys.stderr, flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "extract.json").unlink(missing_ok=True)  # never leave a previous run's manifest vouching for new outputs
+    cache.remove_temps(out, ("extract.json", "activations.npz", "skipped.csv"))
+    partial = out / ".partial" / key[:32]
+    cache.clear_scratch(out / ".partial", keep=partial.name)
+    t1 = time.perf_counter()
+    mean, mx, kept, skipped = extract(loaded, layer, targets, cfg, resume_dir=partial, resume_key=key)
+    t2 = time.perf_counter()
+
+    (out / "activations.npz").unlink(missing_ok=True)
+    _write_skipped(out / "skipped.csv", skipped)
+    if not kept:
+        cache.remove_scratch(partial)
+        reasons = collections.Counter(r for _, r in skipped)
+        raise ConceptrankError(
+            f"all {len(targets.items)} images were skipped ("
+            + ", ".join(f"{n} {r}" for r, n in reasons.most_common())
+            + f"); see {out / 'skipped.csv'}"
+        )
+
+    items = [targets.items[i] for i in kept]
+    cache.save_npz(
+        out / "activations.npz",
+        mean=mean,
+        max=mx,
+        images=_str_array(it.rel for it in items),
+        classes=_str_array(it.cls for it in items),
+        splits=_str_array(it.split for it in items),
+        class_names=_str_array(targets.classes),
+    )
+    t3 = time.perf_counter()
+
     per_class = {c: 0 for c in targets.classes}
     per_split: dict[str, int] = {}
     for it in items:
         per_class[it.cls] += 1
         per_split[it.split] = per_split.get(it.split, 0) + 1
     timings = {"load": round(t1 - t0, 4), "forward": round(t2 - t1, 4), "total": round(t3 - t0, 4)}
+    outputs = {"activations": "activations.npz", "skipped": "skipped.csv"}
     meta = {
         "format": FORMAT,
         "version": 1,
+        "stage": "extract",
         "config": dataclasses.asdict(cfg),
         "input_size": size,
         "model": loaded.describe(),
@@ -504,12 +629,7 @@ def run_extract(
             "classes": list(targets.classes),
             "items": len(targets.items),
         },
-        "fingerprints": {
-            "model": loaded.fingerprint,
-            "layer": layer,
-            "dataset": targets.fingerprint(),
-            "params": cache.hash_json(params),
-        },
+        "fingerprints": fingerprints,
         "params": params,
         "counts": {
             "images": int(mean.shape[0]),
@@ -521,9 +641,11 @@ def run_extract(
         },
         "timings": timings,
         "package_versions": cache.package_versions(),
-        "outputs": {"activations": "activations.npz", "skipped": "skipped.csv"},
+        "outputs": outputs,
+        "cache": cache.manifest_section("extract", key, fingerprints, cache_params, out, outputs.values()),
     }
-    cache.atomic_write_json(out / "extract.json", meta)
+    cache.atomic_write_json(out / "extract.json", meta)  # last: it vouches for the outputs above
+    cache.remove_scratch(partial)
     return ExtractResult(
         out=out,
         layer=layer,
@@ -533,6 +655,20 @@ def run_extract(
         skipped=tuple(skipped),
         timings=timings,
     )
+
+
+def _reused(out: Path, layer: str, manifest: cache.Manifest, t0: float) -> ExtractResult | None:
+    """The result of an earlier run whose manifest matched, read back from its outputs."""
+    counts = manifest.data.get("counts") or {}
+    try:
+        with open(out / "skipped.csv", encoding="utf-8", errors="surrogateescape", newline="") as f:
+            rows = list(csv.reader(f))[1:]
+        skipped = tuple((r[0], r[1]) for r in rows)
+        n_images, n_units = int(counts["images"]), int(counts["units"])
+    except (OSError, KeyError, IndexError, TypeError, ValueError):
+        return None
+    return ExtractResult(out=out, layer=layer, n_images=n_images, n_units=n_units, n_skipped=len(skipped),
+                         skipped=skipped, timings={"total": round(time.perf_counter() - t0, 4)}, reused=True)
 
 
 def read_activations(path: str | Path) -> dict[str, np.ndarray]:

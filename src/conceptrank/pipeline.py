@@ -2,10 +2,15 @@
 
 ``run_demo`` drives it on the embedded synthetic world; ``run_from_config`` on whatever a TOML file
 names (e.g. ResNet-152 + Broden + Stanford 40, see ``examples/``).
+
+Rerunning is cheap: every stage reuses its outputs when its manifest was written for the same key
+(see :mod:`conceptrank.cache`), and says so; the synthetic world is regenerated only when its
+parameters, the package versions or any of its files changed (``DIR/.world.json``).
 """
 
 from __future__ import annotations
 
+import csv
 import time
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -173,8 +178,8 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> Pipelin
 
     t0 = time.perf_counter()
     vcfg = EvaluateConfig(configs=cfg.configs, truth=cfg.truth, seed=cfg.seed)
-    vres = run_evaluate(out / "rank", out / "rank", vcfg)
-    echo(vres.table())
+    vres, reused = _evaluate_cached(out / "rank", vcfg, run_evaluate)
+    echo(vres.table() + ("\n(evaluate: reused cached result)" if reused else ""))
     timings["evaluate"] = time.perf_counter() - t0
 
     report = None
@@ -191,6 +196,63 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> Pipelin
     return PipelineResult(out, dres, eres, rres, vres, report, timings)
 
 
+EVALUATE_OUTPUTS = ("precision.csv", "summary.json", "evaluation.json")
+_RANK_FILES = ("rank.json", "classifier.json", "local_concepts.csv", "global_concepts.csv", "images.csv", "svm.npz")
+
+
+def _evaluate_cached(rank_dir: Path, vcfg, run_evaluate):
+    """``run_evaluate(rank_dir, rank_dir, vcfg)``, or its earlier outputs when ``rank_dir/evaluate.json``
+    was written for the same ranking files (``rank.json`` carries the activations' and tally's
+    hashes), ``dissect.json``, truth file, configuration and package versions.
+
+    Returns ``(EvaluateResult, reused)``.
+    """
+    import dataclasses
+
+    from . import cache
+    from .evaluate import EvaluateResult, parse_configs
+
+    rank_dir = Path(rank_dir)
+
+    def digest(p: Path | None) -> str | None:
+        return cache.file_sha256(p) if p is not None and p.is_file() else None
+
+    configs = parse_configs(vcfg.configs)
+    fingerprints = {name: digest(rank_dir / name) for name in _RANK_FILES}
+    try:
+        tally = (cache.read_json(rank_dir / "rank.json").get("inputs") or {}).get("tally")
+    except (OSError, ValueError, AttributeError):
+        tally = None
+    fingerprints["dissect.json"] = digest(Path(tally).parent / "dissect.json") if tally else None
+    fingerprints["truth"] = digest(Path(vcfg.truth)) if vcfg.truth is not None else None
+    params = {"config": dataclasses.asdict(vcfg), "out": str(rank_dir)}
+    key = cache.stage_key("evaluate", fingerprints, params)
+    manifest = cache.lookup(rank_dir / "evaluate.json", key)
+    if manifest is not None:
+        try:
+            summary = cache.read_json(rank_dir / "summary.json")
+            with open(rank_dir / "precision.csv", newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f))
+            per_class = {r["class"]: {k: float(v) for k, v in r.items() if k != "class"} for r in rows}
+            kw = {}
+            if "details" in {f.name for f in dataclasses.fields(EvaluateResult)} and (rank_dir / "evaluation.json").is_file():
+                kw["details"] = cache.read_json(rank_dir / "evaluation.json")
+            return EvaluateResult(out=rank_dir, split=str(summary["split"]), configs=configs, per_class=per_class,
+                                  summary=summary, **kw), True
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    (rank_dir / "evaluate.json").unlink(missing_ok=True)
+    res = run_evaluate(rank_dir, rank_dir, vcfg)
+    outputs = [n for n in EVALUATE_OUTPUTS if (rank_dir / n).is_file()]
+    cache.atomic_write_json(rank_dir / "evaluate.json", {
+        "stage": "evaluate",
+        "ranking": str(rank_dir),
+        "outputs": outputs,
+        "cache": cache.manifest_section("evaluate", key, fingerprints, params, rank_dir, outputs),
+    })
+    return res, False
+
+
 def run_from_config(path: str | Path, echo: Callable[[str], None] = print) -> PipelineResult:
     return run_pipeline(load_run_config(path), echo)
 
@@ -205,9 +267,14 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0,
     params = dict(seed=seed, size=32 if quick else 64, probe_images=160 if quick else 1200,
                   images_per_class=20 if quick else 80)
     world = out / "world"
-    echo(f"[synth] synthetic concept world -> {world}")
-    info = generate_world(world, train_model=True, progress=not quick, **params)
-    echo(info.summary())
+    if _world_is_current(out, params):
+        echo(f"[synth] reusing the synthetic world in {world} (same parameters, files unchanged)")
+    else:
+        echo(f"[synth] synthetic concept world -> {world}")
+        _world_manifest(out).unlink(missing_ok=True)
+        info = generate_world(world, train_model=True, progress=not quick, **params)
+        echo(info.summary())
+        _write_world_manifest(out, params)
     cfg = RunConfig(
         out=out, model=str(world / "model"), layer="layer4", probe=world / "probe", target=world / "target",
         truth=world / "truth.json", seed=seed, workers=0 if quick else 2, batch_size=64,
@@ -215,3 +282,38 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0,
     res = run_pipeline(cfg, echo)
     echo(f"demo finished in {time.perf_counter() - t0:.1f}s")
     return res
+
+
+# The world manifest lives next to world/, not in it: generate_world refuses to overwrite a folder
+# holding anything but a world.
+def _world_manifest(out: Path) -> Path:
+    return Path(out) / ".world.json"
+
+
+def _world_key(params: dict) -> str:
+    from . import cache
+
+    return cache.stage_key("synth", {}, {**params, "train_model": True})
+
+
+def _world_is_current(out: Path, params: dict) -> bool:
+    from . import cache
+
+    m = cache.Manifest.read(_world_manifest(out))
+    world = Path(out) / "world"
+    return (m is not None and m.key == _world_key(params) and m.section.get("format") == cache.CACHE_FORMAT
+            and world.is_dir() and m.data.get("files") == cache.tree_fingerprint(world))
+
+
+def _write_world_manifest(out: Path, params: dict) -> None:
+    from . import cache
+
+    world = Path(out) / "world"
+    cache.atomic_write_json(_world_manifest(out), {
+        "stage": "synth",
+        "world": str(world),
+        "params": params,
+        "files": cache.tree_fingerprint(world),  # size and mtime of every file: any change regenerates
+        "cache": {"format": cache.CACHE_FORMAT, "stage": "synth", "key": _world_key(params), "params": params,
+                  "package_versions": cache.package_versions()},
+    })

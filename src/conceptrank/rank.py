@@ -53,7 +53,19 @@ from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
-from .cache import atomic_write, atomic_write_json, atomic_write_text, file_sha256, package_versions, read_json
+from . import cache
+from .cache import (
+    Manifest,
+    atomic_write_json,
+    atomic_write_text,
+    file_sha256,
+    lookup,
+    manifest_section,
+    package_versions,
+    read_json,
+    save_npz,
+    stage_key,
+)
 from .errors import ConceptrankError
 from .tally import read_tally
 
@@ -84,6 +96,8 @@ PAPER_GLOBAL_POOL = 10
 DEFAULT_MIN_IOU = {"standard": 0.04, "paper": 0.0}
 DEFAULT_C_GRID = (0.0001, 0.001, 0.01, 0.1, 1.0, 10.0)
 SPLITS = ("train", "test", "all")
+RANK_FORMAT = 1  # bump when an output's bytes change for the same inputs
+RANK_OUTPUTS = ("local_concepts.csv", "global_concepts.csv", "images.csv", "classifier.json", "svm.npz")
 
 UnitConcepts = Sequence["tuple[str, str, float] | None"]
 
@@ -189,11 +203,13 @@ class RankResult:
     n_test: int = 0
     classes: tuple[str, ...] = ()
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    reused: bool = False  # True when the outputs of an earlier run with the same inputs were reused
 
     def summary(self) -> str:
         lines = [
             f"rank ({self.protocol}): {self.n_labelled_units}/{self.n_units} units labelled, "
-            f"{self.n_concepts} distinct concepts, {len(self.classes)} classes",
+            f"{self.n_concepts} distinct concepts, {len(self.classes)} classes"
+            + (" (reused cached result)" if self.reused else ""),
             f"  best C {self.best_C:g}; {self.evaluated_split} accuracy {self.test_accuracy:.3f}, "
             f"macro F1 {self.macro_f1:.3f} (train {self.n_train}, evaluated {self.n_test} images)",
             f"  → {self.out}",
@@ -691,12 +707,7 @@ def _csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
     """np.savez-compatible archive with fixed timestamps, so equal arrays give equal bytes."""
-    with atomic_write(path, "wb") as f:
-        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as zf:
-            for name, arr in arrays.items():
-                info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-                with zf.open(info, "w", force_zip64=True) as g:
-                    np.lib.format.write_array(g, np.asarray(arr), allow_pickle=False)
+    save_npz(path, **arrays)
 
 
 def _assign_splits(act: Activations, seed: int) -> tuple[np.ndarray, bool]:
@@ -733,18 +744,41 @@ def run_rank(activations: Path, tally: Path, out: Path, cfg: RankConfig) -> Rank
     cfg : :class:`RankConfig`.
 
     Writes ``local_concepts.csv``, ``global_concepts.csv``, ``images.csv``, ``classifier.json``,
-    ``svm.npz`` and ``rank.json`` (atomically).
+    ``svm.npz`` and ``rank.json`` (atomically, ``rank.json`` last). When ``rank.json`` was written
+    for the same activations and tally bytes, configuration and package versions, and the outputs
+    are intact, they are reused (``RankResult.reused``).
     """
     cfg.validate()
     out = Path(out)
     tally = Path(tally)
-    act = load_activations(activations)
-    labels = read_tally(tally)
-
-    extract_json = act.path.parent / "extract.json"
+    act_path = _npz_path(Path(activations))
+    extract_json = act_path.parent / "extract.json"
     dissect_json = tally.parent / "dissect.json"
     extract_meta = _read_json_if(extract_json)
     dissect_meta = _read_json_if(dissect_json)
+    cfg_dict = asdict(cfg)
+    cfg_dict["categories"] = list(cfg.categories) if cfg.categories is not None else None
+    cfg_dict["c_grid"] = list(cfg.c_grid)
+    key = fingerprints = None
+    if act_path.is_file() and tally.is_file():
+        fingerprints = {
+            "activations_sha256": file_sha256(act_path),
+            "tally_sha256": file_sha256(tally),
+            "extract": (extract_meta or {}).get("fingerprints"),
+            "dissect": (dissect_meta or {}).get("fingerprints"),
+        }
+        key = stage_key("rank", fingerprints, {"format": RANK_FORMAT, "config": cfg_dict,
+                                               "inputs": [str(act_path), str(tally)]})
+        manifest = lookup(out / "rank.json", key)
+        if manifest is not None:
+            reused = _reused_result(out, manifest)
+            if reused is not None:
+                return reused
+    (out / "rank.json").unlink(missing_ok=True)  # never leave a previous run's manifest vouching for new outputs
+    cache.remove_temps(out, RANK_OUTPUTS + ("rank.json",))
+
+    act = load_activations(activations)
+    labels = read_tally(tally)
     check_compatible(extract_meta, dissect_meta, str(extract_json), str(dissect_json))
 
     N, U = act.mean.shape
@@ -875,9 +909,6 @@ def run_rank(activations: Path, tally: Path, out: Path, cfg: RankConfig) -> Rank
         scaler_scale=model.scaler_scale_,
         classes=np.array(classes, dtype=str),
     )
-    cfg_dict = asdict(cfg)
-    cfg_dict["categories"] = list(cfg.categories) if cfg.categories is not None else None
-    cfg_dict["c_grid"] = list(cfg.c_grid)
     rank_meta = {
         "stage": "rank",
         "config": cfg_dict,
@@ -889,12 +920,7 @@ def run_rank(activations: Path, tally: Path, out: Path, cfg: RankConfig) -> Rank
         "local_pool": cfg.local_pool,
         "global_pool": cfg.global_pool,
         "inputs": {"activations": str(act.path), "tally": str(tally)},
-        "fingerprints": {
-            "activations_sha256": file_sha256(act.path),
-            "tally_sha256": file_sha256(tally),
-            "extract": (extract_meta or {}).get("fingerprints"),
-            "dissect": (dissect_meta or {}).get("fingerprints"),
-        },
+        "fingerprints": fingerprints,
         "layer": (extract_meta or {}).get("layer") or (dissect_meta or {}).get("layer"),
         "n_images": int(N),
         "n_units": int(U),
@@ -902,8 +928,11 @@ def run_rank(activations: Path, tally: Path, out: Path, cfg: RankConfig) -> Rank
         "n_concepts": len(names),
         "classes": classes,
         "packages": package_versions(),
+        "cache": manifest_section("rank", key, fingerprints,
+                                  {"format": RANK_FORMAT, "config": cfg_dict, "inputs": [str(act_path), str(tally)]},
+                                  out, RANK_OUTPUTS),
     }
-    atomic_write_json(out / "rank.json", rank_meta)
+    atomic_write_json(out / "rank.json", rank_meta)  # last: it vouches for the outputs above
 
     return RankResult(
         out=out,
@@ -921,6 +950,32 @@ def run_rank(activations: Path, tally: Path, out: Path, cfg: RankConfig) -> Rank
         classes=tuple(classes),
         warnings=tuple(notes),
     )
+
+
+def _reused_result(out: Path, manifest: Manifest) -> RankResult | None:
+    """The result of an earlier run whose manifest matched, read back from rank.json and classifier.json."""
+    meta = manifest.data
+    try:
+        clf = read_json(out / "classifier.json")
+        return RankResult(
+            out=out,
+            protocol=str(meta["protocol"]),
+            best_C=float(clf["best_C"]),
+            cv_scores={float(r["C"]): float(r["mean_macro_f1"]) for r in clf["cv_scores"]},
+            test_accuracy=float(clf["test_accuracy"]),
+            macro_f1=float(clf["macro_f1"]),
+            n_units=int(meta["n_units"]),
+            n_labelled_units=int(meta["n_labelled_units"]),
+            n_concepts=int(meta["n_concepts"]),
+            evaluated_split=str(clf["evaluated_split"]),
+            n_train=int(clf["n_train"]),
+            n_test=int(clf["n_test"]),
+            classes=tuple(str(c) for c in clf["classes"]),
+            warnings=tuple(str(w) for w in clf.get("warnings", ())),
+            reused=True,
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 # ``conceptrank.rank`` (lazy export in __init__) resolves to this function.

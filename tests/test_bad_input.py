@@ -60,7 +60,7 @@ non-UTF-8 / spaces in file names     names round-trip to the same bytes         
                                                                                   test_bad_input.py::test_cli_dissect_path_escape (CLI)
 mask size mismatch                   BrodenError: mask, line, both sizes          test_dissect.py::test_mask_size_mismatch,
                                                                                   test_bad_input.py::test_cli_dissect_bad_mask (CLI),
-                                                                                  test_bad_input.py::test_cli_dissect_bad_mask_with_workers (CLI, xfail)
+                                                                                  test_bad_input.py::test_cli_dissect_bad_mask_with_workers (CLI, workers)
 label number missing from label.csv  BrodenError naming file (and line)           test_dissect.py::test_mask_label_absent_from_label_csv (mask),
                                                                                   test_broden.py::test_scalar_label_absent (index.csv),
                                                                                   test_bad_input.py::test_category_table_label_absent (c_*.csv)
@@ -410,9 +410,6 @@ def test_cli_dissect_bad_mask(probe, tmp_path):
     _one_error_line(r, f"mask {mask} (index.csv line 3) is 56x56, expected sh x sw = 112x112")
 
 
-@pytest.mark.xfail(strict=True, reason="dissect.py: errors raised in DataLoader workers reach the CLI wrapped by "
-                                       "torch ('Caught BrodenError in DataLoader worker process 0. Original "
-                                       "Traceback ...'); see the report for the fix")
 def test_cli_dissect_bad_mask_with_workers(probe, tmp_path):
     mask = _bad_mask(probe)
     with deadline(120):

@@ -284,6 +284,14 @@ def best_labels(iou: np.ndarray, primary: np.ndarray, num_categories: int) -> np
 
 
 # -- data loading ------------------------------------------------------------------------------
+class _Failed:
+    """A BrodenError raised in a loader worker, carried to the main process as a value: torch would
+    re-raise it with its worker traceback pasted into the message."""
+
+    def __init__(self, error: BrodenError) -> None:
+        self.error = error
+
+
 class _ProbeImages(torch.utils.data.Dataset):
     def __init__(self, ds: BrodenDataset, to_tensor, size):
         self.ds, self.to_tensor, self.size = ds, to_tensor, size
@@ -292,7 +300,15 @@ class _ProbeImages(torch.utils.data.Dataset):
         return len(self.ds)
 
     def __getitem__(self, i):
-        return self.to_tensor(self.ds.load_image(i), self.size)
+        try:
+            return self.to_tensor(self.ds.load_image(i), self.size)
+        except BrodenError as e:
+            return _Failed(e)
+
+
+def _collate_images(batch):
+    failed = [b for b in batch if isinstance(b, _Failed)]
+    return failed[0] if failed else torch.stack(batch)
 
 
 class _ProbeMasks(torch.utils.data.Dataset):
@@ -303,11 +319,15 @@ class _ProbeMasks(torch.utils.data.Dataset):
         return len(self.ds)
 
     def __getitem__(self, i):
-        return torch.from_numpy(self.ds.load_planes(i)), list(self.ds.records[i].scalars)
+        try:
+            return torch.from_numpy(self.ds.load_planes(i)), list(self.ds.records[i].scalars)
+        except BrodenError as e:
+            return _Failed(e)
 
 
 def _collate_masks(batch):
-    return [b[0] for b in batch], [b[1] for b in batch]
+    failed = [b for b in batch if isinstance(b, _Failed)]
+    return failed[0] if failed else ([b[0] for b in batch], [b[1] for b in batch])
 
 
 def _loader(dataset, batch_size, workers, collate_fn=None):
@@ -599,7 +619,7 @@ def _compute(model, layers, probe: BrodenDataset, cfg: DissectConfig, given: dic
         t0 = time.perf_counter()
         ckpt = cache.Checkpointer("dissect-forward")
         dataset = torch.utils.data.Subset(_ProbeImages(probe, to_tensor, size), range(start, N))
-        loader = _loader(dataset, cfg.batch_size, cfg.workers)
+        loader = _loader(dataset, cfg.batch_size, cfg.workers, _collate_images)
         i0 = start
         t_thr = 0.0
         oom: dict = {}
@@ -610,6 +630,8 @@ def _compute(model, layers, probe: BrodenDataset, cfg: DissectConfig, given: dic
                 return {n: rec[n] for n in layers if n in rec}
 
             for x in _progress(loader, len(loader), "dissect: forward", cfg.progress):
+                if isinstance(x, _Failed):
+                    raise x.error
                 parts = forward_in_chunks(x, run, oom, "dissect forward pass")
                 B = x.shape[0]
                 for name in layers:
@@ -675,7 +697,10 @@ def _compute(model, layers, probe: BrodenDataset, cfg: DissectConfig, given: dic
     loader = _loader(torch.utils.data.Subset(_ProbeMasks(probe), range(start, N)), cfg.batch_size, cfg.workers,
                      _collate_masks)
     i0 = start
-    for planes, scalars in _progress(loader, len(loader), "dissect: tally", cfg.progress):
+    for batch in _progress(loader, len(loader), "dissect: tally", cfg.progress):
+        if isinstance(batch, _Failed):
+            raise batch.error
+        planes, scalars = batch
         B = len(planes)
         for name in layers:
             f = torch.from_numpy(np.asarray(memmaps[name][i0:i0 + B], dtype=np.float32))

@@ -1,4 +1,4 @@
-"""Agreement between local and global concept rankings (the paper's Formula 2).
+"""Agreement between local and global concept rankings (the paper's Formula 2), and numbers to trust it by.
 
 For a class c, a number K of local and G of global concepts::
 
@@ -10,17 +10,45 @@ without global concepts scores 0; a class with no images in the evaluated split 
 listed under ``omitted_classes``).
 
 The summary statistics over classes are mean, population standard deviation (numpy's default
-``ddof=0``), min and max. ``summary.json`` keeps the agreement scores under ``"agreement"`` so that
-other scores (chance baselines, ground truth) can be added under their own keys.
+``ddof=0``), min and max. ``summary.json`` keeps the agreement scores under ``"agreement"``.
+
+Beyond the paper (each under its own key of ``summary.json``, overall numbers only; the per-class
+numbers go to ``evaluation.json`` next to it):
+
+``baselines``
+    lift over chance and one-sided p-values against (a) global lists permuted across classes and
+    (b) frequency-matched random global lists (:mod:`conceptrank.baselines`).
+``bootstrap``
+    95 % percentile intervals of the mean agreement, images resampled within classes.
+``ranking_agreement``
+    Jaccard@G, nDCG@G and RBO (p = 0.9) between each class's aggregated local ranking and its
+    global ranking (:mod:`conceptrank.rankmetrics`).
+``ground_truth``
+    with ``truth`` (a synthetic world's truth.json): global precision/recall@G, R-precision and
+    local precision@K against the planted / visible concepts, restricted to the planted concept
+    categories and unrestricted, beside random-concept baselines (:mod:`conceptrank.groundtruth`).
+``deletion``
+    score and recall drop when a class's top-G global units are set to their training mean, as a
+    ratio to random labelled units (:mod:`conceptrank.faithfulness`).
+``stability``
+    Jaccard of the top-G global concepts across CV-fold refits and across seeds; the unit-label
+    stability of ``dissect.json`` when it is there.
+
+The last three need the ranking's inputs (``rank.json`` ``inputs``: activations and tally, or the
+run folder layout ``../extract/activations.npz``, ``../dissect/tally.csv``) and ``svm.npz``; what
+cannot be found is skipped with a note. Random streams are seeded by ``(seed, stream)`` so that every
+number is reproducible and independent of which others are computed.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -37,12 +65,17 @@ __all__ = [
     "parse_configs",
     "read_ranking",
     "summarize",
+    "chance_scores",
+    "ranking_agreement_scores",
+    "truth_scores",
     "run_evaluate",
     "evaluate",
 ]
 
 DEFAULT_CONFIGS = "5:1,5:5,5:10,10:10"
 SPLIT_CHOICES = ("test", "train", "all")
+# independent random streams per component: np.random.default_rng([seed, stream])
+_S_PERM, _S_FREQ, _S_BOOT, _S_GT_GLOBAL, _S_GT_LOCAL, _S_DELETION = 1, 2, 3, 4, 5, 6
 
 
 @dataclass(frozen=True)
@@ -54,15 +87,48 @@ class EvaluateConfig:
     configs : K:G pairs, as text ("5:1,5:5") or a sequence of (K, G).
     split : 'test', 'train' or 'all'; None → 'test' for standard rankings, 'all' for the paper
         protocol (as the paper evaluated).
-    truth : a synthetic world's truth.json (ground-truth scores: not computed by this version; the
-        path is recorded in summary.json).
-    seed : reserved for chance baselines.
+    truth : a synthetic world's truth.json → ground-truth scores.
+    seed : seeds every random baseline, bootstrap and deletion draw (and the fold split of the
+        fold-stability refits is the ranking's own seed).
+    n_perm : permutations of the permutation baseline.
+    n_draw : random global lists per class of the frequency-matched baseline (and of the
+        ground-truth random baseline).
+    n_boot : bootstrap replicates.
+    n_random : random unit sets per class in the deletion test.
+    stability_seeds : seeds of the seed-stability refits (empty: skipped).
+    faithfulness : compute the deletion test and stability (needs activations, tally, svm.npz).
+    n_jobs : parallel SVM refits (joblib).
     """
 
     configs: str | Sequence[tuple[int, int]] = DEFAULT_CONFIGS
     split: str | None = None
     truth: Path | None = None
     seed: int = 0
+    n_perm: int = 1000
+    n_draw: int = 1000
+    n_boot: int = 1000
+    n_random: int = 20
+    stability_seeds: tuple[int, ...] = (0, 1, 2)
+    faithfulness: bool = True
+    n_jobs: int = 1
+
+    def validate(self) -> None:
+        for name in ("n_perm", "n_draw", "n_boot", "n_random"):
+            if int(getattr(self, name)) < 1:
+                raise ConceptrankError(f"{name} must be ≥ 1 (got {getattr(self, name)})")
+
+
+def _f(x: Any, fmt: str = ".3f") -> str:
+    """Format a number; '–' for None / nan."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "–"
+    return format(x, fmt)
+
+
+def _grid(rows: Sequence[Sequence[str]], indent: str = "") -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return [indent + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+            for r in rows]
 
 
 @dataclass(frozen=True)
@@ -76,6 +142,7 @@ class EvaluateResult:
     configs : the (K, G) pairs, in order.
     per_class : class → config name (e.g. '5L-1G') → P_c.
     summary : the content of summary.json.
+    details : the content of evaluation.json (per-class numbers of every extra score).
     """
 
     out: Path
@@ -83,31 +150,108 @@ class EvaluateResult:
     configs: tuple[tuple[int, int], ...]
     per_class: dict
     summary: dict = field(default_factory=dict)
+    details: dict = field(default_factory=dict)
 
     @property
     def names(self) -> list[str]:
         return [config_name(k, g) for k, g in self.configs]
 
     def table(self) -> str:
-        """Per config: mean ± std, min, max over classes, and the numbers of classes and images."""
+        """The agreement per config with its chance baselines, then the extra scores, compactly."""
         s = self.summary
         head = (
             f"agreement (Formula 2), split {self.split}, protocol {s.get('protocol', '?')}: "
             f"{s.get('n_classes', 0)} classes, {s.get('n_images', 0)} images"
         )
-        rows = [("config", "mean ± std", "min", "max", "classes", "images")]
+        base = s.get("baselines") or {}
+        boot = s.get("bootstrap") or {}
+        rows = [("config", "mean ± std", "95% CI", "min", "max", "perm", "lift", "p", "freq", "lift", "p")]
         for name in self.names:
             a = s["agreement"][name]
+            b = base.get(name) or {}
+            ci = boot.get(name) or {}
             rows.append((
-                name, f"{a['mean']:.3f} ± {a['std']:.3f}", f"{a['min']:.3f}", f"{a['max']:.3f}",
-                str(s["n_classes"]), str(s["n_images"]),
+                name, f"{a['mean']:.3f} ± {a['std']:.3f}",
+                f"[{_f(ci.get('low'))}, {_f(ci.get('high'))}]" if ci else "–",
+                f"{a['min']:.3f}", f"{a['max']:.3f}",
+                _f(b.get("permutation_mean")), _f(b.get("permutation_lift"), ".2f"), _f(b.get("permutation_p"), ".2g"),
+                _f(b.get("frequency_mean")), _f(b.get("frequency_lift"), ".2f"), _f(b.get("frequency_p"), ".2g"),
             ))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = [head] + ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+        lines = [head] + _grid(rows, "  ")
+        if base:
+            lines.append(
+                f"  chance: perm = global lists permuted across classes ({base.get('n_permutations')}×), "
+                f"freq = random lists ∝ {base.get('frequency_source')} ({base.get('n_draws')}×); "
+                "lift = mean / chance; p one-sided"
+            )
         if s.get("omitted_classes"):
-            lines.append(f"omitted (no images in split {self.split}): {', '.join(s['omitted_classes'])}")
-        if s.get("truth") is not None:
-            lines.append("note: ground-truth scores (--truth) are not computed by this version")
+            lines.append(f"  omitted (no images in split {self.split}): {', '.join(s['omitted_classes'])}")
+
+        ra = s.get("ranking_agreement") or {}
+        dl = s.get("deletion") or {}
+        st = s.get("stability") or {}
+        if ra or dl or st:
+            rows = [("config", "Jaccard@G", "nDCG@G", "RBO", "deletion ratio", "score drop top/rand",
+                     "recall drop top/rand", "stab folds", "stab seeds")]
+            for k, g in self.configs:
+                name = config_name(k, g)
+                r = ra.get(name) or {}
+                d = dl.get(f"G={g}") or {}
+                rows.append((
+                    name, _f(r.get("jaccard")), _f(r.get("ndcg")), _f(r.get("rbo")),
+                    _f(d.get("ratio"), ".2f"),
+                    f"{_f(d.get('score_drop_top'))}/{_f(d.get('score_drop_random'))}" if d else "–",
+                    f"{_f(d.get('recall_drop_top'))}/{_f(d.get('recall_drop_random'))}" if d else "–",
+                    _f((st.get("folds") or {}).get(f"G={g}")), _f((st.get("seeds") or {}).get(f"G={g}")),
+                ))
+            lines.append("beyond agreement (local vs global ranking at depth G; faithfulness; stability as mean Jaccard):")
+            lines += _grid(rows, "  ")
+            notes = []
+            if dl.get("skipped"):
+                notes.append(f"deletion skipped: {dl['skipped']}")
+            elif dl:
+                notes.append(f"deletion: top-G units → train mean vs {dl.get('n_random')} random labelled-unit sets")
+            if st.get("skipped"):
+                notes.append(f"stability skipped: {st['skipped']}")
+            elif st.get("seeds_C"):
+                notes.append("seeds " + ", ".join(f"{sd} (C {c:g})" for sd, c in st["seeds_C"].items()))
+            lab = st.get("labels") if st else None
+            if isinstance(lab, dict) and lab.get("same_label_detectors") is not None:
+                notes.append(
+                    f"unit labels at quantile {lab.get('quantile')} vs {lab.get('other_quantile')}: "
+                    f"{_f(lab.get('same_label_detectors'))} of detectors keep their label"
+                )
+            if notes:
+                lines.append("  " + "; ".join(notes))
+
+        gt = s.get("ground_truth")
+        if gt:
+            cats = ", ".join(gt.get("planted_categories") or [])
+            lines.append(f"ground truth ({gt.get('path')}; 'restr' = categories {cats}; rand = random concepts):")
+            rows = [("config", "global P@G restr/all/rand/max", "R@G restr", "local P@K restr/all/rand/max")]
+            for k, g in self.configs:
+                gg = (gt.get("global") or {}).get(f"G={g}") or {}
+                lk = (gt.get("local") or {}).get(f"K={k}") or {}
+                rows.append((
+                    config_name(k, g),
+                    f"{_f(gg.get('precision_restricted'))}/{_f(gg.get('precision'))}/"
+                    f"{_f(gg.get('random_precision_restricted'))}/{_f(gg.get('oracle_precision_restricted'))}",
+                    _f(gg.get("recall_restricted")),
+                    f"{_f(lk.get('precision_restricted'))}/{_f(lk.get('precision'))}/"
+                    f"{_f(lk.get('random_precision_restricted'))}/{_f(lk.get('oracle_precision_restricted'))}",
+                ))
+            lines += _grid(rows, "  ")
+            rp = (gt.get("global") or {}).get("R") or {}
+            if rp:
+                lines.append(
+                    f"  R-precision (G = planted concepts per class): restr {_f(rp.get('precision_restricted'))}, "
+                    f"all {_f(rp.get('precision'))}, rand {_f(rp.get('random_precision_restricted'))}, "
+                    f"max {_f(rp.get('oracle_precision_restricted'))} (max = best reachable with the labelled concepts)"
+                )
+            for w in gt.get("warnings") or []:
+                lines.append(f"  note: {w}")
+        for w in s.get("evaluation_notes") or []:
+            lines.append(f"note: {w}")
         lines.append(f"→ {self.out}")
         return "\n".join(lines)
 
@@ -203,6 +347,229 @@ def summarize(values: Sequence[float]) -> dict:
     return {"mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()), "max": float(v.max())}
 
 
+def _num(x: Any) -> float | None:
+    """A JSON-safe float: None for nan / inf."""
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _nanmean(v) -> float | None:
+    v = np.asarray(list(v), dtype=np.float64)
+    v = v[np.isfinite(v)]
+    return _num(v.mean()) if v.size else None
+
+
+def chance_scores(
+    enc,
+    configs: Sequence[tuple[int, int]],
+    weights: np.ndarray,
+    n_perm: int = 1000,
+    n_draw: int = 1000,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> tuple[dict, dict, dict]:
+    """Permutation and frequency-matched baselines and bootstrap intervals for every configuration.
+
+    Parameters
+    ----------
+    enc : :class:`conceptrank.baselines.EncodedRankings` of the evaluated images.
+    configs : (K, G) pairs.
+    weights : (V,) concept weights of the frequency-matched baseline.
+
+    Returns
+    -------
+    (baselines, bootstrap, per_class): the first two map config name → overall numbers; the
+    third maps config name → class → per-class numbers.
+    """
+    from .baselines import (bootstrap_agreement, class_overlap_means, frequency_test, overlap_matrix,
+                            permutation_test)
+
+    base: dict = {}
+    boot: dict = {}
+    per: dict = {}
+    C = enc.n_classes
+    for k, g in configs:
+        name = config_name(k, g)
+        O = overlap_matrix(enc, k, g)
+        M = class_overlap_means(O, enc.y, C)
+        perm = permutation_test(M, n_perm, np.random.default_rng([seed, _S_PERM, k, g]))
+        freq = frequency_test(enc, k, g, weights, n_draw, np.random.default_rng([seed, _S_FREQ, k, g]))
+        bs = bootstrap_agreement(O[np.arange(O.shape[0]), enc.y], enc.y, C, n_boot,
+                                 rng=np.random.default_rng([seed, _S_BOOT, k, g]))
+        base[name] = {
+            "observed": _num(perm.observed_overall),
+            "permutation_mean": _num(perm.null_overall_mean),
+            "permutation_lift": _num(perm.lift_overall),
+            "permutation_p": _num(perm.p_overall),
+            "frequency_mean": _num(freq.null_overall_mean),
+            "frequency_lift": _num(freq.lift_overall),
+            "frequency_p": _num(freq.p_overall),
+        }
+        boot[name] = {"mean": _num(bs.estimate_overall), "low": _num(bs.low_overall), "high": _num(bs.high_overall)}
+        per[name] = {
+            c: {
+                "agreement": _num(perm.observed[i]),
+                "permutation_mean": _num(perm.null_mean[i]), "permutation_lift": _num(perm.lift[i]),
+                "permutation_p": _num(perm.p[i]),
+                "frequency_mean": _num(freq.null_mean[i]), "frequency_lift": _num(freq.lift[i]),
+                "frequency_p": _num(freq.p[i]),
+                "ci_low": _num(bs.low[i]), "ci_high": _num(bs.high[i]),
+            }
+            for i, c in enumerate(enc.classes)
+        }
+    return base, boot, per
+
+
+def ranking_agreement_scores(
+    local: Mapping[str, Sequence[str]],
+    image_class: Mapping[str, str],
+    global_: Mapping[str, Sequence[str]],
+    classes: Sequence[str],
+    configs: Sequence[tuple[int, int]],
+    p: float = 0.9,
+) -> tuple[dict, dict]:
+    """Jaccard@G, nDCG@G and RBO between each class's aggregated local ranking and its global one.
+
+    The aggregated local ranking of a class is :func:`conceptrank.rankmetrics.aggregate_local` of its
+    images' top-K lists; both rankings are compared at depth G.
+
+    Returns
+    -------
+    (overall, per_class): config name → {"jaccard", "ndcg", "rbo"} means over classes (nan-skipping),
+    and config name → class → the same per class (plus the two rankings' heads).
+    """
+    from .rankmetrics import aggregate_local, jaccard_at, ndcg_at, rbo
+
+    by_class: dict[str, list[str]] = {c: [] for c in classes}
+    for img, c in image_class.items():
+        by_class.setdefault(c, []).append(img)
+    overall: dict = {}
+    per: dict = {}
+    for k, g in configs:
+        name = config_name(k, g)
+        rows = {}
+        for c in classes:
+            agg = aggregate_local((local.get(i, ()) for i in by_class[c]), k)
+            glob = list(global_.get(c, ()))[:g]
+            rows[c] = {
+                "jaccard": _num(jaccard_at(agg, glob, g)), "ndcg": _num(ndcg_at(agg, glob, g)),
+                "rbo": _num(rbo(agg, glob, p, g)), "local": agg[:g], "global": glob,
+            }
+        per[name] = rows
+        overall[name] = {m: _nanmean(np.nan if r[m] is None else r[m] for r in rows.values())
+                         for m in ("jaccard", "ndcg", "rbo")}
+    return overall, per
+
+
+def truth_scores(
+    truth,
+    local: Mapping[str, Sequence[str]],
+    global_: Mapping[str, Sequence[str]],
+    classes: Sequence[str],
+    configs: Sequence[tuple[int, int]],
+    vocabulary: Sequence[str],
+    weights: np.ndarray,
+    categories: Mapping[str, str] | None = None,
+    n_draw: int = 1000,
+    seed: int = 0,
+) -> tuple[dict, dict]:
+    """Ground-truth precision / recall of the rankings with random-concept baselines.
+
+    Parameters
+    ----------
+    truth : :class:`conceptrank.groundtruth.Truth`.
+    local : image → local concepts (the evaluated images only).
+    global_ : class → global concepts.
+    classes : evaluated classes.
+    vocabulary, weights : (V,) the drawable (labelled) concepts and their weights.
+    categories : concept → category for concepts the truth does not know (e.g. from the rankings).
+
+    Returns
+    -------
+    (summary, per_class): ``summary["global"]["G=g"]`` and ``summary["global"]["R"]`` (R-precision)
+    hold precision / recall restricted and unrestricted, the random baselines and the oracle bound;
+    ``summary["local"]["K=k"]`` the local precision (mean over images); per_class the per-class
+    global numbers and, under ``"concepts K=k"``, per concept how often it is listed in an image's
+    top-k and how often it is then visible (a diagnosis of the detectors).
+    """
+    from .groundtruth import (global_truth_scores, image_key, local_truth_precision, oracle_precision,
+                              random_global_scores, random_local_precision)
+
+    cats = dict(categories or {})
+    cats.update(truth.categories)
+    allowed = truth.planted_categories
+    weights = np.asarray(weights, dtype=np.float64)
+    mask = np.array([cats.get(x) in allowed for x in vocabulary], dtype=bool)
+    w_restr = np.where(mask, weights, 0.0)
+    v_all = {x for x, w in zip(vocabulary, weights) if w > 0}
+    v_restr = {x for x, w in zip(vocabulary, w_restr) if w > 0}
+    glob = {c: list(global_.get(c, ())) for c in classes if c in truth.classes}
+    warnings = []
+    missing = [c for c in classes if c not in truth.classes]
+    if missing:
+        warnings.append(f"classes without planted concepts in the truth (skipped): {', '.join(missing)}")
+    known = [i for i in local if image_key(i) in truth.images]
+    if len(known) < len(local):
+        warnings.append(f"{len(local) - len(known)} of {len(local)} evaluated images are not in the truth")
+    loc = {i: local[i] for i in known}
+
+    def global_block(g: int | None) -> tuple[dict, dict]:
+        rng = np.random.default_rng([seed, _S_GT_GLOBAL, 0 if g is None else g])
+        a = global_truth_scores(glob, truth.classes, g)
+        r = global_truth_scores(glob, truth.classes, g, cats, allowed)
+        ra = random_global_scores(vocabulary, weights, truth.classes, {c: v["n"] for c, v in a.items()}, n_draw, rng)
+        rr = random_global_scores(vocabulary, w_restr, truth.classes, {c: v["n"] for c, v in r.items()}, n_draw, rng)
+        per = {c: {"precision": _num(a[c]["precision"]), "recall": _num(a[c]["recall"]),
+                   "precision_restricted": _num(r[c]["precision"]), "recall_restricted": _num(r[c]["recall"]),
+                   "random_precision": _num(ra.get(c, {}).get("precision", np.nan)),
+                   "random_precision_restricted": _num(rr.get(c, {}).get("precision", np.nan)),
+                   "oracle_precision_restricted": _num(oracle_precision(set(truth.classes[c]), v_restr, r[c]["n"])),
+                   "global": glob[c][:5]}
+               for c in a}
+        summ = {m: _nanmean(np.nan if v[m] is None else v[m] for v in per.values())
+                for m in ("precision", "recall", "precision_restricted", "recall_restricted",
+                          "random_precision", "random_precision_restricted", "oracle_precision_restricted")}
+        return summ, per
+
+    out: dict = {"global": {}, "local": {}}
+    per_class: dict = {}
+    for g in sorted({g for _, g in configs}):
+        out["global"][f"G={g}"], per_class[f"G={g}"] = global_block(g)
+    out["global"]["R"], per_class["R"] = global_block(None)
+    for k in sorted({k for k, _ in configs}):
+        rng = np.random.default_rng([seed, _S_GT_LOCAL, k])
+        a = local_truth_precision(loc, truth.images, k)
+        r = local_truth_precision(loc, truth.images, k, cats, allowed)
+        sizes_a = {i: min(k, len(dict.fromkeys(v))) for i, v in loc.items()}
+        sizes_r = {i: min(k, len(dict.fromkeys(x for x in v if cats.get(x) in allowed))) for i, v in loc.items()}
+        ra = random_local_precision(vocabulary, weights, truth.images, sizes_a, min(n_draw, 200), rng)
+        rr = random_local_precision(vocabulary, w_restr, truth.images, sizes_r, min(n_draw, 200), rng)
+        orr = [oracle_precision(truth.images[image_key(i)], v_restr, s) for i, s in sizes_r.items()]
+        # diagnosis per concept: how often it is in a top-k list, and how often it is then visible
+        seen: dict[str, list[int]] = {}
+        for i, v in loc.items():
+            vis = truth.images[image_key(i)]
+            for x in list(dict.fromkeys(v))[:k]:
+                seen.setdefault(x, [0, 0])
+                seen[x][0] += 1
+                seen[x][1] += x in vis
+        prevalence = {x: sum(x in truth.images[image_key(i)] for i in loc) / max(len(loc), 1) for x in seen}
+        per_class[f"concepts K={k}"] = {
+            x: {"in_top_k": n, "visible_when_listed": h / n, "visible_in_images": prevalence[x],
+                "category": cats.get(x, "")}
+            for x, (n, h) in sorted(seen.items(), key=lambda kv: -kv[1][0])
+        }
+        out["local"][f"K={k}"] = {
+            "precision": _nanmean(a.values()), "precision_restricted": _nanmean(r.values()),
+            "random_precision": _nanmean(ra.values()), "random_precision_restricted": _nanmean(rr.values()),
+            "oracle_precision_restricted": _nanmean(orr),
+            "n_images": len(a),
+        }
+    out["planted_categories"] = sorted(allowed)
+    out["warnings"] = warnings
+    return out, per_class
+
+
 # --------------------------------------------------------------------------------------------
 # I/O edge
 # --------------------------------------------------------------------------------------------
@@ -220,6 +587,9 @@ class Ranking:
     images : image → (class, split), for every image ranked.
     local : image → local concepts in rank order.
     global_pos : class → supporting global concepts in rank order.
+    global_units : class → 0-based unit of each supporting global concept (aligned with
+        ``global_pos``; empty when global_concepts.csv has no ``unit`` column).
+    categories : concept → category, as the CSV files give it.
     """
 
     path: Path
@@ -228,6 +598,8 @@ class Ranking:
     images: dict
     local: dict
     global_pos: dict
+    global_units: dict = field(default_factory=dict)
+    categories: dict = field(default_factory=dict)
 
     @property
     def protocol(self) -> str:
@@ -262,6 +634,7 @@ def read_ranking(ranking: str | Path) -> Ranking:
         raise ConceptrankError(f"{meta_path} not found (is {path} an output folder of `conceptrank rank`?)")
     meta = read_json(meta_path)
 
+    categories: dict[str, str] = {}
     local_file = path / "local_concepts.csv"
     rows = _read_csv(local_file, ["image", "class", "split", "rank", "concept"])
     images: dict[str, tuple[str, str]] = {}
@@ -269,6 +642,8 @@ def read_ranking(ranking: str | Path) -> Ranking:
     for r in rows:
         images.setdefault(r["image"], (r["class"], r["split"]))
         ranked.setdefault(r["image"], []).append((_int(r["rank"], local_file, "rank"), r["concept"]))
+        if r.get("category"):
+            categories.setdefault(r["concept"], r["category"])
     images_file = path / "images.csv"
     if images_file.exists():  # lists images without any local concept too
         for r in _read_csv(images_file, ["image", "class", "split"]):
@@ -277,11 +652,16 @@ def read_ranking(ranking: str | Path) -> Ranking:
 
     global_file = path / "global_concepts.csv"
     grows = _read_csv(global_file, ["class", "rank", "concept", "sign"])
-    gpos: dict[str, list[tuple[int, str]]] = {}
+    gpos: dict[str, list[tuple[int, str, int]]] = {}
+    has_unit = bool(grows) and "unit" in grows[0]
     for r in grows:
+        if r.get("category"):
+            categories.setdefault(r["concept"], r["category"])
         if r["sign"] == "+":
-            gpos.setdefault(r["class"], []).append((_int(r["rank"], global_file, "rank"), r["concept"]))
-    global_pos = {c: [x for _, x in sorted(v)] for c, v in gpos.items()}
+            unit = _int(r["unit"], global_file, "unit") - 1 if has_unit and r["unit"] != "" else -1
+            gpos.setdefault(r["class"], []).append((_int(r["rank"], global_file, "rank"), r["concept"], unit))
+    global_pos = {c: [x for _, x, _ in sorted(v)] for c, v in gpos.items()}
+    global_units = {c: [u for _, _, u in sorted(v)] for c, v in gpos.items()} if has_unit else {}
 
     classes = meta.get("classes")
     if not classes:
@@ -289,11 +669,215 @@ def read_ranking(ranking: str | Path) -> Ranking:
         classes = read_json(cj).get("classes") if cj.exists() else None
     if not classes:
         classes = sorted({c for c, _ in images.values()})
-    return Ranking(path, meta, tuple(classes), images, local, global_pos)
+    return Ranking(path, meta, tuple(classes), images, local, global_pos, global_units, categories)
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """What the extra scores need beyond the CSVs (each None when it cannot be found)."""
+
+    unit_concepts: list | None  # length U, (concept, category, iou) or None
+    tally: Path | None
+    act: Any  # conceptrank.rank.Activations
+    svm: Any  # conceptrank.faithfulness.SVMParams
+    classifier: dict | None
+    dissect_meta: dict | None
+    notes: tuple[str, ...]
+
+
+def _first_existing(*cands: Any) -> Path | None:
+    for c in cands:
+        if c and Path(c).exists():
+            return Path(c)
+    return None
+
+
+def _load_inputs(rk: Ranking) -> _Inputs:
+    """Find the ranking's tally, activations, svm.npz, classifier.json and dissect.json."""
+    from .rank import load_activations
+    from .tally import TallyError, read_tally
+
+    notes: list[str] = []
+    inputs = rk.meta.get("inputs") or {}
+    run = rk.path.parent
+    tally = _first_existing(inputs.get("tally"), run / "dissect" / "tally.csv")
+    unit_concepts = None
+    if tally is not None:
+        try:
+            cats = rk.meta.get("categories")
+            min_iou = rk.meta.get("min_iou")
+            if min_iou is None:
+                min_iou = 0.0 if rk.protocol == "paper" else 0.04
+            unit_concepts = read_tally(tally).concepts(float(min_iou), tuple(cats) if cats else None)
+        except (TallyError, OSError, ValueError) as e:
+            notes.append(f"cannot read the tally {tally}: {e}")
+            unit_concepts = None
+    act = None
+    act_path = _first_existing(inputs.get("activations"), run / "extract" / "activations.npz")
+    if act_path is not None:
+        try:
+            act = load_activations(act_path)
+        except ConceptrankError as e:
+            notes.append(str(e))
+    svm = None
+    if (rk.path / "svm.npz").exists():
+        from .faithfulness import load_svm
+
+        try:
+            svm = load_svm(rk.path / "svm.npz")
+        except (ConceptrankError, OSError, ValueError) as e:
+            notes.append(f"cannot read {rk.path / 'svm.npz'}: {e}")
+    classifier = None
+    if (rk.path / "classifier.json").exists():
+        try:
+            classifier = read_json(rk.path / "classifier.json")
+        except (OSError, ValueError):
+            classifier = None
+    dissect_meta = None
+    dj = _first_existing(tally.parent / "dissect.json" if tally is not None else None, run / "dissect" / "dissect.json")
+    if dj is not None:
+        try:
+            dissect_meta = read_json(dj)
+        except (OSError, ValueError):
+            dissect_meta = None
+    if unit_concepts is not None and act is not None and len(unit_concepts) != act.mean.shape[1]:
+        notes.append(f"the tally {tally} has {len(unit_concepts)} units but the activations are {act.mean.shape[1]} wide")
+        act = None
+    if svm is not None and act is not None and svm.coef.shape[1] != act.mean.shape[1]:
+        notes.append("svm.npz and the activations differ in width")
+        svm = None
+    return _Inputs(unit_concepts, tally, act, svm, classifier, dissect_meta, tuple(notes))
+
+
+def _concept_weights(rk: Ranking, inputs: _Inputs, g_max: int) -> tuple[list[str], np.ndarray, str]:
+    """Vocabulary and weights of the frequency-matched baseline (see :mod:`conceptrank.baselines`)."""
+    if inputs.unit_concepts is not None:
+        counts: dict[str, int] = {}
+        for uc in inputs.unit_concepts:
+            if uc is not None and uc[0]:
+                counts[uc[0]] = counts.get(uc[0], 0) + 1
+        if counts:
+            vocab = list(counts)
+            return vocab, np.array([counts[x] for x in vocab], dtype=np.float64), "labelled units per concept"
+    counts = {}
+    for lst in rk.global_pos.values():
+        for x in lst[:g_max]:
+            counts[x] = counts.get(x, 0) + 1
+    vocab = list(counts)
+    return vocab, np.array([counts[x] for x in vocab], dtype=np.float64), "occurrences in the global lists (tally not found)"
+
+
+def _faithfulness(
+    rk: Ranking, inputs: _Inputs, image_class: Mapping[str, str], class_order: Sequence[str],
+    configs: Sequence[tuple[int, int]], cfg: EvaluateConfig,
+) -> tuple[dict, dict, dict, dict]:
+    """Deletion test and stability; returns (deletion summary, deletion per class, stability summary, stability per class)."""
+    from .faithfulness import deletion_test, fold_stability, seed_stability
+    from .rank import DEFAULT_C_GRID, unit_concept_table
+
+    gs = sorted({g for _, g in configs})
+    deletion: dict = {}
+    del_per: dict = {}
+    stability: dict = {}
+    stab_per: dict = {}
+    why = None
+    if inputs.unit_concepts is None:
+        why = "the tally was not found"
+    elif inputs.act is None:
+        why = "the activations were not found"
+    elif inputs.svm is None:
+        why = "svm.npz was not found"
+    if why is not None:
+        return {"skipped": why}, {}, {"skipped": why}, {}
+
+    act, svm = inputs.act, inputs.svm
+    row = {img: i for i, img in enumerate(act.images.tolist())}
+    missing = [i for i in image_class if i not in row]
+    if missing:
+        why = f"{len(missing)} evaluated images are not in the activations (first: {missing[0]})"
+        return {"skipped": why}, {}, {"skipped": why}, {}
+    ids, _ = unit_concept_table(inputs.unit_concepts)
+    labelled = np.flatnonzero(ids >= 0)
+    cidx = {c: i for i, c in enumerate(svm.classes)}
+
+    # ---- deletion ----
+    if not rk.global_units:
+        deletion = {"skipped": "global_concepts.csv has no unit column"}
+    else:
+        ev = [i for i in image_class if image_class[i] in cidx]
+        Z = svm.standardize(act.mean[[row[i] for i in ev]])
+        y = np.array([cidx[image_class[i]] for i in ev])
+        deletion = {"n_random": cfg.n_random,
+                    "note": "per class, the units of its top-G global concepts (one per concept, as listed) are set "
+                            "to their training mean (0 after standardization); drops are means over the class's "
+                            "evaluated images; ratio = mean top drop / mean random drop over classes"}
+        for g in gs:
+            top = [[u for u in rk.global_units.get(c, [])[:g] if u >= 0] for c in svm.classes]
+            res = deletion_test(Z, y, svm.coef, svm.intercept, top, labelled, cfg.n_random,
+                                np.random.default_rng([cfg.seed, _S_DELETION, g]))
+            deletion[f"G={g}"] = {
+                "ratio": _num(res.ratio_overall),
+                "score_drop_top": _nanmean(res.drop_top), "score_drop_random": _nanmean(res.drop_random_mean),
+                "recall_drop_top": _nanmean(res.recall_drop_top),
+                "recall_drop_random": _nanmean(res.recall_drop_random),
+                "recall_before": _nanmean(res.recall_before),
+            }
+            del_per[f"G={g}"] = {
+                c: {"ratio": _num(res.ratio[i]), "score_drop_top": _num(res.drop_top[i]),
+                    "score_drop_random": _num(res.drop_random_mean[i]),
+                    "recall_before": _num(res.recall_before[i]), "recall_after_top": _num(res.recall_top[i]),
+                    "recall_after_random": _num(np.mean(res.recall_random[i])), "units": [int(u) + 1 for u in top[i]]}
+                for c, i in cidx.items() if c in class_order
+            }
+
+    # ---- stability ----
+    rcfg = rk.meta.get("config") or {}
+    protocol = rk.protocol
+    clf = inputs.classifier or {}
+    best_C = clf.get("best_C")
+    rank_seed = int(rcfg.get("seed", 0))
+    folds = int(rcfg.get("folds", 5))
+    max_iter = int(rcfg.get("max_iter", 20000))
+    c_grid = tuple(rcfg.get("c_grid") or DEFAULT_C_GRID)
+    pool = rk.meta.get("global_pool")
+    fixed_C = 0.001 if (protocol == "paper" and not rcfg.get("grid")) else None
+    fit_imgs = [i for i, (c, sp) in rk.images.items() if (protocol == "paper" or sp == "train") and i in row]
+    if best_C is None:
+        stability = {"skipped": "classifier.json has no best_C"}
+    elif len(fit_imgs) < 2:
+        stability = {"skipped": "no training images"}
+    else:
+        X = act.mean[[row[i] for i in fit_imgs]].astype(np.float64)
+        y = np.array([rk.images[i][0] for i in fit_imgs])
+        classes = list(svm.classes)
+        try:
+            by_fold = fold_stability(X, y, classes, float(best_C), gs, inputs.unit_concepts, folds, rank_seed,
+                                     max_iter, protocol == "standard", pool, 1)
+            stability["folds"] = {f"G={g}": _nanmean(v) for g, v in by_fold.items()}
+            for g, v in by_fold.items():
+                stab_per.setdefault(f"G={g}", {}).update({c: {"folds": _num(v[i])} for i, c in enumerate(classes)})
+        except (ValueError, ConceptrankError) as e:
+            stability["folds_skipped"] = str(e)
+        if len(cfg.stability_seeds) >= 2:
+            known = {rank_seed: (svm.coef, float(best_C))} if rank_seed in cfg.stability_seeds else {}
+            try:
+                by_seed, chosen = seed_stability(X, y, gs, inputs.unit_concepts, protocol, cfg.stability_seeds, c_grid,
+                                                 folds, fixed_C, max_iter, pool, known, cfg.n_jobs)
+                stability["seeds"] = {f"G={g}": _nanmean(v) for g, v in by_seed.items()}
+                stability["seeds_C"] = {str(k): v for k, v in chosen.items()}
+                for g, v in by_seed.items():
+                    for i, c in enumerate(classes):
+                        stab_per.setdefault(f"G={g}", {}).setdefault(c, {})["seeds"] = _num(v[i])
+            except (ValueError, ConceptrankError) as e:
+                stability["seeds_skipped"] = str(e)
+        stability["note"] = (f"mean pairwise Jaccard of each class's top-G global concepts: refits on the training part "
+                             f"of {folds} stratified folds (C {float(best_C):g}), and full refits with seeds "
+                             f"{', '.join(map(str, cfg.stability_seeds))}")
+    return deletion, del_per, stability, stab_per
 
 
 def run_evaluate(ranking: Path, out: Path | None, cfg: EvaluateConfig) -> EvaluateResult:
-    """Score the agreement of a ranking for every K:G configuration.
+    """Score the agreement of a ranking for every K:G configuration, with baselines and extra scores.
 
     Parameters
     ----------
@@ -301,9 +885,10 @@ def run_evaluate(ranking: Path, out: Path | None, cfg: EvaluateConfig) -> Evalua
     out : output folder (default: ``ranking``).
     cfg : :class:`EvaluateConfig`.
 
-    Writes ``precision.csv`` (class, then one column per configuration, rows in class order) and
-    ``summary.json``.
+    Writes ``precision.csv`` (class, then one column per configuration, rows in class order),
+    ``summary.json`` (overall numbers) and ``evaluation.json`` (per-class numbers and timings).
     """
+    cfg.validate()
     configs = parse_configs(cfg.configs)
     rk = read_ranking(ranking)
     top_local = rk.meta.get("top_local")
@@ -322,6 +907,11 @@ def run_evaluate(ranking: Path, out: Path | None, cfg: EvaluateConfig) -> Evalua
     split = cfg.split if cfg.split is not None else ("all" if rk.protocol == "paper" else "test")
     if split not in SPLIT_CHOICES:
         raise ConceptrankError(f"unknown split {split!r}: expected one of {', '.join(SPLIT_CHOICES)}")
+    truth = None
+    if cfg.truth is not None:
+        from .groundtruth import read_truth
+
+        truth = read_truth(cfg.truth)
 
     image_class = {img: c for img, (c, s) in rk.images.items() if split == "all" or s == split}
     if not image_class:
@@ -341,7 +931,7 @@ def run_evaluate(ranking: Path, out: Path | None, cfg: EvaluateConfig) -> Evalua
     n_per_class = {c: 0 for c in class_order}
     for c in image_class.values():
         n_per_class[c] += 1
-    summary = {
+    summary: dict = {
         "ranking": str(rk.path),
         "protocol": rk.protocol,
         "split": split,
@@ -355,9 +945,79 @@ def run_evaluate(ranking: Path, out: Path | None, cfg: EvaluateConfig) -> Evalua
             config_name(k, g): {"k": k, "g": g, **summarize(per_config[config_name(k, g)].values())}
             for k, g in configs
         },
-        "truth": None if cfg.truth is None else {"path": str(cfg.truth), "scores": None,
-                                                 "note": "ground-truth scores are not computed by this version"},
+        "truth": None if cfg.truth is None else str(cfg.truth),
     }
+    details: dict = {"classes": class_order, "timings": {}}
+    timings = details["timings"]
+
+    # ---- chance baselines and bootstrap ----
+    from .baselines import encode_rankings
+
+    t0 = time.perf_counter()
+    inputs = _load_inputs(rk)
+    g_max = max(g for _, g in configs)
+    vocab, weights, source = _concept_weights(rk, inputs, int(top_global or g_max))
+    enc = encode_rankings(rk.local, image_class, rk.global_pos, class_order, vocab)
+    w_full = np.zeros(enc.n_concepts)
+    w_full[: len(weights)] = weights
+    base, boot, chance_per = chance_scores(enc, configs, w_full, cfg.n_perm, cfg.n_draw, cfg.n_boot, cfg.seed)
+    summary["baselines"] = {
+        "note": "lift = observed mean agreement / chance mean; p = (1 + #null ≥ observed) / (1 + n), one-sided, "
+                "over the mean of classes; permutation: global lists reassigned across classes at random; "
+                f"frequency: random global lists of the same length drawn ∝ {source}",
+        "n_permutations": cfg.n_perm, "n_draws": cfg.n_draw, "frequency_source": source, **base,
+    }
+    summary["bootstrap"] = {"note": "95% percentile interval of the mean agreement; images resampled within classes",
+                            "n": cfg.n_boot, "level": 0.95, **boot}
+    details["chance"] = chance_per
+    timings["baselines"] = round(time.perf_counter() - t0, 3)
+
+    # ---- ranking agreement ----
+    t0 = time.perf_counter()
+    ra, ra_per = ranking_agreement_scores(rk.local, image_class, rk.global_pos, class_order, configs)
+    summary["ranking_agreement"] = {
+        "note": "per class, aggregated local ranking (concepts by share of the class's images having them in their "
+                "top-K, then mean position) vs the global ranking, at depth G: Jaccard, nDCG (graded relevance "
+                "G - rank + 1), extrapolated RBO (p = 0.9); means over classes",
+        **ra,
+    }
+    details["ranking_agreement"] = ra_per
+    timings["ranking_agreement"] = round(time.perf_counter() - t0, 3)
+
+    # ---- ground truth ----
+    if truth is not None:
+        t0 = time.perf_counter()
+        gt, gt_per = truth_scores(truth, {i: rk.local.get(i, []) for i in image_class}, rk.global_pos, class_order,
+                                  configs, vocab, weights, rk.categories, cfg.n_draw, cfg.seed)
+        summary["ground_truth"] = {
+            "path": str(cfg.truth),
+            "note": "global precision/recall@G of the global concepts vs the planted class concepts; local "
+                    "precision@K of the image's concepts vs those visible in it; 'restricted' keeps only concepts "
+                    "of the planted categories; 'R' = precision at depth |planted|; random_* = random concepts "
+                    "drawn ∝ labelled units",
+            **gt,
+        }
+        details["ground_truth"] = gt_per
+        timings["ground_truth"] = round(time.perf_counter() - t0, 3)
+    else:
+        summary["ground_truth"] = None
+
+    # ---- faithfulness ----
+    if cfg.faithfulness:
+        t0 = time.perf_counter()
+        deletion, del_per, stability, stab_per = _faithfulness(rk, inputs, image_class, class_order, configs, cfg)
+        summary["deletion"] = deletion
+        summary["stability"] = stability
+        details["deletion"] = del_per
+        details["stability"] = stab_per
+        timings["faithfulness"] = round(time.perf_counter() - t0, 3)
+    else:
+        summary["stability"] = {}
+    if inputs.dissect_meta and inputs.dissect_meta.get("label_stability") is not None:
+        summary.setdefault("stability", {})["labels"] = inputs.dissect_meta["label_stability"]
+    if inputs.notes:
+        summary["evaluation_notes"] = list(inputs.notes)
+    summary["details"] = "evaluation.json"
 
     out = Path(out) if out is not None else rk.path
     out.mkdir(parents=True, exist_ok=True)
@@ -367,8 +1027,9 @@ def run_evaluate(ranking: Path, out: Path | None, cfg: EvaluateConfig) -> Evalua
     for c in class_order:
         w.writerow([c] + [repr(float(per_class[c][n])) for n in names])
     atomic_write_text(out / "precision.csv", buf.getvalue())
+    atomic_write_json(out / "evaluation.json", details)
     atomic_write_json(out / "summary.json", summary)
-    return EvaluateResult(out=out, split=split, configs=configs, per_class=per_class, summary=summary)
+    return EvaluateResult(out=out, split=split, configs=configs, per_class=per_class, summary=summary, details=details)
 
 
 # ``conceptrank.evaluate`` (lazy export in __init__) resolves to this function.

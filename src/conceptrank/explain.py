@@ -1,0 +1,466 @@
+"""Decision-faithful local explanations: which concepts made the SVM decide as it did for an image.
+
+For an image with mean activations x, the score of class c is split exactly (see
+:mod:`conceptrank.faithfulness`) into
+
+``s_c = Σ_k contribution_k + remainder (unlabelled units) + bias``,
+``contribution_k = Σ_{units u labelled k} (x_u − mean_u) / scale_u · w_cu``.
+
+:func:`explain_vector` (pure) gives, for the predicted class, its score, the margin over the
+runner-up class, the concepts that pushed the score up ("for") and down ("against") with their
+contributions and units, and the decomposition of the margin ``s_pred − s_runner-up`` in the same
+way. :func:`contribution_maps` turns a layer's activation maps into per-concept *contribution maps*
+``Σ_u (A_u(p) − mean_u) / scale_u · w_cu`` whose spatial mean is exactly the concept's
+contribution when A is the map the mean activation came from (the upsampled maps shown in the PNG
+keep that mean only approximately: bilinear upsampling is not exactly mean-preserving at the edges).
+
+:func:`run_explain` (I/O) reads a run folder (``run.json``, ``extract/``, ``rank/``, the tally),
+reruns the model on the requested images for the heatmaps, and writes
+``DIR/explain/<image>.json`` and ``DIR/explain/<image>.png``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Sequence
+
+import numpy as np
+
+from .cache import atomic_write_json, read_json
+from .errors import ConceptrankError
+from .faithfulness import SVMParams, concept_contributions, load_svm
+
+__all__ = [
+    "ConceptContribution",
+    "Explanation",
+    "ExplainResult",
+    "explain_vector",
+    "contribution_maps",
+    "resolve_image",
+    "run_explain",
+]
+
+
+@dataclass(frozen=True)
+class ConceptContribution:
+    """One concept's share of a class score.
+
+    Attributes
+    ----------
+    concept, category : the concept (category '' when unknown).
+    contribution : Σ over its units of z_u · w_cu.
+    units : ((unit, contribution), ...) 0-based units, largest |contribution| first.
+    """
+
+    concept: str
+    category: str
+    contribution: float
+    units: tuple[tuple[int, float], ...]
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Why the linear ranker scored one image as it did.
+
+    Attributes
+    ----------
+    predicted, runner_up : class names (runner_up '' when there is one class).
+    score, runner_up_score : their scores; ``margin`` = score − runner_up_score.
+    scores : class → score, every class.
+    contributions : every concept's contribution to the predicted class's score, largest first.
+    for_, against : the ``top`` most positive / most negative of them (positive / negative only).
+    remainder : contribution of the unlabelled units; ``bias`` the intercept.
+    margin_contributions : concept → contribution to the margin (same decomposition with
+        ``w_pred − w_runner-up``); ``margin_remainder``, ``margin_bias`` likewise.
+    """
+
+    predicted: str
+    runner_up: str
+    score: float
+    runner_up_score: float
+    margin: float
+    scores: dict
+    contributions: tuple[ConceptContribution, ...]
+    for_: tuple[ConceptContribution, ...]
+    against: tuple[ConceptContribution, ...]
+    remainder: float
+    bias: float
+    margin_contributions: dict = field(default_factory=dict)
+    margin_remainder: float = 0.0
+    margin_bias: float = 0.0
+
+    @property
+    def total(self) -> float:
+        """Σ contributions + remainder + bias (= ``score``, up to rounding)."""
+        return float(sum(c.contribution for c in self.contributions) + self.remainder + self.bias)
+
+    def to_dict(self) -> dict:
+        def cc(c: ConceptContribution) -> dict:
+            return {"concept": c.concept, "category": c.category, "contribution": c.contribution,
+                    "units": [{"unit": u + 1, "contribution": v} for u, v in c.units]}
+
+        return {
+            "predicted": self.predicted, "score": self.score, "runner_up": self.runner_up,
+            "runner_up_score": self.runner_up_score, "margin": self.margin, "scores": dict(self.scores),
+            "for": [cc(c) for c in self.for_], "against": [cc(c) for c in self.against],
+            "contributions": {c.concept: c.contribution for c in self.contributions},
+            "remainder_unlabelled_units": self.remainder, "bias": self.bias,
+            "sum_check": {"sum": self.total, "score": self.score, "abs_error": abs(self.total - self.score)},
+            "margin_contributions": dict(self.margin_contributions),
+            "margin_remainder_unlabelled_units": self.margin_remainder, "margin_bias": self.margin_bias,
+            "units_numbering": "1-based, as in tally.csv",
+        }
+
+
+def explain_vector(
+    x: np.ndarray, svm: SVMParams, unit_concepts: Sequence, top: int = 5, klass: str | None = None
+) -> Explanation:
+    """Explain the linear ranker's decision for one image.
+
+    Parameters
+    ----------
+    x : (U,) mean activations of the image.
+    svm : the linear model.
+    unit_concepts : length U; per unit ``(concept, category, iou)`` or None (unlabelled).
+    top : concepts listed for and against.
+    klass : explain this class's score instead of the predicted one's (the margin is then taken
+        against the best other class).
+    """
+    from .rank import unit_concept_table
+
+    ids, names = unit_concept_table(unit_concepts)
+    cat = {}
+    for uc in unit_concepts:
+        if uc is not None and uc[0]:
+            cat.setdefault(uc[0], uc[1])
+    con = concept_contributions(np.asarray(x, dtype=np.float64)[None, :], svm, ids, names)
+    scores = con.decision[0]
+    order = np.argsort(-scores, kind="stable")
+    p = int(order[0]) if klass is None else svm.classes.index(klass)
+    others = [int(c) for c in order if c != p]
+    r = others[0] if others else None
+    per_c = con.per_concept[0, p]
+    per_u = con.per_unit[0, p]
+
+    def entry(k: int) -> ConceptContribution:
+        units = np.flatnonzero(ids == k)
+        units = units[np.argsort(-np.abs(per_u[units]), kind="stable")]
+        return ConceptContribution(names[k], cat.get(names[k], ""), float(per_c[k]),
+                                   tuple((int(u), float(per_u[u])) for u in units))
+
+    ranked = np.argsort(-per_c, kind="stable")
+    contributions = tuple(entry(int(k)) for k in ranked)
+    for_ = tuple(c for c in contributions if c.contribution > 0)[:top]
+    against = tuple(sorted((c for c in contributions if c.contribution < 0), key=lambda c: c.contribution))[:top]
+    if r is not None:
+        m_c = per_c - con.per_concept[0, r]
+        margin_contrib = {names[int(k)]: float(m_c[k]) for k in np.argsort(-m_c, kind="stable")}
+        m_rem = float(con.remainder[0, p] - con.remainder[0, r])
+        m_bias = float(con.bias[p] - con.bias[r])
+    else:
+        margin_contrib, m_rem, m_bias = {}, 0.0, 0.0
+    return Explanation(
+        predicted=svm.classes[p],
+        runner_up=svm.classes[r] if r is not None else "",
+        score=float(scores[p]),
+        runner_up_score=float(scores[r]) if r is not None else float("nan"),
+        margin=float(scores[p] - scores[r]) if r is not None else float("nan"),
+        scores={svm.classes[c]: float(scores[c]) for c in range(len(scores))},
+        contributions=contributions,
+        for_=for_,
+        against=against,
+        remainder=float(con.remainder[0, p]),
+        bias=float(con.bias[p]),
+        margin_contributions=margin_contrib,
+        margin_remainder=m_rem,
+        margin_bias=m_bias,
+    )
+
+
+def contribution_maps(maps: np.ndarray, svm: SVMParams, klass: int, unit_groups: Sequence[Sequence[int]]) -> np.ndarray:
+    """Per-group spatial contribution maps.
+
+    Parameters
+    ----------
+    maps : (U, h, w) the layer's activation maps for one image.
+    klass : class index into ``svm.coef``.
+    unit_groups : P groups of unit indices (e.g. the units of one concept each).
+
+    Returns
+    -------
+    (P, h, w) float64 — ``Σ_{u in group} (maps[u] − mean_u) / scale_u · coef[klass, u]``; the spatial
+    mean of a group's map equals its contribution computed from the spatially averaged activations.
+    """
+    maps = np.asarray(maps, dtype=np.float64)
+    out = np.zeros((len(unit_groups),) + maps.shape[1:])
+    for i, units in enumerate(unit_groups):
+        u = np.asarray(list(units), dtype=np.int64)
+        if u.size:
+            z = (maps[u] - svm.mean[u, None, None]) / svm.scale[u, None, None]
+            out[i] = np.tensordot(svm.coef[klass, u], z, axes=1)
+    return out
+
+
+def resolve_image(query: str, images: Sequence[str]) -> int:
+    """Index of the image named by ``query``: an exact relative path, else a unique file-name match.
+
+    Raises :class:`ConceptrankError` naming the candidates when none or several match.
+    """
+    images = list(images)
+    q = query.replace("\\", "/").strip()
+    if q in images:
+        return images.index(q)
+    name = PurePosixPath(q).name
+    hits = [i for i, im in enumerate(images) if PurePosixPath(im).name == name]
+    if not hits:
+        hits = [i for i, im in enumerate(images) if im.endswith("/" + q)]
+    if len(hits) == 1:
+        return hits[0]
+    if not hits:
+        import difflib
+
+        close = difflib.get_close_matches(q, images, n=3, cutoff=0.4) or difflib.get_close_matches(
+            name, [PurePosixPath(im).name for im in images], n=3, cutoff=0.4)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConceptrankError(f"image {query!r} is not among the {len(images)} extracted images{hint}")
+    shown = ", ".join(images[i] for i in hits[:5])
+    raise ConceptrankError(f"image {query!r} matches {len(hits)} images ({shown}); give its path relative to the dataset root")
+
+
+# --------------------------------------------------------------------------------------------
+# I/O edge
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageExplanation:
+    """One explained image: its names, the explanation, and the files written."""
+
+    image: str
+    true_class: str
+    split: str
+    explanation: Explanation
+    json_path: Path
+    png_path: Path | None
+    activation_check: float | None  # max |recomputed − stored mean activation|, None when not recomputed
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ExplainResult:
+    """What :func:`run_explain` produced; ``text()`` is what the CLI prints."""
+
+    out: Path
+    images: tuple[ImageExplanation, ...]
+
+    def text(self, top: int = 5) -> str:
+        lines = []
+        for ie in self.images:
+            e = ie.explanation
+            ok = "correct" if e.predicted == ie.true_class else f"wrong, true class {ie.true_class}"
+            lines.append(f"{ie.image} (class {ie.true_class}, split {ie.split})")
+            lines.append(f"  predicted {e.predicted} ({ok}): score {e.score:+.3f}, margin {e.margin:+.3f} over {e.runner_up}")
+            for label, items in (("for", e.for_), ("against", e.against)):
+                if not items:
+                    lines.append(f"  {label:<8} –")
+                    continue
+                parts = []
+                for c in items[:top]:
+                    units = ", ".join(str(u + 1) for u, _ in c.units[:3]) + (" …" if len(c.units) > 3 else "")
+                    parts.append(f"{c.concept} {c.contribution:+.3f} (unit{'s' if len(c.units) > 1 else ''} {units})")
+                lines.append(f"  {label:<8} " + "; ".join(parts))
+            lines.append(
+                f"  = Σ concepts {sum(c.contribution for c in e.contributions):+.3f} + unlabelled units "
+                f"{e.remainder:+.3f} + bias {e.bias:+.3f} = {e.total:+.3f}"
+            )
+            files = str(ie.json_path) + (f", {ie.png_path}" if ie.png_path else "")
+            lines.append(f"  → {files}")
+            for n in ie.notes:
+                lines.append(f"  note: {n}")
+        return "\n".join(lines)
+
+
+def _safe_name(rel: str) -> str:
+    stem = str(PurePosixPath(rel).with_suffix(""))
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in stem.replace("/", "__")) or "image"
+
+
+def _render_png(path: Path, img: np.ndarray, title: str, panels: list[tuple[str, np.ndarray]]) -> None:
+    """Image + one overlay per contribution map (red = raises the score, blue = lowers it)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from .cache import atomic_write
+
+    n = 1 + len(panels)
+    fig, axes = plt.subplots(1, n, figsize=(2.4 * n, 2.9), squeeze=False)
+    axes = axes[0]
+    axes[0].imshow(img)
+    axes[0].set_title("image", fontsize=8)
+    lim = max([float(np.abs(m).max()) for _, m in panels] + [1e-12])
+    gray = img.mean(axis=2) if img.ndim == 3 else img
+    for ax, (label, m) in zip(axes[1:], panels):
+        ax.imshow(gray, cmap="gray", vmin=0, vmax=255)
+        ax.imshow(m, cmap="RdBu_r", vmin=-lim, vmax=lim, alpha=0.6)
+        ax.set_title(label, fontsize=8)
+    for ax in axes:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+
+
+def _layer_maps(run_cfg: dict, extract_meta: dict, rels: list[str]) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
+    """Rerun the model on images: per image its (U, h, w) layer maps and its resized RGB array."""
+    import torch
+
+    from .data.images import load_rgb
+    from .data.targets import TargetSet, load_targets
+    from .hooks import record_layers
+    from .models import load_model
+
+    model_spec = run_cfg.get("model") or (extract_meta.get("model") or {}).get("model")
+    weights = run_cfg.get("weights") if "model" in run_cfg else (extract_meta.get("model") or {}).get("weights")
+    layer = extract_meta.get("layer") or run_cfg.get("layer")
+    ds = extract_meta.get("dataset") or {}
+    root = ds.get("root") or run_cfg.get("target")
+    if not model_spec or not layer or not root:
+        raise ConceptrankError("run.json / extract.json do not say which model, layer and dataset were used")
+    loaded = load_model(str(model_spec), weights)
+    size = tuple(int(s) for s in (extract_meta.get("input_size") or loaded.input_size))
+    crop = (extract_meta.get("config") or {}).get("crop", "none")
+    try:
+        targets: TargetSet | None = load_targets(root, ds.get("layout") or "auto")
+    except ConceptrankError:
+        targets = None
+    image_root = targets.image_root if targets is not None else Path(root)
+    maps, pics, notes = [], [], []
+    module = loaded.module.eval()
+    for rel in rels:
+        img = load_rgb(image_root.joinpath(*PurePosixPath(rel).parts))
+        if crop == "person":
+            from .extract import _crop_person
+
+            img = _crop_person(img, str(image_root), rel, 1)
+        x = loaded.to_tensor(img, size)[None]
+        with torch.inference_mode(), record_layers(module, [layer]) as store:
+            module(x)
+            a = store[layer][0].float().cpu().numpy()
+        if a.ndim == 1:
+            a = a[:, None, None]
+        maps.append(a.astype(np.float64))
+        resized = img.resize((size[1], size[0]))
+        pics.append(np.asarray(resized))
+    return maps, pics, notes
+
+
+def run_explain(run: str | Path, images: Sequence[str], top: int = 5, heatmaps: int = 3) -> ExplainResult:
+    """Explain the ranker's decisions for images of a run; write JSON and PNG under ``run/explain``.
+
+    Parameters
+    ----------
+    run : a run folder (``run.json``, ``extract/``, ``rank/``, ``dissect/`` — as ``demo`` writes).
+    images : image paths relative to the dataset root (as in activations.npz ``images``) or file
+        names that match exactly one of them.
+    top : concepts listed for and against.
+    heatmaps : contribution maps drawn for the top concepts for (and as many against, at most 2).
+    """
+    from .rank import load_activations
+    from .tally import read_tally
+    from .upsample import upsample_bilinear
+
+    run = Path(run)
+    if not images:
+        raise ConceptrankError("no images given")
+    rank_dir = run / "rank"
+    if not (rank_dir / "svm.npz").exists():
+        raise ConceptrankError(f"{rank_dir / 'svm.npz'} not found (is {run} a run folder made by `demo` or `run`?)")
+    run_meta = read_json(run / "run.json") if (run / "run.json").exists() else {}
+    run_cfg = run_meta.get("config") or {}
+    rank_meta = read_json(rank_dir / "rank.json")
+    inputs = rank_meta.get("inputs") or {}
+    act_path = next((Path(p) for p in (inputs.get("activations"), run / "extract" / "activations.npz")
+                     if p and Path(p).exists()), None)
+    tally = next((Path(p) for p in (inputs.get("tally"), run / "dissect" / "tally.csv") if p and Path(p).exists()), None)
+    if act_path is None or tally is None:
+        raise ConceptrankError(f"cannot find the activations or the tally of {run}")
+    act = load_activations(act_path)
+    extract_json = act.path.parent / "extract.json"
+    extract_meta = read_json(extract_json) if extract_json.exists() else {}
+    svm = load_svm(rank_dir / "svm.npz")
+    cats = rank_meta.get("categories")
+    min_iou = rank_meta.get("min_iou")
+    if min_iou is None:
+        min_iou = 0.0 if rank_meta.get("protocol") == "paper" else 0.04
+    unit_concepts = read_tally(tally).concepts(float(min_iou), tuple(cats) if cats else None)
+    if len(unit_concepts) != act.mean.shape[1] or svm.coef.shape[1] != act.mean.shape[1]:
+        raise ConceptrankError("tally, activations and svm.npz disagree on the number of units")
+
+    rows = [resolve_image(q, act.images.tolist()) for q in images]
+    rels = [str(act.images[r]) for r in rows]
+    out = run / "explain"
+    out.mkdir(parents=True, exist_ok=True)
+
+    maps: list | None = None
+    pics: list = []
+    map_note = None
+    try:
+        maps, pics, _ = _layer_maps(run_cfg, extract_meta, rels)
+    except Exception as e:  # noqa: BLE001 - heatmaps are optional; the explanation stands without them
+        map_note = f"no heatmaps: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        maps = None
+
+    results = []
+    for j, (r, rel) in enumerate(zip(rows, rels)):
+        exp = explain_vector(act.mean[r], svm, unit_concepts, top)
+        name = _safe_name(rel)
+        notes: list[str] = [map_note] if map_note else []
+        check = None
+        png = None
+        record = {
+            "image": rel, "class": str(act.classes[r]), "split": str(act.splits[r]),
+            **exp.to_dict(),
+            "decomposition": "score = Σ concept contributions + unlabelled units + bias, with contribution = "
+                             "Σ over the concept's units of (x_u − train mean_u) / train std_u × w_u (svm.npz)",
+        }
+        if maps is not None:
+            m = maps[j]
+            recomputed = m.reshape(m.shape[0], -1).mean(axis=1)
+            check = float(np.max(np.abs(recomputed - act.mean[r].astype(np.float64))))
+            if check > 1e-3 * max(1.0, float(np.abs(act.mean[r]).max())):
+                notes.append(f"recomputed activations differ from activations.npz by up to {check:.3g}: "
+                             "the heatmaps may not match the stored numbers")
+            ids_by_concept = {c.concept: [u for u, _ in c.units] for c in exp.contributions}
+            chosen = list(exp.for_[:heatmaps]) + list(exp.against[: min(2, heatmaps)])
+            p = svm.classes.index(exp.predicted)
+            cm = contribution_maps(m, svm, p, [ids_by_concept[c.concept] for c in chosen])
+            H, W = pics[j].shape[:2]
+            import torch
+
+            up = upsample_bilinear(torch.from_numpy(cm.astype(np.float32)), (H, W)).numpy() if len(chosen) else cm
+            png = out / f"{name}.png"
+            _render_png(
+                png, pics[j],
+                f"{rel}: predicted {exp.predicted} (margin {exp.margin:+.2f} over {exp.runner_up})",
+                [(f"{c.concept} {c.contribution:+.2f}", up[i]) for i, c in enumerate(chosen)],
+            )
+            record["heatmaps"] = {
+                "png": png.name,
+                "concepts": [c.concept for c in chosen],
+                "map_means": [float(cm[i].mean()) for i in range(len(chosen))],
+                "note": "per concept, Σ over its units of (A_u − train mean_u) / train std_u × w_u at every position "
+                        "of the layer's map (red raises the predicted class's score); the spatial mean equals "
+                        "the contribution",
+            }
+            record["activation_check_max_abs_diff"] = check
+        if notes:
+            record["notes"] = notes
+        jp = out / f"{name}.json"
+        atomic_write_json(jp, record)
+        results.append(ImageExplanation(rel, str(act.classes[r]), str(act.splits[r]), exp, jp, png, check, tuple(notes)))
+    return ExplainResult(out, tuple(results))

@@ -157,11 +157,14 @@ def evaluate(
     out: Optional[Path] = typer.Option(None, "--out", help="Default: the ranking folder."),
     truth: Optional[Path] = typer.Option(None, "--truth", help="truth.json of a synthetic world (ground-truth scores)."),
     seed: int = typer.Option(0, "--seed"),
+    permutations: int = typer.Option(1000, "--permutations", help="Permutations / random draws / bootstrap replicates of the chance baselines."),
+    faithfulness: bool = typer.Option(True, "--faithfulness/--no-faithfulness", help="Deletion test and stability refits (needs activations, tally, svm.npz)."),
 ) -> None:
     """Agreement between local and global concepts per class (the paper's Formula 2), and more."""
     from .evaluate import EvaluateConfig, run_evaluate
 
-    cfg = EvaluateConfig(configs=configs, split=split, truth=truth, seed=seed)
+    cfg = EvaluateConfig(configs=configs, split=split, truth=truth, seed=seed, n_perm=permutations,
+                         n_draw=permutations, n_boot=permutations, faithfulness=faithfulness)
     res = _run(run_evaluate, ranking, out, cfg)
     typer.echo(res.table())
 

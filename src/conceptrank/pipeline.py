@@ -290,10 +290,23 @@ def _world_manifest(out: Path) -> Path:
     return Path(out) / ".world.json"
 
 
+def _generator_fingerprint() -> str:
+    """Hash of the code that generates the world: a changed generator never reuses an old world."""
+    import hashlib
+
+    from .data import synthetic
+    from . import nets, train
+
+    h = hashlib.sha256()
+    for mod in (synthetic, train, nets):
+        h.update(Path(mod.__file__).read_bytes())
+    return h.hexdigest()
+
+
 def _world_key(params: dict) -> str:
     from . import cache
 
-    return cache.stage_key("synth", {}, {**params, "train_model": True})
+    return cache.stage_key("synth", {"generator": _generator_fingerprint()}, {**params, "train_model": True})
 
 
 def _world_is_current(out: Path, params: dict) -> bool:

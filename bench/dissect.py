@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -167,6 +168,7 @@ def main() -> None:
     fw, wd = [], []
     for _ in range(2):
         fw.append(bare_forward(model, args.layer, probe, args.batch_size, args.workers, args.device))
+        shutil.rmtree(args.work / "out", ignore_errors=True)  # never measure a cached result
         t0 = time.perf_counter()
         (res,) = dissect(model, [args.layer], BrodenDataset(probe), args.work / "out", cfg)
         wd.append(time.perf_counter() - t0)
@@ -177,6 +179,7 @@ def main() -> None:
 
     # naive reference on a subset (it is slow): same thresholds → IoU difference; phase speed ratio
     sub = make_probe(args.work, args.naive_images, args.size)
+    shutil.rmtree(args.work / "out_sub", ignore_errors=True)
     (ours,) = dissect(model, [args.layer], BrodenDataset(sub), args.work / "out_sub", cfg)
     naive_s, naive_iou = naive_phases(model, args.layer, sub, ours.thresholds, args.quantile)
     ours_s = ours.timings["threshold"] + ours.timings["tally"]
@@ -187,6 +190,8 @@ def main() -> None:
 
     if not args.no_rss:
         big = make_probe(args.work, 4 * args.probe_images, args.size)
+        for d in ("rss1", "rss4"):
+            shutil.rmtree(args.work / d, ignore_errors=True)
         r1 = peak_rss_mb(args, probe, args.work / "rss1")
         r4 = peak_rss_mb(args, big, args.work / "rss4")
         print(f"peak RSS: {r1:.0f} MB at N={args.probe_images}, {r4:.0f} MB at 4N={4 * args.probe_images}, "

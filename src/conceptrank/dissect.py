@@ -180,7 +180,7 @@ class TallyAccumulator:
         return len(self.thresholds)
 
     def add(self, features: torch.Tensor, planes: Sequence[torch.Tensor], scalars: Sequence[Sequence[int]],
-            pair_chunk: int = 4096) -> None:
+            max_elements: int = 1 << 24) -> None:
         """Tally one batch.
 
         Parameters
@@ -188,53 +188,92 @@ class TallyAccumulator:
         features : (B, U, h, w) float32 activations of the batch.
         planes : B tensors ``(P_i, sh, sw)`` int of global label numbers (P_i may be 0).
         scalars : B lists of image-level label numbers.
+        max_elements : bound on (active pairs × mask pixels) processed at once (memory).
         """
         feats = features.to(self.device, torch.float32)
         B, U, h, w = feats.shape
         if U != self.num_units:
             raise ValueError(f"features have {U} units, thresholds {self.num_units}")
-        L = self.truth.shape[0]
-        active_any = feats.amax(dim=(2, 3)) > self.thr32[None, :]  # (B, U): bilinear never exceeds the max
-        for b in range(B):
-            pl = planes[b].to(self.device, torch.int64)
-            sh, sw = int(pl.shape[-2]), int(pl.shape[-1])
-            S = sh * sw
-            pl = pl.reshape(pl.shape[0], S)
-            sc = torch.as_tensor(list(scalars[b]), dtype=torch.int64, device=self.device)
-            # truth: every plane's labelled pixels, plus sh*sw per image-level label
-            if pl.numel():
-                cnt = torch.bincount(pl.reshape(-1), minlength=L)
-                cnt[0] = 0
-                self.truth += cnt[:L]
-            if sc.numel():
-                self.truth.index_add_(0, sc, torch.full_like(sc, S))
-            units = torch.nonzero(active_any[b]).flatten()
-            if units.numel() == 0:
-                continue
-            if pl.numel():
-                labs = torch.unique(pl)
-                labs = labs[labs != 0]
-            else:
-                labs = pl.new_zeros(0)
-            # (S, n) count of planes carrying each present label at each pixel
-            onehot = (pl[:, :, None] == labs[None, None, :]).sum(dim=0).to(torch.float32) if labs.numel() else None
-            cat_scalar = self.label_cat[sc].sum(dim=0) > 0 if sc.numel() else None
-            for start in range(0, units.numel(), pair_chunk):
-                us = units[start:start + pair_chunk]
-                up = upsample_bilinear(feats[b, us], (sh, sw))  # (P, sh, sw) float32
-                mask = (up > self.thr32[us][:, None, None]).reshape(len(us), S)
-                size = mask.sum(dim=1)  # (P,) active pixels per unit
-                flags = torch.zeros(len(us), self.label_cat.shape[1], dtype=torch.bool, device=self.device)
-                if onehot is not None:
-                    inter = (mask.to(torch.float32) @ onehot).round().to(torch.int64)  # (P, n), exact counts
-                    self.intersect[us[:, None], labs[None, :]] += inter
-                    flags |= ((inter > 0).to(torch.float32) @ self.label_cat[labs]) > 0
-                if sc.numel():
-                    for lab in sc.tolist():  # image-level labels count as full-image masks
-                        self.intersect[us, lab] += size
-                    flags |= cat_scalar[None, :]
-                self.activation[us] += size[:, None] * flags.to(torch.int64)
+        planes = [p.to(self.device, torch.int64) for p in planes]
+        # truth: every plane's labelled pixels, plus sh*sw per image-level label
+        flat = [p.reshape(-1) for p in planes if p.numel()]
+        if flat:
+            cnt = torch.bincount(torch.cat(flat), minlength=self.truth.shape[0])
+            cnt[0] = 0
+            self.truth += cnt
+        sc_lab = [lab for sc in scalars for lab in sc]
+        if sc_lab:
+            sizes = [int(p.shape[-2] * p.shape[-1]) for p, sc in zip(planes, scalars) for _ in sc]
+            self.truth.index_add_(0, torch.as_tensor(sc_lab, device=self.device),
+                                  torch.as_tensor(sizes, dtype=torch.int64, device=self.device))
+        # bilinear values never exceed the map's max: only these (image, unit) pairs can be active
+        active = feats.amax(dim=(2, 3)) > self.thr32[None, :]  # (B, U)
+        n_active = active.sum(dim=1).tolist()
+        # groups of consecutive images with one mask size and a bounded amount of work
+        b = 0
+        while b < B:
+            sh, sw = int(planes[b].shape[-2]), int(planes[b].shape[-1])
+            e, work = b, 0
+            while e < B and (int(planes[e].shape[-2]), int(planes[e].shape[-1])) == (sh, sw) and \
+                    (e == b or work + n_active[e] * sh * sw <= max_elements):
+                work += n_active[e] * sh * sw
+                e += 1
+            self._add_group(feats[b:e], active[b:e], planes[b:e], scalars[b:e], sh, sw)
+            b = e
         self.images += B
+
+    def _add_group(self, feats, active, planes, scalars, sh: int, sw: int) -> None:
+        """Images of one mask size: all active pairs upsampled and intersected at once."""
+        dev = self.device
+        G = feats.shape[0]
+        S = sh * sw
+        pair_img, pair_unit = torch.nonzero(active, as_tuple=True)  # sorted by image, then unit
+        P = pair_img.numel()
+        if P == 0:
+            return
+        up = upsample_bilinear(feats[pair_img, pair_unit], (sh, sw))  # (P, sh, sw)
+        mask = (up > self.thr32[pair_unit][:, None, None]).reshape(P, S)
+        size = mask.sum(dim=1)  # (P,) active pixels of each pair
+        C = self.label_cat.shape[1]
+        flags = torch.zeros(P, C, dtype=torch.bool, device=dev)
+        K = max(int(p.shape[0]) for p in planes)
+        if K:
+            # labels present in the group; per image and pixel, how many planes carry each of them
+            stack = torch.zeros(G, K, S, dtype=torch.int64, device=dev)
+            for i, p in enumerate(planes):
+                if p.numel():
+                    stack[i, : p.shape[0]] = p.reshape(p.shape[0], S)
+            labs = torch.unique(stack)
+            labs = labs[labs != 0]
+            n = labs.numel()
+        else:
+            n = 0
+        if n:
+            inv = torch.searchsorted(labs, stack)  # 0 → index of the first label ≥ 0; fixed below
+            inv = torch.where(stack == 0, torch.full_like(inv, n), inv)  # unlabelled → dummy column n
+            onehot = torch.zeros(G, S, n + 1, dtype=torch.float32, device=dev)
+            onehot.scatter_add_(2, inv.permute(0, 2, 1), torch.ones(G, S, K, device=dev))
+            onehot = onehot[:, :, :n]
+            # pairs laid out per image (padded) so one batched matmul counts every intersection
+            counts = active.sum(dim=1)
+            slot = torch.arange(P, device=dev) - (torch.cumsum(counts, 0) - counts)[pair_img]
+            padded = torch.zeros(G, int(counts.max()), S, dtype=torch.float32, device=dev)
+            padded[pair_img, slot] = mask.to(torch.float32)
+            inter = torch.bmm(padded, onehot)[pair_img, slot].round().to(torch.int64)  # (P, n) exact counts
+            self.intersect.index_put_((pair_unit[:, None].expand(P, n), labs[None, :].expand(P, n)), inter,
+                                      accumulate=True)
+            flags |= ((inter > 0).to(torch.float32) @ self.label_cat[labs]) > 0
+        if any(scalars):
+            # image-level labels count as full-image masks
+            for i, sc in enumerate(scalars):
+                if not sc:
+                    continue
+                sel = pair_img == i
+                us, sz = pair_unit[sel], size[sel]
+                for lab in sc:
+                    self.intersect[us, lab] += sz
+                flags[sel] |= (self.label_cat[torch.as_tensor(list(sc), device=dev)].sum(dim=0) > 0)[None, :]
+        self.activation.index_put_((pair_unit,), size[:, None] * flags.to(torch.int64), accumulate=True)
 
     def merge(self, other: "TallyAccumulator") -> None:
         self.truth += other.truth.to(self.device)
@@ -640,7 +679,8 @@ def _compute(model, layers, probe: BrodenDataset, cfg: DissectConfig, given: dic
                     f = parts[0][name] if len(parts) == 1 else torch.cat([p[name] for p in parts])
                     if f.dim() != 4:
                         raise ConceptrankError(f"layer {name!r} outputs shape {tuple(f.shape)}; dissection needs (B, U, h, w) maps")
-                    if not torch.isfinite(f).all():
+                    # a sum is finite when every value is (cheap); only then look closer
+                    if not torch.isfinite(f.sum()) and not torch.isfinite(f).all():
                         bad = torch.nonzero(~torch.isfinite(f).flatten(1).all(1)).flatten().tolist()
                         files = [probe.records[i0 + j].image for j in bad[:3]]
                         raise ConceptrankError(

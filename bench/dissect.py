@@ -9,8 +9,9 @@
 
 Usage::
 
-    python bench/dissect.py [--probe-images 600] [--size 64] [--device cpu|cuda]
-    python bench/dissect.py --device cuda --model resnet152 --weights none --size 224 --probe-images 10000
+    python bench/dissect.py                      # resnet18 (random init) layer4 on a 224-px synthetic probe set
+    python bench/dissect.py --model runs/demo/world/model --size 64     # the demo's small model
+    python bench/dissect.py --device cuda --model resnet152 --size 224 --probe-images 10000
 
 The synthetic probe sets are generated under ``--work`` (kept between runs, keyed by their
 parameters). With ``--model`` a torchvision name, the layer defaults to ``layer4``.
@@ -130,17 +131,17 @@ def peak_rss_mb(args, probe: Path, out: Path) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--probe-images", type=int, default=600)
-    ap.add_argument("--size", type=int, default=64)
-    ap.add_argument("--model", default=None, help="model card or torchvision name (default: the synthetic model)")
-    ap.add_argument("--weights", default=None)
+    ap.add_argument("--probe-images", type=int, default=400)
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--model", default="resnet18", help="model card or torchvision name ('synthetic': train the world's model)")
+    ap.add_argument("--weights", default="none")
     ap.add_argument("--layer", default="layer4")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quantile", type=float, default=0.005)
     ap.add_argument("--work", type=Path, default=HERE.parent / "runs" / "bench")
-    ap.add_argument("--naive-images", type=int, default=150, help="images for the naive reference (it is slow)")
+    ap.add_argument("--naive-images", type=int, default=100, help="images for the naive reference (it is slow)")
     ap.add_argument("--no-rss", action="store_true")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--probe", default=None, help=argparse.SUPPRESS)
@@ -154,8 +155,10 @@ def main() -> None:
     from conceptrank.models import load_model
 
     args.work.mkdir(parents=True, exist_ok=True)
-    if args.model is None:
+    if args.model == "synthetic":
         args.model = str(make_model_card(args.work, args.size))
+    if Path(args.model).exists():  # a model card carries its own weights
+        args.weights = None
     model = load_model(args.model, args.weights)
     probe = make_probe(args.work, args.probe_images, args.size)
     cfg = DissectConfig(batch_size=args.batch_size, workers=args.workers, device=args.device, quantile=args.quantile,

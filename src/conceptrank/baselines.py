@@ -306,6 +306,11 @@ def permutation_test(M: np.ndarray, n_perm: int = 1000, rng: np.random.Generator
     perms = rng.permuted(np.tile(np.arange(C), (n_perm, 1)), axis=1)  # (n_perm, C)
     null = M[np.arange(C)[None, :], perms]  # (n_perm, C)
     obs = np.diag(M).copy()
+    return _chance_result(null, obs, n_perm)
+
+
+def _chance_result(null: np.ndarray, obs: np.ndarray, n: int) -> ChanceResult:
+    """Per-class and overall p-values of ``obs`` (C,) against null draws ``null`` (n, C)."""
     null_overall = null.mean(axis=1)
     return ChanceResult(
         observed=obs,
@@ -314,7 +319,7 @@ def permutation_test(M: np.ndarray, n_perm: int = 1000, rng: np.random.Generator
         observed_overall=float(obs.mean()),
         null_overall=null_overall,
         p_overall=float(p_value(null_overall, obs.mean())),
-        n=int(n_perm),
+        n=int(n),
     )
 
 
@@ -393,16 +398,7 @@ def frequency_test(
         for j, c in enumerate(group):
             rows = np.flatnonzero(enc.y == c)
             null[:, c] = ((L[rows] @ D[j * n_draw:(j + 1) * n_draw].T) > 0).mean(axis=0)
-    null_overall = null.mean(axis=1)
-    return ChanceResult(
-        observed=obs,
-        null_mean=null.mean(axis=0),
-        p=p_value(null, obs),
-        observed_overall=float(obs.mean()),
-        null_overall=null_overall,
-        p_overall=float(p_value(null_overall, obs.mean())),
-        n=int(n_draw),
-    )
+    return _chance_result(null, obs, n_draw)
 
 
 # --------------------------------------------------------------------------------------------

@@ -231,3 +231,26 @@ def test_topk_other_quantile():
     np.testing.assert_allclose(acc.result(0.005), np.quantile(vals.astype(np.float64), 0.995, axis=1), atol=1e-12)
     with pytest.raises(ValueError, match="needs more values"):
         acc.result(0.05)
+
+
+def test_tally_exact_at_the_threshold():
+    """Thresholds equal to upsampled values (and one float32 ulp around them): the fast path's
+    ambiguous pixels must be decided exactly as PIL's values would be."""
+    from conceptrank.upsample import upsample_bilinear
+
+    rng = np.random.default_rng(7)
+    N, U, h, w, sh, sw, L, C = 6, 5, 7, 7, 112, 112, 6, 2
+    feats = rng.standard_normal((N, U, h, w)).astype(np.float32)
+    up = upsample_bilinear(torch.from_numpy(feats[0]), (sh, sw)).numpy()  # (U, sh, sw)
+    base = np.array([np.sort(up[u].ravel())[-40] for u in range(U)], np.float64)
+    label_cat = label_category_matrix(np.array([1, 0, 0, 1, 1, 0]), C)
+    planes = [rng.integers(0, L, size=(2, sh, sw)).astype(np.int32) for _ in range(N)]
+    scalars = [[] for _ in range(N)]
+    for shift in (-1, 0, 1):
+        thr = np.nextafter(base.astype(np.float32), np.float32(np.inf) if shift > 0 else np.float32(-np.inf))
+        thr = (base if shift == 0 else thr).astype(np.float64)
+        acc = TallyAccumulator(thr, label_cat)
+        acc.add(torch.from_numpy(feats), [torch.from_numpy(p) for p in planes], scalars)
+        truth, both, act = naive_tally(feats, thr, planes, scalars, label_cat)
+        np.testing.assert_array_equal(acc.intersect.numpy(), both)
+        np.testing.assert_array_equal(acc.activation.numpy(), act)

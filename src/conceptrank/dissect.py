@@ -37,7 +37,7 @@ from .data.broden import BrodenDataset, BrodenError
 from .errors import ConceptrankError
 from .stats import TopKQuantile
 from .tally import format_tally
-from .upsample import upsample_bilinear
+from .upsample import upsample_approx, upsample_at, upsample_bilinear, upsample_error_bound
 
 __all__ = [
     "DissectConfig",
@@ -223,57 +223,59 @@ class TallyAccumulator:
         self.images += B
 
     def _add_group(self, feats, active, planes, scalars, sh: int, sw: int) -> None:
-        """Images of one mask size: all active pairs upsampled and intersected at once."""
+        """Images of one mask size: all their active (image, unit) pairs at once.
+
+        Each pair's map is upsampled with a fast float32 matrix product; pixels whose value lies
+        within its error bound of the threshold are recomputed exactly as PIL would, so the
+        active masks are PIL-exact. Intersections are counted sparsely over active pixels only.
+        """
         dev = self.device
         G = feats.shape[0]
         S = sh * sw
+        L = self.truth.shape[0]
         pair_img, pair_unit = torch.nonzero(active, as_tuple=True)  # sorted by image, then unit
         P = pair_img.numel()
         if P == 0:
             return
-        up = upsample_bilinear(feats[pair_img, pair_unit], (sh, sw))  # (P, sh, sw)
-        mask = (up > self.thr32[pair_unit][:, None, None]).reshape(P, S)
-        size = mask.sum(dim=1)  # (P,) active pixels of each pair
-        C = self.label_cat.shape[1]
-        flags = torch.zeros(P, C, dtype=torch.bool, device=dev)
         K = max(int(p.shape[0]) for p in planes)
-        if K:
-            # labels present in the group; per image and pixel, how many planes carry each of them
-            stack = torch.zeros(G, K, S, dtype=torch.int64, device=dev)
-            for i, p in enumerate(planes):
-                if p.numel():
-                    stack[i, : p.shape[0]] = p.reshape(p.shape[0], S)
-            labs = torch.unique(stack)
-            labs = labs[labs != 0]
-            n = labs.numel()
-        else:
-            n = 0
-        if n:
-            inv = torch.searchsorted(labs, stack)  # 0 → index of the first label ≥ 0; fixed below
-            inv = torch.where(stack == 0, torch.full_like(inv, n), inv)  # unlabelled → dummy column n
-            onehot = torch.zeros(G, S, n + 1, dtype=torch.float32, device=dev)
-            onehot.scatter_add_(2, inv.permute(0, 2, 1), torch.ones(G, S, K, device=dev))
-            onehot = onehot[:, :, :n]
-            # pairs laid out per image (padded) so one batched matmul counts every intersection
-            counts = active.sum(dim=1)
-            slot = torch.arange(P, device=dev) - (torch.cumsum(counts, 0) - counts)[pair_img]
-            padded = torch.zeros(G, int(counts.max()), S, dtype=torch.float32, device=dev)
-            padded[pair_img, slot] = mask.to(torch.float32)
-            inter = torch.bmm(padded, onehot)[pair_img, slot].round().to(torch.int64)  # (P, n) exact counts
-            self.intersect.index_put_((pair_unit[:, None].expand(P, n), labs[None, :].expand(P, n)), inter,
-                                      accumulate=True)
-            flags |= ((inter > 0).to(torch.float32) @ self.label_cat[labs]) > 0
-        if any(scalars):
-            # image-level labels count as full-image masks
-            for i, sc in enumerate(scalars):
-                if not sc:
-                    continue
-                sel = pair_img == i
-                us, sz = pair_unit[sel], size[sel]
-                for lab in sc:
-                    self.intersect[us, lab] += sz
-                flags[sel] |= (self.label_cat[torch.as_tensor(list(sc), device=dev)].sum(dim=0) > 0)[None, :]
-        self.activation.index_put_((pair_unit,), size[:, None] * flags.to(torch.int64), accumulate=True)
+        stack = torch.zeros(G, max(K, 1), S, dtype=torch.int64, device=dev)  # label per image, plane, pixel
+        for i, p in enumerate(planes):
+            if p.numel():
+                stack[i, : p.shape[0]] = p.reshape(p.shape[0], S)
+        # image-level labels: per image, how often each label is listed
+        sc_count = torch.zeros(G, L, dtype=torch.int64, device=dev)
+        for i, sc in enumerate(scalars):
+            for lab in sc:
+                sc_count[i, lab] += 1
+        sc_cat = (sc_count.to(torch.float32) @ self.label_cat) > 0  # (G, C)
+        chunk = max(1, (1 << 22) // S)
+        for start in range(0, P, chunk):
+            pi_img = pair_img[start:start + chunk]
+            pi_unit = pair_unit[start:start + chunk]
+            n = pi_img.numel()
+            maps = feats[pi_img, pi_unit]  # (n, h, w)
+            thr = self.thr32[pi_unit][:, None, None]
+            approx = upsample_approx(maps, (sh, sw))
+            eps = upsample_error_bound(maps)[:, None, None]
+            mask = approx > thr + 2 * eps
+            amb = torch.nonzero((approx - thr).abs() <= 2 * eps, as_tuple=True)
+            if amb[0].numel():
+                exact = upsample_at(maps, amb[0], amb[1], amb[2], (sh, sw))
+                mask[amb] = exact > self.thr32[pi_unit][amb[0]]
+            mask = mask.reshape(n, S)
+            size = mask.sum(dim=1)  # (n,) active pixels per pair
+            flags = sc_cat[pi_img].clone()  # (n, C)
+            if K:
+                q, px = torch.nonzero(mask, as_tuple=True)  # active pixels
+                labs = stack[pi_img[q], :, px]  # (A, K) labels of every plane there
+                keys = (q[:, None] * L + labs).reshape(-1)
+                inter = torch.bincount(keys, minlength=n * L).reshape(n, L)
+                inter[:, 0] = 0
+                self.intersect.index_add_(0, pi_unit, inter)
+                flags |= ((inter > 0).to(torch.float32) @ self.label_cat) > 0
+            if sc_count.any():
+                self.intersect.index_add_(0, pi_unit, size[:, None] * sc_count[pi_img])
+            self.activation.index_add_(0, pi_unit, size[:, None] * flags.to(torch.int64))
 
     def merge(self, other: "TallyAccumulator") -> None:
         self.truth += other.truth.to(self.device)

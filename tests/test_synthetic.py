@@ -57,8 +57,10 @@ def _check_scene(sc, size: int) -> None:
             present.add(vocab.names[v])
     assert present == set(sc.concepts)
     obj = sc.planes["object"][0] > 0
-    # Every object pixel carries its object's colour; parts and materials lie on objects.
+    # Every object pixel carries its object's colour and colour labels lie on objects only (a
+    # background's huge colour areas would make colours undissectable); parts and materials lie on objects.
     assert np.all(sc.planes["color"][0][obj] > 0)
+    assert not np.any(sc.planes["color"][0][~obj])
     for p in sc.planes["part"] + sc.planes["material"]:
         assert not np.any((p > 0) & ~obj)
     # Visible pixels per object add up to the object plane (occluded pixels are not counted twice).
@@ -93,8 +95,14 @@ def test_source_scene_labels_follow_the_main_object():
     images, labels = render_source_images(2, 32, 6, "train")
     heads = source_heads()
     assert images.shape == (6, 32, 32, 3) and labels.shape == (6, 4)
+    from conceptrank.train import presence_concepts, render_source_data
+
+    _, labels2, presence = render_source_data(2, 32, 6, "train")
+    np.testing.assert_array_equal(labels2, labels)
+    names = presence_concepts()
     for i in range(6):
         sc = source_scene(2, i, 32, "train")
+        assert {names[j] for j in np.flatnonzero(presence[i])} == set(sc.concepts) & set(names)
         main = sc.main_object().spec
         assert heads["shape"][labels[i, 0]] == main.shape
         assert heads["color"][labels[i, 1]] == main.color
@@ -269,9 +277,13 @@ def test_model_card_reproduces_the_trained_module(tiny_world):
     task = card["source_task"]
     heads = source_heads()
     assert task["heads"] == {h: list(v) for h, v in heads.items()}
-    assert card["num_classes"] == sum(len(v) for v in heads.values())
-    assert card["input_size"] == [w.size, w.size] and card["arch_kwargs"] == {"width": 32}
-    assert set(task["heldout_accuracy"]) == set(heads) | {"mean"}
+    from conceptrank.train import presence_concepts
+
+    # Main-object heads first, then one presence output per shape, colour, material and scene.
+    assert card["num_classes"] == sum(len(v) for v in heads.values()) + len(presence_concepts())
+    assert task["presence"]["concepts"] == list(presence_concepts())
+    assert card["input_size"] == [w.size, w.size] and card["arch_kwargs"] == {"width": 32, "stem_pool": True}
+    assert set(task["heldout_accuracy"]) == set(heads) | {"mean", "presence_f1"}
     assert w.source_accuracy == task["heldout_accuracy"]
 
     m = load_model(str(w.model_dir))

@@ -255,11 +255,12 @@ class TallyAccumulator:
             n = pi_img.numel()
             maps = feats[pi_img, pi_unit]  # (n, h, w)
             thr = self.thr32[pi_unit][:, None, None]
-            approx = upsample_approx(maps, (sh, sw))
-            eps = upsample_error_bound(maps)[:, None, None]
-            mask = approx > thr + 2 * eps
-            amb = torch.nonzero((approx - thr).abs() <= 2 * eps, as_tuple=True)
-            if amb[0].numel():
+            approx = upsample_approx(maps, (sh, sw)).sub_(thr)  # distance to the threshold
+            eps = 2 * upsample_error_bound(maps)[:, None, None]
+            mask = approx > eps  # surely active
+            maybe = approx >= -eps  # possibly active
+            if int(maybe.sum()) != int(mask.sum()):  # rare: values within the error bound
+                amb = torch.nonzero(maybe & ~mask, as_tuple=True)
                 exact = upsample_at(maps, amb[0], amb[1], amb[2], (sh, sw))
                 mask[amb] = exact > self.thr32[pi_unit][amb[0]]
             mask = mask.reshape(n, S)

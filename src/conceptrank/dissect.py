@@ -37,7 +37,7 @@ from .data.broden import BrodenDataset, BrodenError
 from .errors import ConceptrankError
 from .stats import TopKQuantile
 from .tally import format_tally
-from .upsample import upsample_approx, upsample_at, upsample_bilinear, upsample_error_bound
+from .upsample import tap_ranges, upsample_approx_rows_cols, upsample_at, upsample_bilinear, upsample_error_bound
 
 __all__ = [
     "DissectConfig",
@@ -248,26 +248,53 @@ class TallyAccumulator:
             for lab in sc:
                 sc_count[i, lab] += 1
         sc_cat = (sc_count.to(torch.float32) @ self.label_cat) > 0  # (G, C)
-        chunk = max(1, (1 << 22) // S)
-        for start in range(0, P, chunk):
-            pi_img = pair_img[start:start + chunk]
-            pi_unit = pair_unit[start:start + chunk]
-            n = pi_img.numel()
-            maps = feats[pi_img, pi_unit]  # (n, h, w)
-            thr = self.thr32[pi_unit][:, None, None]
-            approx = upsample_approx(maps, (sh, sw)).sub_(thr)  # distance to the threshold
-            eps = 2 * upsample_error_bound(maps)[:, None, None]
-            mask = approx > eps  # surely active
-            maybe = approx >= -eps  # possibly active
+        h, w = feats.shape[-2:]
+        all_maps = feats[pair_img, pair_unit]  # (P, h, w)
+        all_eps = 2 * upsample_error_bound(all_maps)  # (P,)
+        # Only outputs with a hot input among their taps can exceed the threshold: per pair, the
+        # window of output rows/columns spanned by its hot cells.
+        hot = all_maps > (self.thr32[pair_unit] - all_eps)[:, None, None]
+        rlo, rhi = (torch.from_numpy(a).to(dev) for a in tap_ranges(h, sh))
+        clo, chi = (torch.from_numpy(a).to(dev) for a in tap_ranges(w, sw))
+        hot_r, hot_c = hot.any(dim=2), hot.any(dim=1)  # (P, h), (P, w)
+        ar_h, ar_w = torch.arange(h, device=dev), torch.arange(w, device=dev)
+        r0 = rlo[torch.where(hot_r, ar_h, h).amin(dim=1).clamp(max=h - 1)]
+        r1 = rhi[torch.where(hot_r, ar_h, -1).amax(dim=1).clamp(min=0)]
+        c0 = clo[torch.where(hot_c, ar_w, w).amin(dim=1).clamp(max=w - 1)]
+        c1 = chi[torch.where(hot_c, ar_w, -1).amax(dim=1).clamp(min=0)]
+        bh, bw = (r1 - r0 + 1).clamp(min=1), (c1 - c0 + 1).clamp(min=1)
+        order = torch.argsort(bh * bw, stable=True)  # similar window sizes together: little padding
+        budget = 1 << 22
+        bh_s, bw_s = bh[order].cpu().numpy(), bw[order].cpu().numpy()
+        start = 0
+        while start < P:
+            stop = min(P, start + max(1, budget // int(bh_s[start] * bw_s[start])))
+            while stop - start > 1 and (stop - start) * int(bh_s[start:stop].max()) * int(bw_s[start:stop].max()) > budget:
+                stop = start + (stop - start) // 2
+            sel = order[start:stop]
+            start = stop
+            pi_img, pi_unit = pair_img[sel], pair_unit[sel]
+            n = sel.numel()
+            BH, BW = int(bh[sel].max()), int(bw[sel].max())
+            ro = torch.arange(BH, device=dev)
+            co = torch.arange(BW, device=dev)
+            rows = (r0[sel, None] + ro).clamp(max=sh - 1)  # (n, BH)
+            cols = (c0[sel, None] + co).clamp(max=sw - 1)  # (n, BW)
+            valid = (ro[None, :] < bh[sel, None])[:, :, None] & (co[None, :] < bw[sel, None])[:, None, :]
+            maps = all_maps[sel]
+            d = upsample_approx_rows_cols(maps, rows, cols, (sh, sw)).sub_(self.thr32[pi_unit][:, None, None])
+            eps = all_eps[sel][:, None, None]
+            mask = (d > eps) & valid  # surely active
+            maybe = (d >= -eps) & valid  # possibly active
             if int(maybe.sum()) != int(mask.sum()):  # rare: values within the error bound
                 amb = torch.nonzero(maybe & ~mask, as_tuple=True)
-                exact = upsample_at(maps, amb[0], amb[1], amb[2], (sh, sw))
+                exact = upsample_at(maps, amb[0], rows[amb[0], amb[1]], cols[amb[0], amb[2]], (sh, sw))
                 mask[amb] = exact > self.thr32[pi_unit][amb[0]]
-            mask = mask.reshape(n, S)
-            size = mask.sum(dim=1)  # (n,) active pixels per pair
+            size = mask.sum(dim=(1, 2))  # (n,) active pixels per pair
             flags = sc_cat[pi_img].clone()  # (n, C)
             if K:
-                q, px = torch.nonzero(mask, as_tuple=True)  # active pixels
+                q, rr, cc = torch.nonzero(mask, as_tuple=True)  # active pixels
+                px = rows[q, rr] * sw + cols[q, cc]
                 labs = stack[pi_img[q], :, px]  # (A, K) labels of every plane there
                 keys = (q[:, None] * L + labs).reshape(-1)
                 inter = torch.bincount(keys, minlength=n * L).reshape(n, L)

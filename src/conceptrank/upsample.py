@@ -15,7 +15,7 @@ import functools
 import numpy as np
 import torch
 
-__all__ = ["pil_bilinear_taps", "upsample_bilinear", "upsample_approx", "upsample_error_bound", "upsample_at"]
+__all__ = ["pil_bilinear_taps", "upsample_bilinear", "upsample_approx", "upsample_approx_rows_cols", "upsample_error_bound", "upsample_at", "tap_ranges"]
 
 
 @functools.lru_cache(maxsize=64)
@@ -147,3 +147,35 @@ def upsample_at(maps: torch.Tensor, index: torch.Tensor, rows: torch.Tensor, col
         tmp = acc.to(torch.float32).to(torch.float64) if sw != w else acc
         out = out + tmp * rw[rows, t]
     return out.to(torch.float32)
+
+
+@functools.lru_cache(maxsize=64)
+def tap_ranges(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each input index, the first and last output index whose filter gives it a nonzero weight.
+
+    An upsampled value is a convex combination of its taps, so it can exceed a threshold only in
+    outputs that have some input above it among their taps: these ranges bound where to look.
+    """
+    idx, wts = pil_bilinear_taps(in_size, out_size)
+    lo = np.full(in_size, out_size, np.int64)
+    hi = np.full(in_size, -1, np.int64)
+    for t in range(idx.shape[1]):
+        nz = wts[:, t] != 0
+        outs = np.nonzero(nz)[0]
+        np.minimum.at(lo, idx[nz, t], outs)
+        np.maximum.at(hi, idx[nz, t], outs)
+    return lo, hi
+
+
+def upsample_approx_rows_cols(maps: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                              size: tuple[int, int]) -> torch.Tensor:
+    """``upsample_approx`` restricted to a window per map: ``(P, h, w)`` → ``(P, R, Q)``.
+
+    ``rows`` (P, R) and ``cols`` (P, Q) are the output rows and columns to compute for each map.
+    """
+    _, h, w = maps.shape
+    sh, sw = size
+    dev = maps.device
+    wh = torch.from_numpy(_dense_matrix(h, sh).astype(np.float32)).to(dev)[rows]  # (P, R, h)
+    ww = torch.from_numpy(_dense_matrix(w, sw).astype(np.float32)).to(dev)[cols]  # (P, Q, w)
+    return torch.bmm(torch.bmm(wh, maps.to(torch.float32)), ww.transpose(1, 2))

@@ -101,7 +101,23 @@ def naive_phases(model, layer: str, probe: Path, thresholds_for_iou: np.ndarray,
     truth, both, act = naive_tally(feats, thresholds_for_iou, planes, scalars, lc)
     secs = time.perf_counter() - t0
     iou = both / (act @ lc.T + truth[None, :] - both + 1e-10)
-    return secs, iou
+
+    # ours on exactly the same in-memory inputs: running top-k thresholds + vectorized tally
+    from conceptrank.dissect import TallyAccumulator
+    from conceptrank.stats import TopKQuantile
+
+    t0 = time.perf_counter()
+    ft = torch.from_numpy(feats)
+    tk = TopKQuantile(U, feats.shape[0] * feats.shape[2] * feats.shape[3], quantile)
+    for i in range(0, len(ft), 64):
+        tk.add(ft[i:i + 64].permute(1, 0, 2, 3).reshape(U, -1))
+    tk.result()
+    acc = TallyAccumulator(thresholds_for_iou, lc)
+    pt = [torch.from_numpy(p) for p in planes]
+    for i in range(0, len(ft), 64):
+        acc.add(ft[i:i + 64], pt[i:i + 64], scalars[i:i + 64])
+    ours = time.perf_counter() - t0
+    return secs, iou, ours
 
 
 def child_dissect(args) -> None:
@@ -184,11 +200,13 @@ def main() -> None:
     sub = make_probe(args.work, args.naive_images, args.size)
     shutil.rmtree(args.work / "out_sub", ignore_errors=True)
     (ours,) = dissect(model, [args.layer], BrodenDataset(sub), args.work / "out_sub", cfg)
-    naive_s, naive_iou = naive_phases(model, args.layer, sub, ours.thresholds, args.quantile)
+    naive_s, naive_iou, same_inputs_s = naive_phases(model, args.layer, sub, ours.thresholds, args.quantile)
     ours_s = ours.timings["threshold"] + ours.timings["tally"]
     diff = float(np.abs(naive_iou - ours.iou).max())
-    print(f"threshold+tally, {args.naive_images} images: naive {naive_s:.2f} s, ours {ours_s:.3f} s, "
-          f"speed ratio {naive_s / ours_s:.0f}x (goal >= 50x)")
+    print(f"threshold+tally, {args.naive_images} images, features and masks in memory: naive {naive_s:.3f} s, "
+          f"ours {same_inputs_s:.3f} s, speed ratio {naive_s / same_inputs_s:.1f}x (goal >= 50x)")
+    print(f"  (ours inside dissect, masks decoded from PNG in loader workers: {ours_s:.3f} s, "
+          f"ratio {naive_s / ours_s:.1f}x)")
     print(f"max |IoU difference| with equal thresholds: {diff:.2e} (goal <= 1e-6)")
 
     if not args.no_rss:

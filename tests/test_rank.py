@@ -230,6 +230,14 @@ def test_output_files_layout(tmp_path):
     assert "numpy" in meta["packages"]
     imgs = read_csv(out / "images.csv")
     assert len(imgs) == len(cls) and all(r["n_concepts"] == "4" for r in imgs)
+    # rankings.json holds exactly what the two CSVs hold
+    js = json.loads((out / "rankings.json").read_text())
+    for c in "abc":
+        for sign, key in (("+", "for"), ("-", "against")):
+            rows = [r for r in glob if r["class"] == c and r["sign"] == sign]
+            assert [(d["concept"], d["unit"]) for d in js["global"][c][key]] == [(r["concept"], int(r["unit"])) for r in rows]
+    first = js["local"][0]
+    assert [d["concept"] for d in first["concepts"]] == [r["concept"] for r in loc if r["image"] == first["image"]]
 
 
 def test_reproducible(tmp_path):

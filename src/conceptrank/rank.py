@@ -97,7 +97,7 @@ DEFAULT_MIN_IOU = {"standard": 0.04, "paper": 0.0}
 DEFAULT_C_GRID = (0.0001, 0.001, 0.01, 0.1, 1.0, 10.0)
 SPLITS = ("train", "test", "all")
 RANK_FORMAT = 1  # bump when an output's bytes change for the same inputs
-RANK_OUTPUTS = ("local_concepts.csv", "global_concepts.csv", "images.csv", "classifier.json", "svm.npz")
+RANK_OUTPUTS = ("local_concepts.csv", "global_concepts.csv", "images.csv", "rankings.json", "classifier.json", "svm.npz")
 
 UnitConcepts = Sequence["tuple[str, str, float] | None"]
 
@@ -869,6 +869,17 @@ def run_rank(activations: Path, tally: Path, out: Path, cfg: RankConfig) -> Rank
         out / "global_concepts.csv",
         _csv_text(["class", "rank", "concept", "category", "unit", "weight", "sign"], global_rows),
     )
+    # the same rankings as one JSON document, for tools that prefer it to the two CSVs
+    def _item(rc: RankedConcept, key: str) -> dict:
+        return {"concept": rc.concept, "category": rc.category, "unit": rc.unit + 1, key: float(rc.score)}
+
+    atomic_write_json(out / "rankings.json", {
+        "protocol": cfg.protocol,
+        "global": {c: {"for": [_item(rc, "weight") for rc in pos[ci]],
+                       "against": [_item(rc, "weight") for rc in neg[ci]]} for ci, c in enumerate(classes)},
+        "local": [{"image": act.images[i], "class": act.classes[i], "split": splits[i],
+                   "concepts": [_item(rc, "score") for rc in local[i]]} for i in range(N)],
+    })
     cv_scores = [
         {"C": C, "fold_macro_f1": scores, "mean_macro_f1": float(np.mean(scores))}
         for C, scores in sorted(model.cv_scores_.items())

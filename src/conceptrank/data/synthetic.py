@@ -108,8 +108,9 @@ _KEEP_P = 0.8  # probability that a planted concept is kept in a target image
 _TEXTURE_P = 0.3  # probability that a background carries a texture
 # Share of probe images on a studio backdrop without a scene label. Image-level labels make a unit's
 # IoU at most quantile / (share of images with the label), so with every image carrying one of 12
-# scenes no scene unit could pass IoU 0.04 at NetDissect's 0.005 quantile.
-_STUDIO_P = 0.4
+# scenes no scene unit could pass IoU 0.04 at NetDissect's 0.005 quantile. 0.55 rather than 0.4
+# raised the reachable ground-truth precision (more scene detectors) on seed 0.
+_STUDIO_P = 0.55
 _MIN_VISIBLE = 0.5  # an object keeps at least this fraction of its pixels when others land on it
 
 # Random streams: each (seed, stream, index...) tuple seeds its own generator, so e.g. the probe
@@ -717,7 +718,7 @@ def jpeg_roundtrip(image: np.ndarray, quality: int = JPEG_QUALITY) -> np.ndarray
 def probe_scene(seed: int, index: int, size: int) -> RenderedScene:
     """Probe image ``index`` (0-based) of the world with ``seed``: 1–4 random objects.
 
-    40 % of probe images have a studio backdrop without scene label, the rest one of the scenes.
+    55 % of probe images have a studio backdrop without scene label, the rest one of the scenes.
     """
     rng = np.random.default_rng([seed, _STREAM_PROBE, index])
     return render_scene(rng, random_scene_spec(rng, 1, 4, studio_p=_STUDIO_P), size)
@@ -731,7 +732,8 @@ def source_scene(seed: int, index: int, size: int, split: str = "train") -> Rend
     stream = {"train": _STREAM_SOURCE_TRAIN, "heldout": _STREAM_SOURCE_HELDOUT}[split]
     rng = np.random.default_rng([seed, stream, index])
     scene = SCENES[rng.integers(len(SCENES))]
-    objects = [_random_object(rng, (0.22, 0.34))]
+    # dominant object radius 0.28-0.40 of the side (was 0.22-0.34): shapes are learnt faster
+    objects = [_random_object(rng, (0.28, 0.40))]
     objects += [_random_object(rng, (0.1, 0.18)) for _ in range(int(rng.integers(0, 3)))]
     order = rng.permutation(len(objects))
     spec = SceneSpec(scene, _random_texture(rng), tuple(objects[i] for i in order))

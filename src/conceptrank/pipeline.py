@@ -62,6 +62,7 @@ class RunConfig:
     workers: int = 2
     seed: int = 0
     report: bool = True
+    report_max_units: int | None = 300  # unit cards need a forward pass over their top probe images
     tally: Path | None = None  # start from an existing NetDissect-Lite tally.csv instead of dissecting
 
 
@@ -74,7 +75,8 @@ _SECTIONS = {
     "rank": {"protocol": "protocol", "top_local": "top_local", "top_global": "top_global", "min_iou": "min_iou",
              "grid": "grid"},
     "evaluate": {"configs": "configs", "truth": "truth"},
-    "run": {"device": "device", "batch_size": "batch_size", "workers": "workers", "seed": "seed", "report": "report"},
+    "run": {"device": "device", "batch_size": "batch_size", "workers": "workers", "seed": "seed", "report": "report",
+            "report_max_units": "report_max_units"},
 }
 
 
@@ -184,15 +186,12 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> Pipelin
 
     report = None
     if cfg.report:
-        try:
-            from .report import write_report
-        except ImportError:  # the report module is optional while it is being built
-            write_report = None
-        if write_report is not None:
-            t0 = time.perf_counter()
-            report = write_report(out)
-            timings["report"] = time.perf_counter() - t0
-            echo(f"report: {Path(report).resolve()}")
+        from .report import ReportOptions, write_report
+
+        t0 = time.perf_counter()
+        report = write_report(out, ReportOptions(max_units=cfg.report_max_units, seed=cfg.seed))
+        timings["report"] = time.perf_counter() - t0
+        echo(f"report: {Path(report).resolve()}")
     return PipelineResult(out, dres, eres, rres, vres, report, timings)
 
 

@@ -138,10 +138,8 @@ def test_dissect_reuses_and_recomputes_on_any_change(tmp_path):
     (first,) = dissect(planted_model(), ["units"], ds, out, CFG)
     assert not first.reused and not (out / ".features").exists()
     before = _bytes(out, DISSECT_OUT)
-    t0 = time.perf_counter()
     (again,) = dissect(planted_model(), ["units"], BrodenDataset(probe), out, CFG)
-    elapsed = time.perf_counter() - t0
-    assert again.reused and elapsed < 1.0 and "reused cached result" in again.summary()
+    assert again.reused and "reused cached result" in again.summary()
     np.testing.assert_array_equal(again.iou, first.iou)
     np.testing.assert_array_equal(again.best_label, first.best_label)
     np.testing.assert_array_equal(again.thresholds, first.thresholds)
@@ -212,9 +210,8 @@ def test_extract_reuses_and_recomputes_on_any_change(tmp_path):
     a = run_extract(str(card), None, "layer3", data, out, ECFG)
     assert not a.reused and not (out / ".partial").exists()
     before = (out / "activations.npz").read_bytes()
-    t0 = time.perf_counter()
     b = run_extract(str(card), None, "layer3", data, out, ExtractConfig(workers=0, batch_size=3, device="cpu"))
-    assert b.reused and time.perf_counter() - t0 < 1.0 and "reused" in b.summary()
+    assert b.reused and "reused" in b.summary()
     assert (b.n_images, b.n_units, b.skipped) == (a.n_images, a.n_units, a.skipped)
     assert (out / "activations.npz").read_bytes() == before
 
@@ -340,14 +337,11 @@ def test_killed_dissect_and_extract_resume_byte_identical(tmp_path):
     assert _bytes(out_e, names) == _bytes(tmp_path / "ref_e", names)
     assert not (out_e / ".partial").exists()
 
-    # rerunning with identical inputs reuses, in well under a second per stage
-    t0 = time.perf_counter()
+    # rerunning with identical inputs reuses (timings belong in benchmarks, not tests)
     (res,) = run_dissect(str(card), None, ["layer3"], probe, out_d,
                          DissectConfig(workers=0, batch_size=4, device="cpu", stability_quantile=0.02, progress=False))
-    t1 = time.perf_counter()
     eres = run_extract(str(card), None, "layer3", data, out_e, ECFG)
-    t2 = time.perf_counter()
-    assert res.reused and eres.reused and t1 - t0 < 1.0 and t2 - t1 < 1.0, (t1 - t0, t2 - t1)
+    assert res.reused and eres.reused
 
 
 def test_stale_partial_work_is_not_resumed(tmp_path):

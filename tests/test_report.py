@@ -418,16 +418,12 @@ def test_write_report_escapes_every_name(tiny_report):
     assert EVIL_FILE in names
 
 
-def test_write_report_is_quick_and_repeatable(tmp_path):
-    import time
-
+def test_write_report_is_repeatable(tmp_path):
     run = make_tiny_run(tmp_path)
     write_report(run)
     stale = run / "figures" / "units" / "stale.jpg"
     stale.write_bytes(b"x")
-    t0 = time.perf_counter()
     write_report(run, ReportOptions(unit_images=2, images_per_class=1, top_units=1, max_units=3))
-    assert time.perf_counter() - t0 < 20
     assert not stale.exists()
     doc = parse_html((run / "report.html").read_text(encoding="utf-8"))
     assert len(with_class(doc, "unit-card")) == 3

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..errors import ConceptrankError
+from ..faithfulness import load_svm
 
 __all__ = ["UnitLabel", "RankedConcept", "ImageRecord", "RunData", "load_run", "extra_summary_keys", "KNOWN_SUMMARY_KEYS"]
 
@@ -186,18 +187,15 @@ def _predictions(rank_dir: Path, mean: np.ndarray | None, names: list[str], warn
     if mean is None or not path.is_file():
         return {}
     try:
-        with np.load(path, allow_pickle=False) as z:
-            coef, intercept = z["coef"], z["intercept"]
-            mu = z["scaler_mean"] if "scaler_mean" in z.files else np.zeros(coef.shape[1])
-            sc = z["scaler_scale"] if "scaler_scale" in z.files else np.ones(coef.shape[1])
-            classes = [str(c) for c in z["classes"]]
-    except (OSError, ValueError, KeyError) as e:
+        svm = load_svm(path)
+    except (OSError, ValueError, KeyError) as e:  # ConceptrankError is a ValueError
         warnings.append(f"cannot read svm.npz: {e}")
         return {}
-    if coef.shape[1] != mean.shape[1]:
-        warnings.append(f"svm.npz has {coef.shape[1]} units, activations {mean.shape[1]}: no predictions shown")
+    if svm.coef.shape[1] != mean.shape[1]:
+        warnings.append(f"svm.npz has {svm.coef.shape[1]} units, activations {mean.shape[1]}: no predictions shown")
         return {}
-    scores = ((mean - mu) / np.where(sc == 0, 1.0, sc)) @ coef.T + intercept
+    scores = svm.decision(mean)
+    classes = svm.classes
     pred = np.argmax(scores, axis=1)
     return {names[i]: classes[int(pred[i])] for i in range(len(names))}
 

@@ -37,7 +37,7 @@ from .data.broden import BrodenDataset, BrodenError
 from .errors import ConceptrankError
 from .stats import TopKQuantile
 from .tally import format_tally
-from .upsample import tap_ranges, upsample_approx_rows_cols, upsample_at, upsample_bilinear, upsample_error_bound
+from .upsample import tap_ranges, upsample_approx_rows_cols, upsample_at, upsample_error_bound
 
 __all__ = [
     "DissectConfig",
@@ -846,7 +846,6 @@ def _labels(acc: TallyAccumulator, probe: BrodenDataset):
 def _finish_layer(name, model, probe, cfg, acc: TallyAccumulator, thr, outdir: Path, timings,
                   stability: dict | None, top_images: _TopImages, key: str, fingerprints: dict, params: dict,
                   resumed: dict | None = None) -> DissectResult:
-    C = len(probe.categories)
     iou, best, best_cat, score = _labels(acc, probe)
     U = iou.shape[0]
     rows = np.arange(U)[:, None]

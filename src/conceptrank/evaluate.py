@@ -501,7 +501,6 @@ def truth_scores(
     weights = np.asarray(weights, dtype=np.float64)
     mask = np.array([cats.get(x) in allowed for x in vocabulary], dtype=bool)
     w_restr = np.where(mask, weights, 0.0)
-    v_all = {x for x, w in zip(vocabulary, weights) if w > 0}
     v_restr = {x for x, w in zip(vocabulary, w_restr) if w > 0}
     glob = {c: list(global_.get(c, ())) for c in classes if c in truth.classes}
     warnings = []

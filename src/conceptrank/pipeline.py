@@ -131,7 +131,7 @@ class PipelineResult:
 
 def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> PipelineResult:
     """dissect → extract → rank → evaluate (→ report) as the config says; returns every stage's result."""
-    from .dissect import DissectConfig, run_dissect
+    from .dissect import DissectConfig
     from .evaluate import EvaluateConfig, run_evaluate
     from .extract import ExtractConfig, run_extract
     from .models import load_model

@@ -15,7 +15,7 @@ import functools
 import numpy as np
 import torch
 
-__all__ = ["pil_bilinear_taps", "upsample_bilinear", "upsample_approx", "upsample_approx_rows_cols", "upsample_error_bound", "upsample_at", "tap_ranges"]
+__all__ = ["pil_bilinear_taps", "upsample_bilinear", "upsample_approx_rows_cols", "upsample_error_bound", "upsample_at", "tap_ranges"]
 
 
 @functools.lru_cache(maxsize=64)
@@ -90,21 +90,8 @@ def _dense_matrix(in_size: int, out_size: int) -> np.ndarray:
     return W
 
 
-def upsample_approx(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Fast float32 bilinear upsampling by two matrix products: within ``upsample_error_bound`` of PIL.
-
-    ``(P, h, w)`` → ``(P, sh, sw)``.
-    """
-    _, h, w = maps.shape
-    sh, sw = size
-    dev = maps.device
-    wh = torch.from_numpy(_dense_matrix(h, sh).astype(np.float32)).to(dev)
-    ww = torch.from_numpy(_dense_matrix(w, sw).astype(np.float32)).to(dev)
-    return torch.matmul(torch.matmul(wh, maps.to(torch.float32)), ww.T)
-
-
 def upsample_error_bound(maps: torch.Tensor) -> torch.Tensor:
-    """Per map, a bound on ``|upsample_approx − upsample_bilinear|``: ``(P,)`` float32.
+    """Per map, a bound on ``|upsample_approx_rows_cols − upsample_bilinear|``: ``(P,)`` float32.
 
     Both are sums of at most h (resp. w) products per pass with weights summing to 1, so each
     differs from the exact value by a few float32 ulps of the map's largest magnitude; the bound
@@ -169,7 +156,8 @@ def tap_ranges(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
 
 def upsample_approx_rows_cols(maps: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
                               size: tuple[int, int]) -> torch.Tensor:
-    """``upsample_approx`` restricted to a window per map: ``(P, h, w)`` → ``(P, R, Q)``.
+    """Fast float32 bilinear upsampling of a window per map, by two batched matrix products:
+    ``(P, h, w)`` → ``(P, R, Q)``, within ``upsample_error_bound`` of PIL's values.
 
     ``rows`` (P, R) and ``cols`` (P, Q) are the output rows and columns to compute for each map.
     """

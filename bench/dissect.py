@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def make_probe(work: Path, n: int, size: int, seed: int = 0) -> Path:
-    from conceptrank.data.synthetic import generate_world
+    from conceptrank.synthetic.world import generate_world
 
     out = work / f"world_n{n}_s{size}_seed{seed}"
     if not (out / "probe" / "index.csv").exists():
@@ -44,7 +44,7 @@ def make_probe(work: Path, n: int, size: int, seed: int = 0) -> Path:
 
 def make_model_card(work: Path, size: int) -> Path:
     """A trained synthetic model when one exists in work/, else a seeded random ConceptNet card."""
-    from conceptrank.data.synthetic import generate_world
+    from conceptrank.synthetic.world import generate_world
 
     out = work / f"model_world_s{size}"
     if not (out / "model" / "model.json").exists():
@@ -56,9 +56,14 @@ def bare_forward(model, layer: str, probe: Path, batch_size: int, workers: int, 
     """Seconds for data loading + forward over the probe images, nothing else."""
     import torch
 
-    from conceptrank.data.broden import BrodenDataset
-    from conceptrank.dissect import _loader, _probe_size, _ProbeImages, resolve_device
-    from conceptrank.hooks import record_layers
+    from conceptrank.io.broden import BrodenDataset
+    from conceptrank.nn.hooks import record_layers
+    from conceptrank.stages.dissect import (
+        _loader,
+        _probe_size,
+        _ProbeImages,
+        resolve_device,
+    )
 
     ds = BrodenDataset(probe)
     dev = resolve_device(device)
@@ -78,10 +83,10 @@ def naive_phases(model, layer: str, probe: Path, thresholds_for_iou: np.ndarray,
     """NetDissect-Lite's algorithm on the same features: returns (seconds, iou with given thresholds)."""
     import torch
 
-    from conceptrank.data.broden import BrodenDataset
-    from conceptrank.dissect import _probe_size, label_category_matrix
-    from conceptrank.hooks import record_layers
-    from conceptrank.reference import naive_tally
+    from conceptrank.io.broden import BrodenDataset
+    from conceptrank.nn.hooks import record_layers
+    from conceptrank.stages.dissect import _probe_size, label_category_matrix
+    from conceptrank.testing.reference import naive_tally
 
     ds = BrodenDataset(probe)
     size = _probe_size(ds)
@@ -103,8 +108,8 @@ def naive_phases(model, layer: str, probe: Path, thresholds_for_iou: np.ndarray,
     iou = both / (act @ lc.T + truth[None, :] - both + 1e-10)
 
     # ours on exactly the same in-memory inputs: running top-k thresholds + vectorized tally
-    from conceptrank.dissect import TallyAccumulator
-    from conceptrank.stats import TopKQuantile
+    from conceptrank.core.stats import TopKQuantile
+    from conceptrank.stages.dissect import TallyAccumulator
 
     t0 = time.perf_counter()
     ft = torch.from_numpy(feats)
@@ -121,9 +126,9 @@ def naive_phases(model, layer: str, probe: Path, thresholds_for_iou: np.ndarray,
 
 
 def child_dissect(args) -> None:
-    from conceptrank.data.broden import BrodenDataset
-    from conceptrank.dissect import DissectConfig, dissect
-    from conceptrank.models import load_model
+    from conceptrank.io.broden import BrodenDataset
+    from conceptrank.nn.models import load_model
+    from conceptrank.stages.dissect import DissectConfig, dissect
 
     model = load_model(args.model, args.weights)
     cfg = DissectConfig(batch_size=args.batch_size, workers=args.workers, device=args.device, progress=False)
@@ -166,9 +171,9 @@ def main() -> None:
     if args.child:
         return child_dissect(args)
 
-    from conceptrank.data.broden import BrodenDataset
-    from conceptrank.dissect import DissectConfig, dissect
-    from conceptrank.models import load_model
+    from conceptrank.io.broden import BrodenDataset
+    from conceptrank.nn.models import load_model
+    from conceptrank.stages.dissect import DissectConfig, dissect
 
     args.work.mkdir(parents=True, exist_ok=True)
     if args.model == "synthetic":

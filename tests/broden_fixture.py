@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from conceptrank.data.broden import WriterRow, encode_mask, write_broden
-from conceptrank.models import LoadedModel
+from conceptrank.io.broden import WriterRow, encode_mask, write_broden
+from conceptrank.nn.models import LoadedModel
 
 # Concept colours: object labels 1..4 are solid squares of these colours.
 COLORS = {1: (255, 0, 0), 2: (0, 255, 0), 3: (0, 0, 255), 4: (255, 255, 0)}

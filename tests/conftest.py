@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from conceptrank.data.synthetic import generate_world
+from conceptrank.synthetic.world import generate_world
 
 
 @pytest.fixture(scope="session")
 def tiny_world_nomodel(tmp_path_factory):
     """A small synthetic world without a model: 32 px, 60 probe images, 10 classes x 10 images.
 
-    Returns the :class:`conceptrank.data.synthetic.WorldInfo` (``probe_dir``, ``target_dir``,
+    Returns the :class:`conceptrank.synthetic.world.WorldInfo` (``probe_dir``, ``target_dir``,
     ``truth_path``; ``model_dir`` is None).
     """
     out = tmp_path_factory.mktemp("world_nomodel") / "world"

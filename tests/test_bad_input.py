@@ -96,14 +96,19 @@ from torch import nn
 from typer.testing import CliRunner
 
 from conceptrank.cli import app
-from conceptrank.data.broden import BrodenDataset, BrodenError, encode_mask
-from conceptrank.data.images import load_rgb
-from conceptrank.data.targets import TargetError, load_targets
-from conceptrank.dissect import DissectConfig, dissect
 from conceptrank.errors import ConceptrankError
-from conceptrank.extract import ExtractConfig, extract, read_activations, run_extract
-from conceptrank.models import LoadedModel, save_model_card
-from conceptrank.nets import ConceptNet
+from conceptrank.io.broden import BrodenDataset, BrodenError, encode_mask
+from conceptrank.io.images import load_rgb
+from conceptrank.io.targets import TargetError, load_targets
+from conceptrank.nn.models import LoadedModel, save_model_card
+from conceptrank.nn.nets import ConceptNet
+from conceptrank.stages.dissect import DissectConfig, dissect
+from conceptrank.stages.extract import (
+    ExtractConfig,
+    extract,
+    read_activations,
+    run_extract,
+)
 
 FIX = Path(__file__).resolve().parent / "fixtures"
 B224 = FIX / "broden_quirks" / "broden1_224"

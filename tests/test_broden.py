@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conceptrank.data.broden import BrodenDataset, BrodenError, decode_mask, encode_mask
+from conceptrank.io.broden import BrodenDataset, BrodenError, decode_mask, encode_mask
 
 
 def _w(path: Path, text: str) -> None:

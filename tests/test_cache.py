@@ -14,16 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from broden_fixture import make_planted_probe, planted_model
 from PIL import Image
 
-from broden_fixture import make_planted_probe, planted_model
-from conceptrank import cache
-from conceptrank.data.broden import BrodenDataset
-from conceptrank.dissect import DissectConfig, dissect, run_dissect
 from conceptrank.errors import ConceptrankError
-from conceptrank.extract import ExtractConfig, run_extract
-from conceptrank.models import LoadedModel, save_model_card
-from conceptrank.nets import ConceptNet
+from conceptrank.io import cache
+from conceptrank.io.broden import BrodenDataset
+from conceptrank.nn.models import LoadedModel, save_model_card
+from conceptrank.nn.nets import ConceptNet
+from conceptrank.stages.dissect import DissectConfig, dissect, run_dissect
+from conceptrank.stages.extract import ExtractConfig, run_extract
 
 CFG = DissectConfig(workers=0, batch_size=4, progress=False)
 ECFG = ExtractConfig(workers=0, batch_size=4, device="cpu")
@@ -235,7 +235,7 @@ def test_extract_reuses_and_recomputes_on_any_change(tmp_path):
 def test_rank_reuses_and_recomputes(tmp_path):
     from test_rank import FAST, make_world
 
-    from conceptrank.rank import RankConfig, run_rank
+    from conceptrank.stages.rank import RankConfig, run_rank
 
     act, tally, *_ = make_world(tmp_path)
     cfg = RankConfig(**FAST)
@@ -258,7 +258,7 @@ def test_rank_reuses_and_recomputes(tmp_path):
 
 def test_pipeline_evaluate_and_world_reuse(tmp_path):
     from conceptrank import pipeline
-    from conceptrank.evaluate import EvaluateConfig
+    from conceptrank.stages.evaluate import EvaluateConfig
 
     rank_dir = tmp_path / "rank"
     rank_dir.mkdir()
@@ -389,7 +389,7 @@ def test_dissect_out_of_memory_halves_the_batch(tmp_path, capsys):
 
 
 def test_extract_out_of_memory_halves_the_batch(tmp_path, capsys):
-    from conceptrank.models import load_model
+    from conceptrank.nn.models import load_model
 
     data = _targets(tmp_path / "data")
     card = _card(tmp_path / "card")

@@ -4,15 +4,21 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from broden_fixture import make_planted_probe, planted_model
-from conceptrank.data.broden import BrodenDataset, BrodenError, encode_mask
-from conceptrank.dissect import DissectConfig, TallyAccumulator, dissect, float32_floor, label_category_matrix
+
+from conceptrank.core.stats import TopKQuantile
 from conceptrank.errors import ConceptrankError
-from conceptrank.hooks import UnknownLayerError
-from conceptrank.reference import naive_tally
-from conceptrank.stats import TopKQuantile
-from conceptrank.tally import read_tally
+from conceptrank.io.broden import BrodenDataset, BrodenError, encode_mask
+from conceptrank.io.tally_csv import read_tally
+from conceptrank.nn.hooks import UnknownLayerError
+from conceptrank.stages.dissect import (
+    DissectConfig,
+    TallyAccumulator,
+    dissect,
+    float32_floor,
+    label_category_matrix,
+)
+from conceptrank.testing.reference import naive_tally
 
 CFG = DissectConfig(workers=0, batch_size=8, progress=False)
 
@@ -235,7 +241,7 @@ def test_topk_other_quantile():
 def test_tally_exact_at_the_threshold():
     """Thresholds equal to upsampled values (and one float32 ulp around them): the fast path's
     ambiguous pixels must be decided exactly as PIL's values would be."""
-    from conceptrank.upsample import upsample_bilinear
+    from conceptrank.core.upsample import upsample_bilinear
 
     rng = np.random.default_rng(7)
     N, U, h, w, sh, sw, L, C = 6, 5, 7, 7, 112, 112, 6, 2

@@ -1,4 +1,4 @@
-"""Tests of conceptrank.evaluate: Formula 2 on hand-computed examples, outputs, errors, and the CLI."""
+"""Tests of conceptrank.stages.evaluate: Formula 2 on hand-computed examples, outputs, errors, and the CLI."""
 
 from __future__ import annotations
 
@@ -12,9 +12,14 @@ from typer.testing import CliRunner
 
 from conceptrank.cli import app
 from conceptrank.errors import ConceptrankError
-from conceptrank.evaluate import EvaluateConfig, agreement, parse_configs, run_evaluate
-from conceptrank.rank import RankConfig, run_rank
-from conceptrank.tally import format_tally
+from conceptrank.io.tally_csv import format_tally
+from conceptrank.stages.evaluate import (
+    EvaluateConfig,
+    agreement,
+    parse_configs,
+    run_evaluate,
+)
+from conceptrank.stages.rank import RankConfig, run_rank
 
 
 def read_csv(path: Path) -> list[dict]:

@@ -1,4 +1,4 @@
-"""Tests of conceptrank.explain: exact decision decomposition, faithful heatmaps, files, image names, CLI."""
+"""Tests of conceptrank.stages.explain: exact decision decomposition, faithful heatmaps, files, image names, CLI."""
 
 from __future__ import annotations
 
@@ -12,13 +12,18 @@ from typer.testing import CliRunner
 
 from conceptrank.cli import app
 from conceptrank.errors import ConceptrankError
-from conceptrank.explain import contribution_maps, explain_vector, resolve_image, run_explain
-from conceptrank.extract import ExtractConfig, run_extract
-from conceptrank.faithfulness import load_svm
-from conceptrank.models import IMAGENET_MEAN, IMAGENET_STD, save_model_card
-from conceptrank.nets import ConceptNet
-from conceptrank.rank import RankConfig, load_activations, run_rank
-from conceptrank.tally import format_tally, read_tally
+from conceptrank.io.svm import load_svm
+from conceptrank.io.tally_csv import format_tally, read_tally
+from conceptrank.nn.models import IMAGENET_MEAN, IMAGENET_STD, save_model_card
+from conceptrank.nn.nets import ConceptNet
+from conceptrank.stages.explain import (
+    contribution_maps,
+    explain_vector,
+    resolve_image,
+    run_explain,
+)
+from conceptrank.stages.extract import ExtractConfig, run_extract
+from conceptrank.stages.rank import RankConfig, load_activations, run_rank
 
 CONCEPTS = ["red-c", "blue-c", "circle", "ring", "wavy", "sky-s"]
 
@@ -73,7 +78,7 @@ def test_explain_vector_sums_exactly(run_dir):
 
 def test_contribution_maps_average_to_contributions():
     rng = np.random.default_rng(0)
-    from conceptrank.faithfulness import SVMParams
+    from conceptrank.core.faithfulness import SVMParams
 
     U = 6
     svm = SVMParams(rng.normal(size=(2, U)), rng.normal(size=2), rng.normal(size=U), rng.random(U) + 0.5, ("a", "b"))

@@ -14,12 +14,18 @@ import torch
 from PIL import Image
 from torch import nn
 
-from conceptrank.data.targets import load_targets
 from conceptrank.errors import ConceptrankError
-from conceptrank.extract import ExtractConfig, ExtractResult, extract, read_activations, run_extract
-from conceptrank.hooks import UnknownLayerError
-from conceptrank.models import LoadedModel, load_model, save_model_card
-from conceptrank.nets import ConceptNet
+from conceptrank.io.targets import load_targets
+from conceptrank.nn.hooks import UnknownLayerError
+from conceptrank.nn.models import LoadedModel, load_model, save_model_card
+from conceptrank.nn.nets import ConceptNet
+from conceptrank.stages.extract import (
+    ExtractConfig,
+    ExtractResult,
+    extract,
+    read_activations,
+    run_extract,
+)
 
 H, W = 6, 8  # model input size (H, W); fixture images are W x H so nothing is resized
 
@@ -216,7 +222,7 @@ def test_run_extract_skips_and_converts(tmp_path, capsys):
 
 def test_monkeypatched_pixel_limit_skips(tmp_path, monkeypatch):
     clean_folder(tmp_path / "d")
-    monkeypatch.setattr("conceptrank.data.images.MAX_PIXELS", H * W - 1)
+    monkeypatch.setattr("conceptrank.io.images.MAX_PIXELS", H * W - 1)
     with pytest.raises(ConceptrankError, match=r"all 5 images were skipped \(5 too large\)"):
         run_extract(_loaded(KnownNet()), None, "feat", tmp_path / "d", tmp_path / "out", CFG0)
     assert len((tmp_path / "out" / "skipped.csv").read_text().splitlines()) == 6

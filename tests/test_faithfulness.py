@@ -10,17 +10,50 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conceptrank.baselines import (bootstrap_agreement, class_overlap_means, encode_rankings, frequency_test,
-                                   overlap_matrix, p_value, permutation_test, weighted_sample_sets)
-from conceptrank.evaluate import EvaluateConfig, agreement, chance_scores, run_evaluate
-from conceptrank.explain import explain_vector
-from conceptrank.faithfulness import (concept_contributions, deletion_test, fit_linear_svm, fold_stability,
-                                      load_svm, mean_pairwise_jaccard, seed_stability, top_concept_sets)
-from conceptrank.groundtruth import (Truth, global_truth_scores, local_truth_precision, oracle_precision,
-                                     random_global_scores, random_local_precision)
-from conceptrank.rank import RankConfig, global_rankings, load_activations, run_rank, unit_concept_table
-from conceptrank.rankmetrics import aggregate_local, jaccard_at, ndcg_at, rbo
-from conceptrank.tally import format_tally, read_tally
+from conceptrank.core.baselines import (
+    bootstrap_agreement,
+    class_overlap_means,
+    encode_rankings,
+    frequency_test,
+    overlap_matrix,
+    p_value,
+    permutation_test,
+    weighted_sample_sets,
+)
+from conceptrank.core.faithfulness import (
+    concept_contributions,
+    deletion_test,
+    fit_linear_svm,
+    fold_stability,
+    mean_pairwise_jaccard,
+    seed_stability,
+    top_concept_sets,
+)
+from conceptrank.core.groundtruth import (
+    Truth,
+    global_truth_scores,
+    local_truth_precision,
+    oracle_precision,
+    random_global_scores,
+    random_local_precision,
+)
+from conceptrank.core.rankmetrics import aggregate_local, jaccard_at, ndcg_at, rbo
+from conceptrank.io.svm import load_svm
+from conceptrank.io.tally_csv import format_tally, read_tally
+from conceptrank.stages.evaluate import (
+    EvaluateConfig,
+    agreement,
+    chance_scores,
+    run_evaluate,
+)
+from conceptrank.stages.explain import explain_vector
+from conceptrank.stages.rank import (
+    RankConfig,
+    global_rankings,
+    load_activations,
+    run_rank,
+    unit_concept_table,
+)
 
 # --------------------------------------------------------------------------------------------
 # hand-made rankings: a planted world and null worlds

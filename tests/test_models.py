@@ -7,9 +7,9 @@ import torch
 from typer.testing import CliRunner
 
 from conceptrank.cli import app
-from conceptrank.hooks import UnknownLayerError, record_layers, resolve_layer
-from conceptrank.models import ModelError, list_layers, load_model, save_model_card
-from conceptrank.nets import ConceptNet
+from conceptrank.nn.hooks import UnknownLayerError, record_layers, resolve_layer
+from conceptrank.nn.models import ModelError, list_layers, load_model, save_model_card
+from conceptrank.nn.nets import ConceptNet
 
 runner = CliRunner()
 

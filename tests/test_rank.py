@@ -1,4 +1,4 @@
-"""Tests of conceptrank.rank: rankings on hand-built inputs, the classifier's protocol, errors, outputs."""
+"""Tests of conceptrank.stages.rank: rankings on hand-built inputs, the classifier's protocol, errors, outputs."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conceptrank.errors import ConceptrankError
-from conceptrank.rank import (
+from conceptrank.stages.rank import (
     GlobalRanker,
     RankConfig,
     RankedConcept,
@@ -20,8 +20,8 @@ from conceptrank.rank import (
     run_rank,
 )
 
-rank_mod = importlib.import_module("conceptrank.rank")  # the module (conceptrank.rank is the function)
-from conceptrank.tally import format_tally
+rank_mod = importlib.import_module("conceptrank.core.ranking")  # where GlobalRanker builds its LinearSVC
+from conceptrank.io.tally_csv import format_tally
 
 # --------------------------------------------------------------------------------------------
 # helpers: tiny hand-made stage outputs

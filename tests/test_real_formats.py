@@ -18,15 +18,15 @@ import torch
 from PIL import Image
 from torch import nn
 
-from conceptrank.data.broden import BrodenDataset, WriterRow, decode_mask, write_broden
-from conceptrank.data.images import load_rgb
-from conceptrank.data.targets import TargetItem, load_targets
-from conceptrank.dissect import DissectConfig, dissect, label_category_matrix
-from conceptrank.extract import ExtractConfig, read_activations, run_extract
-from conceptrank.hooks import record_layers
-from conceptrank.models import LoadedModel
-from conceptrank.nets import ConceptNet
-from conceptrank.reference import naive_tally
+from conceptrank.io.broden import BrodenDataset, WriterRow, decode_mask, write_broden
+from conceptrank.io.images import load_rgb
+from conceptrank.io.targets import TargetItem, load_targets
+from conceptrank.nn.hooks import record_layers
+from conceptrank.nn.models import LoadedModel
+from conceptrank.nn.nets import ConceptNet
+from conceptrank.stages.dissect import DissectConfig, dissect, label_category_matrix
+from conceptrank.stages.extract import ExtractConfig, read_activations, run_extract
+from conceptrank.testing.reference import naive_tally
 
 FIX = Path(__file__).resolve().parent / "fixtures"
 BRODEN = {224: FIX / "broden_quirks" / "broden1_224", 227: FIX / "broden_quirks" / "broden1_227"}

@@ -18,17 +18,22 @@ from urllib.parse import unquote, urlsplit
 import numpy as np
 import pytest
 import torch
+from broden_fixture import make_planted_probe
 from PIL import Image
 
-from broden_fixture import make_planted_probe
 from conceptrank.errors import ConceptrankError
-from conceptrank.models import IMAGENET_MEAN, IMAGENET_STD, load_model, save_model_card
-from conceptrank.nets import ConceptNet
+from conceptrank.io.tally_csv import format_tally
+from conceptrank.nn.models import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    load_model,
+    save_model_card,
+)
+from conceptrank.nn.nets import ConceptNet
 from conceptrank.report import ReportOptions, write_report
 from conceptrank.report import figures as F
 from conceptrank.report import visuals as V
 from conceptrank.report.data import extra_summary_keys, load_run
-from conceptrank.tally import format_tally
 
 EVIL_CONCEPT = "<script>alert(1)</script>"
 EVIL_FILE = 'JPEGImages/we"ird & name.jpg'
@@ -69,7 +74,7 @@ def make_tiny_run(root: Path, n_per_class: int = 4) -> Path:
     with open(probe / "index.csv", newline="") as f:
         probe_images = [r["image"] for r in csv.DictReader(f)]
     x = torch.stack([model.to_tensor(Image.open(probe / "images" / p).convert("RGB"), (32, 32)) for p in probe_images])
-    from conceptrank.hooks import record_layers
+    from conceptrank.nn.hooks import record_layers
 
     with torch.no_grad(), record_layers(model.module, ["layer4"]) as rec:
         model.module(x)

@@ -20,9 +20,16 @@ from urllib.parse import quote, unquote, urlsplit
 import numpy as np
 import pytest
 from PIL import Image
+from test_report import (
+    CLASSES,
+    EVIL_CONCEPT,
+    local_refs,
+    make_tiny_run,
+    parse_html,
+    with_class,
+)
 
 from conceptrank.report import write_report
-from test_report import EVIL_CONCEPT, CLASSES, local_refs, make_tiny_run, parse_html, with_class
 
 CHROMIUM = Path("/usr/bin/chromium")
 

@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conceptrank.data.broden import BrodenDataset
-from conceptrank.data.synthetic import (
+from conceptrank.errors import ConceptrankError
+from conceptrank.io.broden import BrodenDataset
+from conceptrank.synthetic.world import (
     CATEGORIES,
     TARGET_CLASSES,
     concept_vocabulary,
@@ -23,7 +24,6 @@ from conceptrank.data.synthetic import (
     source_scene,
     target_scene,
 )
-from conceptrank.errors import ConceptrankError
 
 
 def _csv(path: Path) -> list[dict[str, str]]:
@@ -90,12 +90,12 @@ def test_masks_show_only_visible_pixels():
 
 
 def test_source_scene_labels_follow_the_main_object():
-    from conceptrank.train import render_source_images, source_heads
+    from conceptrank.synthetic.train import render_source_images, source_heads
 
     images, labels = render_source_images(2, 32, 6, "train")
     heads = source_heads()
     assert images.shape == (6, 32, 32, 3) and labels.shape == (6, 4)
-    from conceptrank.train import presence_concepts, render_source_data
+    from conceptrank.synthetic.train import presence_concepts, render_source_data
 
     _, labels2, presence = render_source_data(2, 32, 6, "train")
     np.testing.assert_array_equal(labels2, labels)
@@ -268,8 +268,8 @@ def test_model_card_reproduces_the_trained_module(tiny_world):
     import torch
     from PIL import Image
 
-    from conceptrank.models import load_model
-    from conceptrank.train import render_source_images, source_heads
+    from conceptrank.nn.models import load_model
+    from conceptrank.synthetic.train import render_source_images, source_heads
 
     w = tiny_world
     assert w.model_dir is not None and (w.model_dir / "model.json").exists()
@@ -277,7 +277,7 @@ def test_model_card_reproduces_the_trained_module(tiny_world):
     task = card["source_task"]
     heads = source_heads()
     assert task["heads"] == {h: list(v) for h, v in heads.items()}
-    from conceptrank.train import presence_concepts
+    from conceptrank.synthetic.train import presence_concepts
 
     # Main-object heads first, then one presence output per shape, colour, material and scene.
     assert card["num_classes"] == sum(len(v) for v in heads.values()) + len(presence_concepts())

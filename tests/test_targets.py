@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conceptrank.data.images import ImageDecodeError, load_rgb
-from conceptrank.data.targets import (
+from conceptrank.errors import ConceptrankError
+from conceptrank.io.images import ImageDecodeError, load_rgb
+from conceptrank.io.targets import (
     TargetError,
     TargetItem,
     class_of_stanford_name,
     load_targets,
     person_box,
 )
-from conceptrank.errors import ConceptrankError
 
 
 # -- fixture builders -----------------------------------------------------------------------------
@@ -318,6 +318,6 @@ def test_load_rgb_failures(tmp_path, monkeypatch):
         assert ei.value.reason == reason, name
         assert name in str(ei.value)
     assert load_rgb(good).size == (32, 24)
-    monkeypatch.setattr("conceptrank.data.images.MAX_PIXELS", 100)
+    monkeypatch.setattr("conceptrank.io.images.MAX_PIXELS", 100)
     with pytest.raises(ImageDecodeError, match="too large"):
         load_rgb(good)

@@ -5,7 +5,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conceptrank.upsample import upsample_approx_rows_cols, upsample_at, upsample_bilinear, upsample_error_bound
+from conceptrank.core.upsample import (
+    upsample_approx_rows_cols,
+    upsample_at,
+    upsample_bilinear,
+    upsample_error_bound,
+)
 
 SIZES = [(7, 7, 112, 112), (7, 7, 113, 113), (8, 8, 32, 32), (4, 6, 13, 17), (9, 5, 4, 3), (7, 7, 7, 112)]
 

@@ -6,56 +6,37 @@ The public API is imported lazily so that ``import conceptrank`` (and the CLI's 
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "load_model": "models",
-    "LoadedModel": "models",
-    "list_layers": "models",
-    "record_layers": "hooks",
-    "BrodenDataset": "data.broden",
-    "read_tally": "tally",
-    "UnitLabels": "tally",
-    "generate_world": "data.synthetic",
-    "dissect": "dissect",
-    "DissectConfig": "dissect",
-    "DissectResult": "dissect",
-    "extract": "extract",
-    "ExtractConfig": "extract",
-    "ExtractResult": "extract",
-    "rank": "rank",
-    "RankConfig": "rank",
-    "RankResult": "rank",
-    "evaluate": "evaluate",
-    "EvaluateConfig": "evaluate",
-    "EvaluateResult": "evaluate",
+    "load_model": "nn.models",
+    "LoadedModel": "nn.models",
+    "list_layers": "nn.models",
+    "record_layers": "nn.hooks",
+    "BrodenDataset": "io.broden",
+    "read_tally": "io.tally_csv",
+    "UnitLabels": "io.tally_csv",
+    "generate_world": "synthetic.world",
+    "dissect": "stages.dissect",
+    "DissectConfig": "stages.dissect",
+    "DissectResult": "stages.dissect",
+    "extract": "stages.extract",
+    "ExtractConfig": "stages.extract",
+    "ExtractResult": "stages.extract",
+    "rank": "stages.rank",
+    "RankConfig": "stages.rank",
+    "RankResult": "stages.rank",
+    "evaluate": "stages.evaluate",
+    "EvaluateConfig": "stages.evaluate",
+    "EvaluateResult": "stages.evaluate",
     "write_report": "report",
-    "run_explain": "explain",
+    "run_explain": "stages.explain",
     "run_pipeline": "pipeline",
     "RunConfig": "pipeline",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
-
-
-# Stage modules whose name is also the stage function they export (``conceptrank.dissect`` is the
-# function, ``conceptrank.dissect``'s module is ``sys.modules["conceptrank.dissect"]``).
-_SAME_NAME = {"dissect", "extract", "rank", "evaluate"}
-
-
-class _Package(types.ModuleType):
-    def __setattr__(self, name: str, value) -> None:
-        # The import system binds a loaded submodule to its package attribute; for the stage
-        # modules keep the function there, so `conceptrank.dissect(...)` works whatever was imported.
-        if name in _SAME_NAME and isinstance(value, types.ModuleType):
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str):

@@ -25,7 +25,7 @@ def _fail(msg: str) -> None:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input: printed as one clear line, no traceback."""
-    from .errors import user_error_types
+    from conceptrank.errors import user_error_types
 
     return user_error_types()
 
@@ -47,7 +47,7 @@ def synth(
     no_model: bool = typer.Option(False, "--no-model", help="Skip training the source model."),
 ) -> None:
     """Generate the synthetic concept world: Broden probe set, Stanford-40 target set, truth, model."""
-    from .data.synthetic import generate_world
+    from conceptrank.synthetic.world import generate_world
 
     info = _run(
         generate_world, out, seed=seed, size=size, probe_images=probe_images,
@@ -62,7 +62,7 @@ def layers(
     weights: Optional[str] = typer.Option(None, "--weights", help="Weights enum, state_dict file, or 'none'."),
 ) -> None:
     """List every hookable layer's dotted name and output shape for a sample input."""
-    from .models import list_layers, load_model
+    from conceptrank.nn.models import list_layers, load_model
 
     m = _run(load_model, model, weights)
     rows = _run(list_layers, m)
@@ -90,7 +90,7 @@ def dissect(
     stability_quantile: Optional[float] = typer.Option(None, "--stability-quantile", help="Also label units at this quantile (e.g. 0.01) and report label stability."),
 ) -> None:
     """Network Dissection: label every unit of a layer with its best concept (NetDissect-Lite tally.csv)."""
-    from .dissect import DissectConfig, run_dissect
+    from conceptrank.stages.dissect import DissectConfig, run_dissect
 
     cfg = DissectConfig(
         categories=tuple(c.strip() for c in categories.split(",")) if categories else None,
@@ -117,7 +117,7 @@ def extract(
     device: str = typer.Option("auto", "--device"),
 ) -> None:
     """Per image and unit: mean and max of the layer's activation map (activations.npz)."""
-    from .extract import ExtractConfig, run_extract
+    from conceptrank.stages.extract import ExtractConfig, run_extract
 
     cfg = ExtractConfig(layout=layout, resize=resize, crop=crop, batch_size=batch_size, workers=workers, device=device)
     res = _run(run_extract, model, weights, layer, dataset, out, cfg)
@@ -138,7 +138,7 @@ def rank(
     grid: bool = typer.Option(False, "--grid", help="paper protocol: grid-search C instead of C=0.001."),
 ) -> None:
     """Local (per image) and global (per class, linear SVM) concept rankings."""
-    from .rank import RankConfig, run_rank
+    from conceptrank.stages.rank import RankConfig, run_rank
 
     cfg = RankConfig(
         protocol=protocol, top_local=top_local, top_global=top_global, min_iou=min_iou,
@@ -161,7 +161,7 @@ def evaluate(
     faithfulness: bool = typer.Option(True, "--faithfulness/--no-faithfulness", help="Deletion test and stability refits (needs activations, tally, svm.npz)."),
 ) -> None:
     """Agreement between local and global concepts per class (the paper's Formula 2), and more."""
-    from .evaluate import EvaluateConfig, run_evaluate
+    from conceptrank.stages.evaluate import EvaluateConfig, run_evaluate
 
     cfg = EvaluateConfig(configs=configs, split=split, truth=truth, seed=seed, n_perm=permutations,
                          n_draw=permutations, n_boot=permutations, faithfulness=faithfulness)
@@ -176,7 +176,7 @@ def report(
     seed: int = typer.Option(0, "--seed", help="Seed for the sampled image panels."),
 ) -> None:
     """Write DIR/report.html and DIR/figures/*.png."""
-    from .report import ReportOptions, write_report
+    from conceptrank.report import ReportOptions, write_report
 
     path = _run(write_report, run, ReportOptions(max_units=max_units, seed=seed))
     typer.echo(f"report: {path}")
@@ -188,7 +188,7 @@ def explain(
     images: List[str] = typer.Argument(..., help="Image file names (relative to the dataset root)."),
 ) -> None:
     """Why did the classifier decide as it did for these images: concept contributions to the SVM score."""
-    from .explain import run_explain
+    from conceptrank.stages.explain import run_explain
 
     res = _run(run_explain, run, images)
     typer.echo(res.text())
@@ -203,7 +203,7 @@ def fetch(
     timeout: float = typer.Option(10.0, "--timeout", help="Seconds to wait for the server before failing."),
 ) -> None:
     """Download a dataset (resumable, checksummed, extracted); offline it fails fast with manual steps."""
-    from .fetch import fetch_dataset
+    from conceptrank.fetch import fetch_dataset
 
     res = _run(fetch_dataset, dataset, to, variant=variant, base_url=base_url, timeout=timeout)
     typer.echo(res.summary())
@@ -216,7 +216,7 @@ def demo(
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """synth → dissect → extract → rank → evaluate → report on the synthetic world; prints a summary."""
-    from .pipeline import run_demo
+    from conceptrank.pipeline import run_demo
 
     _run(run_demo, out, quick=quick, seed=seed, echo=typer.echo)
 
@@ -224,7 +224,7 @@ def demo(
 @app.command("run")
 def run_config(config: Path = typer.Argument(..., help="A TOML run configuration (see examples/).")) -> None:
     """Run the stages described by a TOML config file (real models and data)."""
-    from .pipeline import run_from_config
+    from conceptrank.pipeline import run_from_config
 
     _run(run_from_config, config, echo=typer.echo)
 

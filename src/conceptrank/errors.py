@@ -1,19 +1,98 @@
-"""The exception types that mean bad user input (printed by the CLI as one clear line)."""
+"""Every exception type of conceptrank.
+
+Each one means bad input, environment or configuration and derives from :class:`ConceptrankError`,
+which the CLI prints as one line (exit code 2). Anything else is a bug and keeps its traceback.
+This module imports nothing of conceptrank's, so every layer may use it.
+"""
 
 from __future__ import annotations
 
-__all__ = ["ConceptrankError", "user_error_types"]
+import os
+from pathlib import Path
+
+__all__ = [
+    "ConceptrankError",
+    "BrodenError",
+    "TargetError",
+    "ImageDecodeError",
+    "TallyError",
+    "ModelError",
+    "UnknownLayerError",
+    "DownloadError",
+    "user_error_types",
+]
 
 
 class ConceptrankError(ValueError):
     """Base class for conceptrank's own input errors."""
 
 
-def user_error_types() -> tuple[type[BaseException], ...]:
-    from .data.broden import BrodenError
-    from .hooks import UnknownLayerError
-    from .models import ModelError
-    from .tally import TallyError
+class BrodenError(ConceptrankError):
+    """A probe set that does not follow the Broden format; the message names the file and row."""
 
-    types: list[type[BaseException]] = [ConceptrankError, BrodenError, UnknownLayerError, ModelError, TallyError, FileNotFoundError]
-    return tuple(types)
+
+class TargetError(ConceptrankError):
+    """A target set that cannot be indexed; the message names the file (and line) at fault."""
+
+
+class TallyError(ConceptrankError):
+    """A tally.csv that cannot be read; the message names the file and line."""
+
+
+class ModelError(ConceptrankError):
+    """A model or weights specification that cannot be loaded; the message says what to do."""
+
+
+class UnknownLayerError(ConceptrankError, KeyError):
+    """A layer name that the model does not have; the message lists the valid names."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0])
+
+
+class ImageDecodeError(ConceptrankError):
+    """An image that cannot be used.
+
+    Attributes
+    ----------
+    path : str
+        The file.
+    reason : str
+        Short, stable reason (one of ``conceptrank.io.images.REASONS``), written to ``skipped.csv``.
+    detail : str
+        The underlying message (PIL's or the OS's), for humans.
+    """
+
+    def __init__(self, path: str | os.PathLike, reason: str, detail: str = "") -> None:
+        self.path = str(path)
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"cannot use image {self.path}: {reason}" + (f" ({detail})" if detail else ""))
+
+    def __reduce__(self):  # picklable across DataLoader worker processes
+        return (type(self), (self.path, self.reason, self.detail))
+
+
+class DownloadError(ConceptrankError):
+    """A download failed for a network reason (no route, refused, timeout, HTTP error, cut short).
+
+    Attributes
+    ----------
+    url : str
+        The address that was requested.
+    reason : str
+        Why it failed, in words.
+    dest : Path
+        Where the archive was to be stored.
+    """
+
+    def __init__(self, message: str, *, url: str, reason: str, dest: Path):
+        super().__init__(message)
+        self.url = url
+        self.reason = reason
+        self.dest = dest
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """The exception types that mean bad user input (printed by the CLI as one clear line)."""
+    return (ConceptrankError,)

@@ -54,8 +54,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .cache import atomic_write_json, file_sha256
-from .errors import ConceptrankError
+from conceptrank.errors import ConceptrankError, DownloadError
+from conceptrank.io.cache import atomic_write_json, file_sha256
 
 __all__ = [
     "DATASETS",
@@ -162,26 +162,6 @@ class FetchResult:
             lines.append("next: conceptrank extract --model resnet18 --weights IMAGENET1K_V1 --layer layer4 "
                          f"--dataset {root} --out runs/extract-resnet18")
         return "\n".join(lines)
-
-
-class DownloadError(ConceptrankError):
-    """A download failed for a network reason (no route, refused, timeout, HTTP error, cut short).
-
-    Attributes
-    ----------
-    url : str
-        The address that was requested.
-    reason : str
-        Why it failed, in words.
-    dest : Path
-        Where the archive was to be stored.
-    """
-
-    def __init__(self, message: str, *, url: str, reason: str, dest: Path):
-        super().__init__(message)
-        self.url = url
-        self.reason = reason
-        self.dest = dest
 
 
 # --------------------------------------------------------------------------- registry

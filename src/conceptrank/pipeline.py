@@ -4,7 +4,7 @@
 names (e.g. ResNet-152 + Broden + Stanford 40, see ``examples/``).
 
 Rerunning is cheap: every stage reuses its outputs when its manifest was written for the same key
-(see :mod:`conceptrank.cache`), and says so; the synthetic world is regenerated only when its
+(see :mod:`conceptrank.io.cache`), and says so; the synthetic world is regenerated only when its
 parameters, the package versions or any of its files changed (``DIR/.world.json``).
 """
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
-from .errors import ConceptrankError
+from conceptrank.errors import ConceptrankError
 
 __all__ = ["RunConfig", "load_run_config", "run_pipeline", "run_demo", "run_from_config"]
 
@@ -131,11 +131,11 @@ class PipelineResult:
 
 def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> PipelineResult:
     """dissect → extract → rank → evaluate (→ report) as the config says; returns every stage's result."""
-    from .dissect import DissectConfig
-    from .evaluate import EvaluateConfig, run_evaluate
-    from .extract import ExtractConfig, run_extract
-    from .models import load_model
-    from .rank import RankConfig, run_rank
+    from conceptrank.nn.models import load_model
+    from conceptrank.stages.dissect import DissectConfig
+    from conceptrank.stages.evaluate import EvaluateConfig, run_evaluate
+    from conceptrank.stages.extract import ExtractConfig, run_extract
+    from conceptrank.stages.rank import RankConfig, run_rank
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -143,7 +143,7 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> Pipelin
     model = load_model(cfg.model, cfg.weights)
     from dataclasses import asdict
 
-    from .cache import atomic_write_json
+    from conceptrank.io.cache import atomic_write_json
 
     atomic_write_json(out / "run.json", {"config": asdict(cfg), "model": model.describe()})
 
@@ -153,8 +153,8 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> Pipelin
         tally = Path(cfg.tally)
         echo(f"[dissect] using existing tally {tally}")
     else:
-        from .data.broden import BrodenDataset
-        from .dissect import dissect
+        from conceptrank.io.broden import BrodenDataset
+        from conceptrank.stages.dissect import dissect
 
         dcfg = DissectConfig(categories=cfg.categories, quantile=cfg.quantile, preprocess=cfg.preprocess,
                              batch_size=cfg.batch_size, workers=cfg.workers, device=cfg.device,
@@ -186,7 +186,7 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> Pipelin
 
     report = None
     if cfg.report:
-        from .report import ReportOptions, write_report
+        from conceptrank.report import ReportOptions, write_report
 
         t0 = time.perf_counter()
         report = write_report(out, ReportOptions(max_units=cfg.report_max_units, seed=cfg.seed))
@@ -208,8 +208,8 @@ def _evaluate_cached(rank_dir: Path, vcfg, run_evaluate):
     """
     import dataclasses
 
-    from . import cache
-    from .evaluate import EvaluateResult, parse_configs
+    from conceptrank.io import cache
+    from conceptrank.stages.evaluate import EvaluateResult, parse_configs
 
     rank_dir = Path(rank_dir)
 
@@ -259,7 +259,7 @@ def run_from_config(path: str | Path, echo: Callable[[str], None] = print) -> Pi
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0,
              echo: Callable[[str], None] = print) -> PipelineResult:
     """Generate the synthetic world (unless already there for these parameters) and run every stage."""
-    from .data.synthetic import generate_world
+    from conceptrank.synthetic.world import generate_world
 
     out = Path(out)
     t0 = time.perf_counter()
@@ -293,23 +293,23 @@ def _generator_fingerprint() -> str:
     """Hash of the code that generates the world: a changed generator never reuses an old world."""
     import hashlib
 
-    from .data import synthetic
-    from . import nets, train
+    from conceptrank.nn import nets
+    from conceptrank.synthetic import train, world
 
     h = hashlib.sha256()
-    for mod in (synthetic, train, nets):
+    for mod in (world, train, nets):
         h.update(Path(mod.__file__).read_bytes())
     return h.hexdigest()
 
 
 def _world_key(params: dict) -> str:
-    from . import cache
+    from conceptrank.io import cache
 
     return cache.stage_key("synth", {"generator": _generator_fingerprint()}, {**params, "train_model": True})
 
 
 def _world_is_current(out: Path, params: dict) -> bool:
-    from . import cache
+    from conceptrank.io import cache
 
     m = cache.Manifest.read(_world_manifest(out))
     world = Path(out) / "world"
@@ -318,7 +318,7 @@ def _world_is_current(out: Path, params: dict) -> bool:
 
 
 def _write_world_manifest(out: Path, params: dict) -> None:
-    from . import cache
+    from conceptrank.io import cache
 
     world = Path(out) / "world"
     cache.atomic_write_json(_world_manifest(out), {

@@ -6,6 +6,6 @@
 
 from __future__ import annotations
 
-from .html import ReportOptions, render_html, write_report
+from conceptrank.report.html import ReportOptions, render_html, write_report
 
 __all__ = ["ReportOptions", "render_html", "write_report"]

@@ -15,8 +15,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..errors import ConceptrankError
-from ..faithfulness import load_svm
+from conceptrank.errors import ConceptrankError
+from conceptrank.io.svm import load_svm
 
 __all__ = ["UnitLabel", "RankedConcept", "ImageRecord", "RunData", "load_run", "extra_summary_keys", "KNOWN_SUMMARY_KEYS"]
 
@@ -161,7 +161,7 @@ def _existing(*paths: Any) -> Path | None:
 
 
 def _read_tally(path: Path, warnings: list[str]) -> tuple[tuple[UnitLabel, ...], tuple[str, ...]]:
-    from ..tally import TallyError, read_tally
+    from conceptrank.io.tally_csv import TallyError, read_tally
 
     try:
         t = read_tally(path)

@@ -21,9 +21,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import ConceptrankError
-from . import figures as F
-from .data import RunData, extra_summary_keys, load_run
+from conceptrank.errors import ConceptrankError
+from conceptrank.report import figures as F
+from conceptrank.report.data import RunData, extra_summary_keys, load_run
 
 __all__ = ["ReportOptions", "write_report", "render_html"]
 
@@ -105,8 +105,8 @@ def _probe_size(probe_root: Path) -> tuple[int, int] | None:
 
 
 def _load_model(data: RunData, notes: _Notes):
-    from ..errors import user_error_types
-    from ..models import load_model
+    from conceptrank.errors import user_error_types
+    from conceptrank.nn.models import load_model
 
     spec = data.config.get("model") or (data.model or {}).get("model")
     if not spec or not data.layer:
@@ -175,7 +175,7 @@ def _figures(data: RunData, figdir: Path, root: Path, dpi: int, notes: _Notes) -
 def _upsample_grouped(maps: dict[tuple[int, int], np.ndarray], sizes: dict[int, tuple[int, int]]
                       ) -> dict[tuple[int, int], np.ndarray]:
     """Upsample every ``(image, unit)`` map to its image's thumbnail size, one call per (map, thumbnail) shape."""
-    from .visuals import upsampled
+    from conceptrank.report.visuals import upsampled
 
     groups: dict[tuple, list[tuple[int, int]]] = {}
     for key, m in maps.items():
@@ -193,8 +193,8 @@ def _unit_cards(data: RunData, model, opts: ReportOptions, figdir: Path, root: P
                 unit_classes: dict[int, list[str]]) -> list[dict]:
     from PIL import Image
 
-    from ..data.broden import BrodenError, safe_relpath
-    from . import visuals as V
+    from conceptrank.io.broden import BrodenError, safe_relpath
+    from conceptrank.report import visuals as V
 
     labelled = data.labelled_units()
     if opts.max_units is not None and len(labelled) > opts.max_units:
@@ -218,7 +218,7 @@ def _unit_cards(data: RunData, model, opts: ReportOptions, figdir: Path, root: P
     size = _probe_size(data.probe_root) or (tuple(model.input_size) if model is not None else None)
     to_tensor = None
     if model is not None:
-        from ..models import netdissect_tensor
+        from conceptrank.nn.models import netdissect_tensor
 
         prep = ((data.dissect or {}).get("config") or {}).get("preprocess", data.config.get("preprocess", "model"))
         fn = netdissect_tensor if prep == "netdissect" else model.to_tensor
@@ -294,8 +294,8 @@ def _sample(data: RunData, n: int, seed: int) -> dict[str, list]:
 
 def _image_panels(data: RunData, model, opts: ReportOptions, figdir: Path, root: Path, notes: _Notes,
                   seed: int) -> dict[str, list[dict]]:
-    from ..data.images import load_rgb
-    from . import visuals as V
+    from conceptrank.io.images import load_rgb
+    from conceptrank.report import visuals as V
 
     sample = _sample(data, opts.images_per_class, seed)
     flat = [(c, r) for c in data.classes for r in sample[c]]
@@ -309,7 +309,7 @@ def _image_panels(data: RunData, model, opts: ReportOptions, figdir: Path, root:
             try:
                 img = load_rgb(data.target_root.joinpath(*PurePosixPath(r.image).parts))
                 if crop == "person":
-                    from ..data.targets import person_box
+                    from conceptrank.io.targets import person_box
 
                     box = person_box(data.target_root, r.image)
                     if box is not None:
@@ -524,7 +524,7 @@ def write_report(run: str | Path, options: ReportOptions | None = None,
         When ``run`` is not a run folder. Missing parts of a run (no model, no probe set, a stage
         not run) are named in the report instead.
     """
-    from ..cache import atomic_write_text
+    from conceptrank.io.cache import atomic_write_text
 
     opts = options or ReportOptions()
     t0 = time.perf_counter()

@@ -41,7 +41,7 @@ def thumbnail(img: Image.Image, max_side: int) -> np.ndarray:
 
 def upsampled(maps: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     """``(P, h, w)`` activation maps → ``(P, H, W)`` float32, bilinear exactly as dissection upsamples."""
-    from ..upsample import upsample_bilinear
+    from conceptrank.core.upsample import upsample_bilinear
 
     t = torch.as_tensor(np.asarray(maps, dtype=np.float32))
     return upsample_bilinear(t, size).numpy()
@@ -117,7 +117,7 @@ def unit_maps(module: torch.nn.Module, layer: str, images: Sequence[Image.Image]
     -------
     ``{(image position, unit): (h, w) float32 map}``.
     """
-    from ..hooks import record_layers
+    from conceptrank.nn.hooks import record_layers
 
     out: dict[tuple[int, int], np.ndarray] = {}
     order = [i for i in range(len(images)) if list(wanted.get(i, ()))]

@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .cache import file_sha256, hash_json
+from conceptrank.errors import ModelError
+from conceptrank.io.cache import file_sha256, hash_json
 
 __all__ = [
     "ModelError",
@@ -35,10 +36,6 @@ __all__ = [
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CARD_FORMAT = "conceptrank-model-card"
-
-
-class ModelError(ValueError):
-    """A model or weights specification that cannot be loaded; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -189,7 +186,7 @@ def save_model_card(
 
 
 def _load_card(path: Path, weights: str | None) -> LoadedModel:
-    from .nets import ARCHITECTURES
+    from conceptrank.nn.nets import ARCHITECTURES
 
     try:
         card = json.loads(path.read_text())
@@ -321,7 +318,7 @@ def list_layers(loaded: LoadedModel, size: tuple[int, int] | None = None) -> lis
 
     Returns ``[(name, class, shape)]``; shape is ``()`` for modules the sample does not reach.
     """
-    from .hooks import layer_names, record_layers
+    from conceptrank.nn.hooks import layer_names, record_layers
 
     names = layer_names(loaded.module)
     h, w = size or loaded.input_size

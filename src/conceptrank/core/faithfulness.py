@@ -24,25 +24,22 @@ Stability (:func:`fold_stability`, :func:`seed_stability`)
     whole model selection rerun under different seeds (for the standard protocol the seed changes
     the CV split, hence possibly C).
 
-Pure computation; the I/O edges are :func:`load_svm` and :mod:`conceptrank.evaluate`.
+Pure computation; the I/O edges are :func:`conceptrank.io.svm.load_svm` and :mod:`conceptrank.stages.evaluate`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from .baselines import weighted_sample_sets
-from .errors import ConceptrankError
+from conceptrank.core.baselines import weighted_sample_sets
 
 __all__ = [
     "SVMParams",
     "Contributions",
     "DeletionResult",
-    "load_svm",
     "concept_contributions",
     "deletion_test",
     "fit_linear_svm",
@@ -85,26 +82,6 @@ class SVMParams:
         return self.standardize(X) @ self.coef.T + self.intercept
 
 
-def load_svm(path: str | Path) -> SVMParams:
-    """Read ``svm.npz`` (or the rank folder holding it)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "svm.npz"
-    if not path.exists():
-        raise ConceptrankError(f"{path} not found (re-run `conceptrank rank`)")
-    with np.load(path, allow_pickle=False) as z:
-        missing = [k for k in ("coef", "intercept", "scaler_mean", "scaler_scale", "classes") if k not in z.files]
-        if missing:
-            raise ConceptrankError(f"{path}: missing array(s) {', '.join(missing)}")
-        return SVMParams(
-            coef=np.asarray(z["coef"], dtype=np.float64),
-            intercept=np.asarray(z["intercept"], dtype=np.float64),
-            mean=np.asarray(z["scaler_mean"], dtype=np.float64),
-            scale=np.asarray(z["scaler_scale"], dtype=np.float64),
-            classes=tuple(str(c) for c in z["classes"]),
-        )
-
-
 # --------------------------------------------------------------------------------------------
 # decision decomposition
 # --------------------------------------------------------------------------------------------
@@ -145,7 +122,7 @@ def concept_contributions(X: np.ndarray, svm: SVMParams, unit_ids: np.ndarray, c
     ----------
     X : (N, U) or (U,) mean activations.
     svm : the linear model.
-    unit_ids : (U,) concept id of every unit, -1 for unlabelled (:func:`conceptrank.rank.unit_concept_table`).
+    unit_ids : (U,) concept id of every unit, -1 for unlabelled (:func:`conceptrank.stages.rank.unit_concept_table`).
     concepts : V concept names indexed by id.
 
     Returns
@@ -305,7 +282,7 @@ def fit_linear_svm(
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.preprocessing import StandardScaler
 
-    from .rank import _full_params, _svm
+    from conceptrank.core.ranking import _full_params, _svm
 
     X = np.asarray(X, dtype=np.float64)
     if standardize:
@@ -321,8 +298,8 @@ def fit_linear_svm(
 
 
 def top_concept_sets(coef: np.ndarray, unit_concepts, g: int, pool: int | None = None) -> list[frozenset]:
-    """Per class, the set of its top-g supporting global concepts (:func:`conceptrank.rank.global_rankings`)."""
-    from .rank import global_rankings
+    """Per class, the set of its top-g supporting global concepts (:func:`conceptrank.stages.rank.global_rankings`)."""
+    from conceptrank.core.ranking import global_rankings
 
     return [frozenset(rc.concept for rc in lst) for lst in global_rankings(coef, unit_concepts, g, pool, "+")]
 
@@ -395,7 +372,7 @@ def fold_stability(
 
 
 def _ranker_coef(X, y, protocol, fixed_C, c_grid, folds, seed, max_iter) -> tuple[np.ndarray, float]:
-    from .rank import GlobalRanker
+    from conceptrank.core.ranking import GlobalRanker
 
     m = GlobalRanker(protocol, fixed_C, tuple(c_grid), folds, seed, max_iter).fit(X, y)
     return m.coef_, m.best_C_

@@ -39,7 +39,8 @@ from typing import Mapping
 
 import numpy as np
 
-from .data.synthetic import (
+from conceptrank.nn.models import IMAGENET_MEAN, IMAGENET_STD
+from conceptrank.synthetic.world import (
     COLORS,
     JPEG_QUALITY,
     MATERIALS,
@@ -48,7 +49,6 @@ from .data.synthetic import (
     jpeg_roundtrip,
     source_scene,
 )
-from .models import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["SOURCE_HEADS", "HEAD_WEIGHTS", "PRESENCE_WEIGHTS", "presence_concepts", "render_source_data", "SourceModel", "source_heads", "render_source_images", "train_source_model"]
 
@@ -214,8 +214,8 @@ def train_source_model(
     import torch
     import torch.nn.functional as F
 
-    from .models import save_model_card
-    from .nets import ConceptNet
+    from conceptrank.nn.models import save_model_card
+    from conceptrank.nn.nets import ConceptNet
 
     heads = source_heads()
     hw = dict(HEAD_WEIGHTS if head_weights is None else head_weights)

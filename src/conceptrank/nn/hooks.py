@@ -8,14 +8,9 @@ from typing import Iterator, Sequence
 
 from torch import nn
 
+from conceptrank.errors import UnknownLayerError
+
 __all__ = ["UnknownLayerError", "resolve_layer", "record_layers", "layer_names"]
-
-
-class UnknownLayerError(KeyError):
-    """A layer name that the model does not have; the message lists the valid names."""
-
-    def __str__(self) -> str:  # KeyError would repr() the message
-        return str(self.args[0])
 
 
 def layer_names(model: nn.Module) -> list[str]:

@@ -16,11 +16,9 @@ from typing import Sequence
 
 import numpy as np
 
+from conceptrank.errors import TallyError
+
 __all__ = ["TallyError", "UnitLabels", "read_tally", "format_tally"]
-
-
-class TallyError(ValueError):
-    """A tally.csv that cannot be read; the message names the file and line."""
 
 
 @dataclass(frozen=True)

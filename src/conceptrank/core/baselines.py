@@ -23,7 +23,7 @@ Frequency-matched random-concept baseline (:func:`frequency_test`)
     Every class gets random global lists of the same length as its own (G, or fewer where the
     ranking kept fewer), drawn without replacement with probability proportional to a weight per
     concept (sequential weighted sampling, implemented with the Efraimidis–Spirakis keys
-    ``u^(1/w)``). :mod:`conceptrank.evaluate` uses as weight the number of *labelled units* carrying
+    ``u^(1/w)``). :mod:`conceptrank.stages.evaluate` uses as weight the number of *labelled units* carrying
     the concept (the concept's prevalence in the layer: a concept held by many units has more
     chances to reach an image's top-K), falling back to the concept's number of occurrences in the
     global lists when the tally cannot be read; summary.json records which. Same p-value formula
@@ -36,7 +36,7 @@ Bootstrap (:func:`bootstrap_agreement`)
 
 Lift over chance = observed / baseline mean (nan when the baseline mean is 0).
 
-Pure computation only; the I/O edge is :func:`conceptrank.evaluate.run_evaluate`.
+Pure computation only; the I/O edge is :func:`conceptrank.stages.evaluate.run_evaluate`.
 """
 
 from __future__ import annotations

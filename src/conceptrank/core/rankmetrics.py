@@ -1,7 +1,7 @@
 """Ranking-agreement measures between a class's aggregated local ranking and its global ranking.
 
 Formula 2 only asks whether one concept is shared. These measures compare the two rankings as
-rankings, at depth d (:mod:`conceptrank.evaluate` uses d = G of each K:G configuration):
+rankings, at depth d (:mod:`conceptrank.stages.evaluate` uses d = G of each K:G configuration):
 
 ``jaccard_at(a, b, d)``
     ``|a[:d] ∩ b[:d]| / |a[:d] ∪ b[:d]|`` (nan when both are empty).

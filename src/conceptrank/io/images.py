@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import ConceptrankError
+from conceptrank.errors import ImageDecodeError
 
 __all__ = ["ImageDecodeError", "load_rgb", "MAX_PIXELS", "MIN_SIDE", "REASONS", "IMAGE_EXTENSIONS"]
 
@@ -80,29 +80,6 @@ _MAGIC = (
 
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _INT_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-
-
-class ImageDecodeError(ConceptrankError):
-    """An image that cannot be used.
-
-    Attributes
-    ----------
-    path : str
-        The file.
-    reason : str
-        Short, stable reason (one of :data:`REASONS`), written to ``skipped.csv``.
-    detail : str
-        The underlying message (PIL's or the OS's), for humans.
-    """
-
-    def __init__(self, path: str | os.PathLike, reason: str, detail: str = "") -> None:
-        self.path = str(path)
-        self.reason = reason
-        self.detail = detail
-        super().__init__(f"cannot use image {self.path}: {reason}" + (f" ({detail})" if detail else ""))
-
-    def __reduce__(self):  # picklable across DataLoader worker processes
-        return (type(self), (self.path, self.reason, self.detail))
 
 
 def _looks_like_image(path: Path) -> bool:

@@ -32,8 +32,8 @@ from typing import Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..errors import ConceptrankError
-from .broden import WriterRow, encode_mask, write_broden
+from conceptrank.errors import ConceptrankError
+from conceptrank.io.broden import WriterRow, encode_mask, write_broden
 
 __all__ = [
     "CATEGORIES",
@@ -989,7 +989,7 @@ def generate_world(
     accuracy = None
     model_dir = None
     if train_model:
-        from ..train import train_source_model
+        from conceptrank.synthetic.train import train_source_model
 
         t0 = time.perf_counter()
         kwargs = {}

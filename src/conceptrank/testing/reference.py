@@ -1,7 +1,7 @@
 """A deliberately naive NetDissect-Lite tally: a Python loop over images and units with PIL resizes.
 
 It follows NetDissect-Lite's ``tally_job`` step by step and serves as the reference that the
-vectorized :class:`conceptrank.dissect.TallyAccumulator` is tested and benchmarked against.
+vectorized :class:`conceptrank.stages.dissect.TallyAccumulator` is tested and benchmarked against.
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from .images import ImageDecodeError, load_rgb
+from conceptrank.errors import BrodenError
+from conceptrank.io.images import ImageDecodeError, load_rgb
 
 __all__ = [
     "BrodenError",
@@ -32,10 +33,6 @@ __all__ = [
 
 INDEX_FIXED = ["image", "split", "ih", "iw", "sh", "sw"]
 BRODEN_CATEGORIES = ["color", "object", "part", "material", "scene", "texture"]
-
-
-class BrodenError(ValueError):
-    """A probe set that does not follow the Broden format; the message names the file and row."""
 
 
 def safe_relpath(rel: str, root: Path, what: str) -> Path:
@@ -340,7 +337,7 @@ class BrodenDataset:
 
     def load_image(self, i: int) -> Image.Image:
         """The i-th probe image as 8-bit RGB, decoded like target images
-        (:func:`conceptrank.data.images.load_rgb`: grayscale, CMYK, 16-bit and alpha images converted;
+        (:func:`conceptrank.io.images.load_rgb`: grayscale, CMYK, 16-bit and alpha images converted;
         truncated, corrupt, empty, 1-pixel and decompression-bomb-sized files refused).
 
         Raises BrodenError naming the index.csv line and the file.

@@ -4,12 +4,12 @@
 :func:`run_extract` is the I/O edge (loads the model and the target index, calls :func:`extract`,
 writes ``activations.npz``, ``skipped.csv`` and ``extract.json`` atomically).
 
-Images are decoded in DataLoader worker processes with :func:`conceptrank.data.images.load_rgb`;
+Images are decoded in DataLoader worker processes with :func:`conceptrank.io.images.load_rgb`;
 an image that cannot be used travels through the loader as a marker with its reason, is filtered
 out by the collate function, and ends up in ``skipped`` (and ``skipped.csv``), never silently
 dropped. Memory beyond the two ``(N, U)`` outputs does not grow with the dataset.
 
-Caching and resume (see :mod:`conceptrank.cache`): :func:`run_extract` reuses ``activations.npz``
+Caching and resume (see :mod:`conceptrank.io.cache`): :func:`run_extract` reuses ``activations.npz``
 when ``extract.json`` was written for the same key (model weights, layer, target index and file
 stats, input size, crop, normalization, decode limits, package versions); otherwise it streams into
 memmaps under ``out/.partial/<key>/`` with a checkpoint every ``CONCEPTRANK_CHECKPOINT_SECONDS``,
@@ -33,14 +33,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import cache
-from .data import images as _images
-from .data.images import ImageDecodeError, load_rgb
-from .data.targets import TargetError, TargetSet, load_targets, person_box
-from .dissect import forward_in_chunks
-from .errors import ConceptrankError
-from .hooks import record_layers, resolve_layer
-from .models import LoadedModel, load_model
+from conceptrank.errors import ConceptrankError
+from conceptrank.io import cache
+from conceptrank.io import images as _images
+from conceptrank.io.images import ImageDecodeError, load_rgb
+from conceptrank.io.targets import TargetError, TargetSet, load_targets, person_box
+from conceptrank.nn.hooks import record_layers, resolve_layer
+from conceptrank.nn.models import LoadedModel, load_model
+from conceptrank.stages.dissect import forward_in_chunks
 
 __all__ = ["ExtractConfig", "ExtractResult", "extract", "run_extract", "read_activations"]
 
@@ -56,7 +56,7 @@ class ExtractConfig:
     Attributes
     ----------
     layout : str
-        Target set layout for :func:`~conceptrank.data.targets.load_targets` (``auto``,
+        Target set layout for :func:`~conceptrank.io.targets.load_targets` (``auto``,
         ``stanford40``, ``imagefolder``, ``manifest``).
     resize : int, optional
         Resize every image to ``resize × resize`` (aspect ratio not kept, as in the paper); default:
@@ -524,7 +524,7 @@ def run_extract(
     Parameters
     ----------
     model : str or LoadedModel
-        A model card / torchvision name for :func:`~conceptrank.models.load_model`, or a loaded model
+        A model card / torchvision name for :func:`~conceptrank.nn.models.load_model`, or a loaded model
         (then ``weights`` is ignored).
     weights : str, optional
     layer : str

@@ -9,7 +9,7 @@ Two passes over the probe set, the model run once:
    exceeds the unit's threshold somewhere are upsampled (PIL-exact bilinear) and intersected with
    every label at once as tensor operations.
 
-Caching and resume (see :mod:`conceptrank.cache`): each layer's outputs are reused when its
+Caching and resume (see :mod:`conceptrank.io.cache`): each layer's outputs are reused when its
 ``dissect.json`` was written for the same key (model weights, layer, probe index and files,
 thresholds, every parameter, package versions); layers of a multi-layer run are keyed one by one.
 Otherwise the run works in ``out/.features/<key>/`` (feature memmaps plus a checkpoint of the running
@@ -31,13 +31,23 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from . import cache
-from .cache import atomic_write_json, atomic_write_text, hash_json, package_versions
-from .data.broden import BrodenDataset, BrodenError
-from .errors import ConceptrankError
-from .stats import TopKQuantile
-from .tally import format_tally
-from .upsample import tap_ranges, upsample_approx_rows_cols, upsample_at, upsample_error_bound
+from conceptrank.core.stats import TopKQuantile
+from conceptrank.core.upsample import (
+    tap_ranges,
+    upsample_approx_rows_cols,
+    upsample_at,
+    upsample_error_bound,
+)
+from conceptrank.errors import ConceptrankError
+from conceptrank.io import cache
+from conceptrank.io.broden import BrodenDataset, BrodenError
+from conceptrank.io.cache import (
+    atomic_write_json,
+    atomic_write_text,
+    hash_json,
+    package_versions,
+)
+from conceptrank.io.tally_csv import format_tally
 
 __all__ = [
     "DissectConfig",
@@ -527,7 +537,7 @@ OUTPUTS = ("tally.csv", "thresholds.npy", "top_images.npz", "tally_counts.npz")
 
 def dissect(model, layers: Sequence[str], probe: BrodenDataset, out: Path, cfg: DissectConfig = DissectConfig(),
             thresholds: dict[str, np.ndarray] | None = None) -> list[DissectResult]:
-    """Dissect ``layers`` of ``model`` (a :class:`~conceptrank.models.LoadedModel`) on ``probe``.
+    """Dissect ``layers`` of ``model`` (a :class:`~conceptrank.nn.models.LoadedModel`) on ``probe``.
 
     Writes ``out/tally.csv``, ``out/thresholds.npy``, ``out/top_images.npz``,
     ``out/tally_counts.npz`` (truth, intersect and activation counts) and ``out/dissect.json`` (the
@@ -537,7 +547,7 @@ def dissect(model, layers: Sequence[str], probe: BrodenDataset, out: Path, cfg: 
     A layer whose outputs were made with the same inputs and parameters is not recomputed (its
     result has ``reused=True``); an interrupted run resumes from its last checkpoint.
     """
-    from .hooks import resolve_layer
+    from conceptrank.nn.hooks import resolve_layer
 
     cfg.validate()
     t_start = time.perf_counter()
@@ -603,8 +613,8 @@ def _compute(model, layers, probe: BrodenDataset, cfg: DissectConfig, given: dic
              run_key: str, t_start: float) -> dict:
     """Both passes over the probe set for ``layers``, resumable; returns per layer
     ``(accumulator, thresholds, top images, stability accumulator pair or None, timings)``."""
-    from .hooks import record_layers
-    from .models import netdissect_tensor
+    from conceptrank.nn.hooks import record_layers
+    from conceptrank.nn.models import netdissect_tensor
 
     device = resolve_device(cfg.device)
     module = model.module.to(device).eval()
@@ -911,7 +921,7 @@ def _finish_layer(name, model, probe, cfg, acc: TallyAccumulator, thr, outdir: P
 def run_dissect(model: str, weights: str | None, layers: Sequence[str], probe: Path, out: Path,
                 cfg: DissectConfig, thresholds_file: Path | None = None) -> list[DissectResult]:
     """I/O edge of the dissect stage: load the model, probe set and optional thresholds, dissect."""
-    from .models import load_model
+    from conceptrank.nn.models import load_model
 
     loaded = load_model(model, weights)
     ds = BrodenDataset(probe, cfg.categories)

@@ -24,24 +24,21 @@ Oracle bound
 Random-concept baseline
     the same scores for random lists of the same lengths, drawn without replacement from the
     labelled concepts with probability ∝ a weight per concept (the number of labelled units
-    carrying it; see :func:`conceptrank.baselines.weighted_sample_sets`); Monte-Carlo means.
+    carrying it; see :func:`conceptrank.core.baselines.weighted_sample_sets`); Monte-Carlo means.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Mapping, Sequence
 
 import numpy as np
 
-from .baselines import weighted_sample_sets
-from .cache import read_json
-from .errors import ConceptrankError
+from conceptrank.core.baselines import weighted_sample_sets
 
 __all__ = [
     "Truth",
-    "read_truth",
     "image_key",
     "filter_categories",
     "global_truth_scores",
@@ -71,26 +68,6 @@ class Truth:
     def planted_categories(self) -> frozenset:
         """Categories of the planted class concepts (unknown concepts ignored)."""
         return frozenset(self.categories[x] for v in self.classes.values() for x in v if x in self.categories)
-
-
-def read_truth(path: str | Path) -> Truth:
-    """Read and check a truth.json."""
-    path = Path(path)
-    if not path.exists():
-        raise ConceptrankError(f"truth file not found: {path}")
-    try:
-        data = read_json(path)
-    except (OSError, ValueError) as e:
-        raise ConceptrankError(f"cannot read {path}: {e}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("classes"), dict):
-        raise ConceptrankError(f"{path}: expected an object with 'classes' (and 'images', 'categories')")
-    try:
-        classes = {str(c): tuple(str(x) for x in v) for c, v in data["classes"].items()}
-        images = {str(i): frozenset(str(x) for x in v) for i, v in (data.get("images") or {}).items()}
-        cats = {str(x): str(c) for x, c in (data.get("categories") or {}).items()}
-    except (TypeError, AttributeError):
-        raise ConceptrankError(f"{path}: 'classes' and 'images' must map names to lists of concepts") from None
-    return Truth(classes, images, cats)
 
 
 def image_key(image: str) -> str:

@@ -39,8 +39,8 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from ..errors import ConceptrankError
-from .images import IMAGE_EXTENSIONS
+from conceptrank.errors import TargetError
+from conceptrank.io.images import IMAGE_EXTENSIONS
 
 __all__ = [
     "TargetError",
@@ -55,10 +55,6 @@ __all__ = [
 LAYOUTS = ("auto", "stanford40", "imagefolder", "manifest")
 _SPLIT_RANK = {"train": 0, "val": 1, "test": 2}
 _STANFORD_NAME = re.compile(r"^(?P<cls>.+)_(?P<num>\d+)\.[A-Za-z0-9]+$")
-
-
-class TargetError(ConceptrankError):
-    """A target set that cannot be indexed; the message names the file (and line) at fault."""
 
 
 @dataclass(frozen=True)

@@ -17,19 +17,19 @@ numbers go to ``evaluation.json`` next to it):
 
 ``baselines``
     lift over chance and one-sided p-values against (a) global lists permuted across classes and
-    (b) frequency-matched random global lists (:mod:`conceptrank.baselines`).
+    (b) frequency-matched random global lists (:mod:`conceptrank.core.baselines`).
 ``bootstrap``
     95 % percentile intervals of the mean agreement, images resampled within classes.
 ``ranking_agreement``
     Jaccard@G, nDCG@G and RBO (p = 0.9) between each class's aggregated local ranking and its
-    global ranking (:mod:`conceptrank.rankmetrics`).
+    global ranking (:mod:`conceptrank.core.rankmetrics`).
 ``ground_truth``
     with ``truth`` (a synthetic world's truth.json): global precision/recall@G, R-precision and
     local precision@K against the planted / visible concepts, restricted to the planted concept
-    categories and unrestricted, beside random-concept baselines (:mod:`conceptrank.groundtruth`).
+    categories and unrestricted, beside random-concept baselines (:mod:`conceptrank.core.groundtruth`).
 ``deletion``
     score and recall drop when a class's top-G global units are set to their training mean, as a
-    ratio to random labelled units (:mod:`conceptrank.faithfulness`).
+    ratio to random labelled units (:mod:`conceptrank.core.faithfulness`).
 ``stability``
     Jaccard of the top-G global concepts across CV-fold refits and across seeds; the unit-label
     stability of ``dissect.json`` when it is there.
@@ -52,8 +52,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .cache import atomic_write_json, atomic_write_text, read_json
-from .errors import ConceptrankError
+from conceptrank.errors import ConceptrankError
+from conceptrank.io.cache import atomic_write_json, atomic_write_text, read_json
 
 __all__ = [
     "DEFAULT_CONFIGS",
@@ -372,7 +372,7 @@ def chance_scores(
 
     Parameters
     ----------
-    enc : :class:`conceptrank.baselines.EncodedRankings` of the evaluated images.
+    enc : :class:`conceptrank.core.baselines.EncodedRankings` of the evaluated images.
     configs : (K, G) pairs.
     weights : (V,) concept weights of the frequency-matched baseline.
 
@@ -381,8 +381,13 @@ def chance_scores(
     (baselines, bootstrap, per_class): the first two map config name → overall numbers; the
     third maps config name → class → per-class numbers.
     """
-    from .baselines import (bootstrap_agreement, class_overlap_means, frequency_test, overlap_matrix,
-                            permutation_test)
+    from conceptrank.core.baselines import (
+        bootstrap_agreement,
+        class_overlap_means,
+        frequency_test,
+        overlap_matrix,
+        permutation_test,
+    )
 
     base: dict = {}
     boot: dict = {}
@@ -430,7 +435,7 @@ def ranking_agreement_scores(
 ) -> tuple[dict, dict]:
     """Jaccard@G, nDCG@G and RBO between each class's aggregated local ranking and its global one.
 
-    The aggregated local ranking of a class is :func:`conceptrank.rankmetrics.aggregate_local` of its
+    The aggregated local ranking of a class is :func:`conceptrank.core.rankmetrics.aggregate_local` of its
     images' top-K lists; both rankings are compared at depth G.
 
     Returns
@@ -438,7 +443,7 @@ def ranking_agreement_scores(
     (overall, per_class): config name → {"jaccard", "ndcg", "rbo"} means over classes (nan-skipping),
     and config name → class → the same per class (plus the two rankings' heads).
     """
-    from .rankmetrics import aggregate_local, jaccard_at, ndcg_at, rbo
+    from conceptrank.core.rankmetrics import aggregate_local, jaccard_at, ndcg_at, rbo
 
     by_class: dict[str, list[str]] = {c: [] for c in classes}
     for img, c in image_class.items():
@@ -477,7 +482,7 @@ def truth_scores(
 
     Parameters
     ----------
-    truth : :class:`conceptrank.groundtruth.Truth`.
+    truth : :class:`conceptrank.core.groundtruth.Truth`.
     local : image → local concepts (the evaluated images only).
     global_ : class → global concepts.
     classes : evaluated classes.
@@ -492,8 +497,14 @@ def truth_scores(
     global numbers and, under ``"concepts K=k"``, per concept how often it is listed in an image's
     top-k and how often it is then visible (a diagnosis of the detectors).
     """
-    from .groundtruth import (global_truth_scores, image_key, local_truth_precision, oracle_precision,
-                              random_global_scores, random_local_precision)
+    from conceptrank.core.groundtruth import (
+        global_truth_scores,
+        image_key,
+        local_truth_precision,
+        oracle_precision,
+        random_global_scores,
+        random_local_precision,
+    )
 
     cats = dict(categories or {})
     cats.update(truth.categories)
@@ -677,8 +688,8 @@ class _Inputs:
 
     unit_concepts: list | None  # length U, (concept, category, iou) or None
     tally: Path | None
-    act: Any  # conceptrank.rank.Activations
-    svm: Any  # conceptrank.faithfulness.SVMParams
+    act: Any  # conceptrank.stages.rank.Activations
+    svm: Any  # conceptrank.core.faithfulness.SVMParams
     classifier: dict | None
     dissect_meta: dict | None
     notes: tuple[str, ...]
@@ -693,8 +704,8 @@ def _first_existing(*cands: Any) -> Path | None:
 
 def _load_inputs(rk: Ranking) -> _Inputs:
     """Find the ranking's tally, activations, svm.npz, classifier.json and dissect.json."""
-    from .rank import load_activations
-    from .tally import TallyError, read_tally
+    from conceptrank.io.tally_csv import TallyError, read_tally
+    from conceptrank.stages.rank import load_activations
 
     notes: list[str] = []
     inputs = rk.meta.get("inputs") or {}
@@ -720,7 +731,7 @@ def _load_inputs(rk: Ranking) -> _Inputs:
             notes.append(str(e))
     svm = None
     if (rk.path / "svm.npz").exists():
-        from .faithfulness import load_svm
+        from conceptrank.io.svm import load_svm
 
         try:
             svm = load_svm(rk.path / "svm.npz")
@@ -749,7 +760,7 @@ def _load_inputs(rk: Ranking) -> _Inputs:
 
 
 def _concept_weights(rk: Ranking, inputs: _Inputs, g_max: int) -> tuple[list[str], np.ndarray, str]:
-    """Vocabulary and weights of the frequency-matched baseline (see :mod:`conceptrank.baselines`)."""
+    """Vocabulary and weights of the frequency-matched baseline (see :mod:`conceptrank.core.baselines`)."""
     if inputs.unit_concepts is not None:
         counts: dict[str, int] = {}
         for uc in inputs.unit_concepts:
@@ -771,8 +782,12 @@ def _faithfulness(
     configs: Sequence[tuple[int, int]], cfg: EvaluateConfig,
 ) -> tuple[dict, dict, dict, dict]:
     """Deletion test and stability; returns (deletion summary, deletion per class, stability summary, stability per class)."""
-    from .faithfulness import deletion_test, fold_stability, seed_stability
-    from .rank import DEFAULT_C_GRID, unit_concept_table
+    from conceptrank.core.faithfulness import (
+        deletion_test,
+        fold_stability,
+        seed_stability,
+    )
+    from conceptrank.stages.rank import DEFAULT_C_GRID, unit_concept_table
 
     gs = sorted({g for _, g in configs})
     deletion: dict = {}
@@ -908,7 +923,7 @@ def run_evaluate(ranking: Path, out: Path | None, cfg: EvaluateConfig) -> Evalua
         raise ConceptrankError(f"unknown split {split!r}: expected one of {', '.join(SPLIT_CHOICES)}")
     truth = None
     if cfg.truth is not None:
-        from .groundtruth import read_truth
+        from conceptrank.io.truth import read_truth
 
         truth = read_truth(cfg.truth)
 
@@ -950,7 +965,7 @@ def run_evaluate(ranking: Path, out: Path | None, cfg: EvaluateConfig) -> Evalua
     timings = details["timings"]
 
     # ---- chance baselines and bootstrap ----
-    from .baselines import encode_rankings
+    from conceptrank.core.baselines import encode_rankings
 
     t0 = time.perf_counter()
     inputs = _load_inputs(rk)
@@ -1031,5 +1046,5 @@ def run_evaluate(ranking: Path, out: Path | None, cfg: EvaluateConfig) -> Evalua
     return EvaluateResult(out=out, split=split, configs=configs, per_class=per_class, summary=summary, details=details)
 
 
-# ``conceptrank.evaluate`` (lazy export in __init__) resolves to this function.
+# ``conceptrank.stages.evaluate`` (lazy export in __init__) resolves to this function.
 evaluate = run_evaluate

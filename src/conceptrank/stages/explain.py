@@ -1,7 +1,7 @@
 """Decision-faithful local explanations: which concepts made the SVM decide as it did for an image.
 
 For an image with mean activations x, the score of class c is split exactly (see
-:mod:`conceptrank.faithfulness`) into
+:mod:`conceptrank.core.faithfulness`) into
 
 ``s_c = Σ_k contribution_k + remainder (unlabelled units) + bias``,
 ``contribution_k = Σ_{units u labelled k} (x_u − mean_u) / scale_u · w_cu``.
@@ -27,9 +27,10 @@ from typing import Sequence
 
 import numpy as np
 
-from .cache import atomic_write_json, read_json
-from .errors import ConceptrankError
-from .faithfulness import SVMParams, concept_contributions, load_svm
+from conceptrank.core.faithfulness import SVMParams, concept_contributions
+from conceptrank.errors import ConceptrankError
+from conceptrank.io.cache import atomic_write_json, read_json
+from conceptrank.io.svm import load_svm
 
 __all__ = [
     "ConceptContribution",
@@ -127,7 +128,7 @@ def explain_vector(
     klass : explain this class's score instead of the predicted one's (the margin is then taken
         against the best other class).
     """
-    from .rank import unit_concept_table
+    from conceptrank.stages.rank import unit_concept_table
 
     ids, names = unit_concept_table(unit_concepts)
     cat = {}
@@ -293,7 +294,7 @@ def _render_png(path: Path, img: np.ndarray, title: str, panels: list[tuple[str,
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    from .cache import atomic_write
+    from conceptrank.io.cache import atomic_write
 
     n = 1 + len(panels)
     fig, axes = plt.subplots(1, n, figsize=(2.4 * n, 2.9), squeeze=False)
@@ -319,10 +320,10 @@ def _layer_maps(run_cfg: dict, extract_meta: dict, rels: list[str]) -> tuple[lis
     """Rerun the model on images: per image its (U, h, w) layer maps and its resized RGB array."""
     import torch
 
-    from .data.images import load_rgb
-    from .data.targets import TargetSet, load_targets
-    from .hooks import record_layers
-    from .models import load_model
+    from conceptrank.io.images import load_rgb
+    from conceptrank.io.targets import TargetSet, load_targets
+    from conceptrank.nn.hooks import record_layers
+    from conceptrank.nn.models import load_model
 
     model_spec = run_cfg.get("model") or (extract_meta.get("model") or {}).get("model")
     weights = run_cfg.get("weights") if "model" in run_cfg else (extract_meta.get("model") or {}).get("weights")
@@ -344,7 +345,7 @@ def _layer_maps(run_cfg: dict, extract_meta: dict, rels: list[str]) -> tuple[lis
     for rel in rels:
         img = load_rgb(image_root.joinpath(*PurePosixPath(rel).parts))
         if crop == "person":
-            from .extract import _crop_person
+            from conceptrank.stages.extract import _crop_person
 
             img = _crop_person(img, str(image_root), rel, 1)
         x = loaded.to_tensor(img, size)[None]
@@ -370,9 +371,9 @@ def run_explain(run: str | Path, images: Sequence[str], top: int = 5, heatmaps: 
     top : concepts listed for and against.
     heatmaps : contribution maps drawn for the top concepts for (and as many against, at most 2).
     """
-    from .rank import load_activations
-    from .tally import read_tally
-    from .upsample import upsample_bilinear
+    from conceptrank.core.upsample import upsample_bilinear
+    from conceptrank.io.tally_csv import read_tally
+    from conceptrank.stages.rank import load_activations
 
     run = Path(run)
     if not images:

@@ -1,0 +1,1 @@
+"""Pure computation (numpy/torch, no file I/O): statistics, upsampling, tally, ranking, metrics."""

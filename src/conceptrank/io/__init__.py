@@ -1,0 +1,1 @@
+"""File formats: Broden, images, target sets, tally.csv, activations, SVM, rankings, cache manifests."""

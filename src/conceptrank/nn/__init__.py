@@ -1,0 +1,1 @@
+"""PyTorch: model loading with preprocessing, small nets, layer hooks, devices, batched forward."""

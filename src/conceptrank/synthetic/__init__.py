@@ -1,0 +1,1 @@
+"""The synthetic concept world (probe, target, truth) and its source model."""

@@ -1,0 +1,1 @@
+"""Helpers for tests and benchmarks (naive reference implementations); not library code."""

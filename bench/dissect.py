@@ -58,12 +58,8 @@ def bare_forward(model, layer: str, probe: Path, batch_size: int, workers: int, 
 
     from conceptrank.io.broden import BrodenDataset
     from conceptrank.nn.hooks import record_layers
-    from conceptrank.stages.dissect import (
-        _loader,
-        _probe_size,
-        _ProbeImages,
-        resolve_device,
-    )
+    from conceptrank.nn.device import resolve_device
+    from conceptrank.stages.dissect import _loader, _probe_size, _ProbeImages
 
     ds = BrodenDataset(probe)
     dev = resolve_device(device)
@@ -85,7 +81,8 @@ def naive_phases(model, layer: str, probe: Path, thresholds_for_iou: np.ndarray,
 
     from conceptrank.io.broden import BrodenDataset
     from conceptrank.nn.hooks import record_layers
-    from conceptrank.stages.dissect import _probe_size, label_category_matrix
+    from conceptrank.core.tally import label_category_matrix
+    from conceptrank.stages.dissect import _probe_size
     from conceptrank.testing.reference import naive_tally
 
     ds = BrodenDataset(probe)
@@ -109,7 +106,7 @@ def naive_phases(model, layer: str, probe: Path, thresholds_for_iou: np.ndarray,
 
     # ours on exactly the same in-memory inputs: running top-k thresholds + vectorized tally
     from conceptrank.core.stats import TopKQuantile
-    from conceptrank.stages.dissect import TallyAccumulator
+    from conceptrank.core.tally import TallyAccumulator
 
     t0 = time.perf_counter()
     ft = torch.from_numpy(feats)
@@ -128,11 +125,11 @@ def naive_phases(model, layer: str, probe: Path, thresholds_for_iou: np.ndarray,
 def child_dissect(args) -> None:
     from conceptrank.io.broden import BrodenDataset
     from conceptrank.nn.models import load_model
-    from conceptrank.stages.dissect import DissectConfig, dissect
+    from conceptrank.stages.dissect import DissectConfig, run_dissect
 
     model = load_model(args.model, args.weights)
     cfg = DissectConfig(batch_size=args.batch_size, workers=args.workers, device=args.device, progress=False)
-    (res,) = dissect(model, [args.layer], BrodenDataset(args.probe), Path(args.out), cfg)
+    (res,) = run_dissect(model, None, args.layer, BrodenDataset(args.probe), Path(args.out), cfg)
     print(json.dumps({"timings": res.timings}))
 
 
@@ -173,7 +170,7 @@ def main() -> None:
 
     from conceptrank.io.broden import BrodenDataset
     from conceptrank.nn.models import load_model
-    from conceptrank.stages.dissect import DissectConfig, dissect
+    from conceptrank.stages.dissect import DissectConfig, run_dissect
 
     args.work.mkdir(parents=True, exist_ok=True)
     if args.model == "synthetic":
@@ -194,7 +191,7 @@ def main() -> None:
         fw.append(bare_forward(model, args.layer, probe, args.batch_size, args.workers, args.device))
         shutil.rmtree(args.work / "out", ignore_errors=True)  # never measure a cached result
         t0 = time.perf_counter()
-        (res,) = dissect(model, [args.layer], BrodenDataset(probe), args.work / "out", cfg)
+        (res,) = run_dissect(model, None, args.layer, BrodenDataset(probe), args.work / "out", cfg)
         wd.append(time.perf_counter() - t0)
     fwd, whole = min(fw), min(wd)
     print(f"bare forward pass         {fwd:8.2f} s")
@@ -204,7 +201,7 @@ def main() -> None:
     # naive reference on a subset (it is slow): same thresholds → IoU difference; phase speed ratio
     sub = make_probe(args.work, args.naive_images, args.size)
     shutil.rmtree(args.work / "out_sub", ignore_errors=True)
-    (ours,) = dissect(model, [args.layer], BrodenDataset(sub), args.work / "out_sub", cfg)
+    (ours,) = run_dissect(model, None, args.layer, BrodenDataset(sub), args.work / "out_sub", cfg)
     naive_s, naive_iou, same_inputs_s = naive_phases(model, args.layer, sub, ours.thresholds, args.quantile)
     ours_s = ours.timings["threshold"] + ours.timings["tally"]
     diff = float(np.abs(naive_iou - ours.iou).max())

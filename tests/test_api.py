@@ -8,8 +8,8 @@ def test_stage_names_are_functions_whatever_was_imported():
     code = (
         "import conceptrank.pipeline, conceptrank.stages.dissect, conceptrank.stages.rank\n"
         "import conceptrank as cr\n"
-        "from conceptrank import dissect, extract, rank, evaluate\n"
-        "for f in (cr.dissect, cr.extract, cr.rank, cr.evaluate, dissect, extract, rank, evaluate):\n"
+        "from conceptrank import dissect_layers, extract_activations, rank, evaluate\n"
+        "for f in (cr.dissect_layers, cr.extract_activations, cr.rank, cr.evaluate, dissect_layers, extract_activations, rank, evaluate):\n"
         "    assert callable(f) and not isinstance(f, type(cr)), f\n"
         "from conceptrank.stages.dissect import DissectConfig\n"
         "for n in cr.__all__:\n"

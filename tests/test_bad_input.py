@@ -102,10 +102,10 @@ from conceptrank.io.images import load_rgb
 from conceptrank.io.targets import TargetError, load_targets
 from conceptrank.nn.models import LoadedModel, save_model_card
 from conceptrank.nn.nets import ConceptNet
-from conceptrank.stages.dissect import DissectConfig, dissect
+from conceptrank.stages.dissect import DissectConfig, run_dissect
 from conceptrank.stages.extract import (
     ExtractConfig,
-    extract,
+    extract_activations,
     read_activations,
     run_extract,
 )
@@ -216,7 +216,7 @@ def test_unusable_probe_image_is_named(probe, tmp_path, damage, reason):
     with pytest.raises(BrodenError, match=rf"index.csv line 4: cannot use image .*100963\.jpg \({reason}"):
         ds.load_image(2)
     with pytest.raises(BrodenError, match=r"100963\.jpg"):
-        dissect(_loaded(ConceptNet(3, 4), (224, 224)), ["layer2"], ds, tmp_path / "out", DCFG)
+        run_dissect(_loaded(ConceptNet(3, 4), (224, 224)), None, ["layer2"], ds, tmp_path / "out", DCFG)
 
 
 def test_probe_images_of_any_mode(probe):
@@ -331,7 +331,7 @@ def test_broden_non_utf8_and_space_names(probe, tmp_path):
     assert rec.image == "opensurfaces/caf\udce9 1.jpg"
     assert ds.load_image(2).size == (224, 224)
     assert set(np.unique(ds.load_planes(2)[1])) == {257, 514}
-    (res,) = dissect(_loaded(ConceptNet(3, 4), (224, 224)), ["layer4"], ds, tmp_path / "out", DCFG)
+    (res,) = run_dissect(_loaded(ConceptNet(3, 4), (224, 224)), None, ["layer4"], ds, tmp_path / "out", DCFG)
     assert res.counts["images"] == 8
 
 
@@ -367,10 +367,10 @@ def test_inf_activations_extract_and_dissect(tmp_path):
     ts = load_targets(S40)
     with deadline(120):
         with pytest.raises(ConceptrankError, match=r"NaN/inf activations for \d+ image\(s\).*JPEGImages/\w+\.jpg"):
-            extract(_loaded(InfNet()), "feat", ts, ExtractConfig(workers=2, batch_size=2, device="cpu"))
+            extract_activations(_loaded(InfNet()), "feat", ts, ExtractConfig(workers=2, batch_size=2, device="cpu"))
         ds = BrodenDataset(B224)
         with pytest.raises(ConceptrankError, match=r"NaN/inf activations for probe image\(s\) \['\w+/.*\.jpg"):
-            dissect(_loaded(InfNet(), (224, 224)), ["feat"], ds, tmp_path / "out",
+            run_dissect(_loaded(InfNet(), (224, 224)), None, ["feat"], ds, tmp_path / "out",
                     DissectConfig(workers=2, batch_size=2, progress=False, device="cpu"))
 
 

@@ -22,7 +22,7 @@ from conceptrank.io import cache
 from conceptrank.io.broden import BrodenDataset
 from conceptrank.nn.models import LoadedModel, save_model_card
 from conceptrank.nn.nets import ConceptNet
-from conceptrank.stages.dissect import DissectConfig, dissect, run_dissect
+from conceptrank.stages.dissect import DissectConfig, run_dissect
 from conceptrank.stages.extract import ExtractConfig, run_extract
 
 CFG = DissectConfig(workers=0, batch_size=4, progress=False)
@@ -51,13 +51,34 @@ def _bytes(folder: Path, names) -> dict[str, bytes]:
     return {n: (folder / n).read_bytes() for n in names}
 
 
-def _start(args, env_extra=None) -> subprocess.Popen:
-    """The CLI in a subprocess (checkpoints after every batch)."""
-    env = {**os.environ, "CONCEPTRANK_CHECKPOINT_SECONDS": "0"}
-    env.pop(cache.KILL_ENV, None)
-    env.update(env_extra or {})
-    return subprocess.Popen([sys.executable, "-m", "conceptrank.cli", *map(str, args)], env=env,
+PAUSED_CLI = Path(__file__).resolve().parent / "paused_cli.py"
+
+
+def _start(args, pause_at: dict | None = None) -> subprocess.Popen:
+    """The CLI in a subprocess (checkpoints after every batch); with ``pause_at`` it stops for good
+    after writing the checkpoint whose metadata has those values."""
+    env = {**os.environ, "CONCEPTRANK_CHECKPOINT_SECONDS": "0", "PAUSE_AT": json.dumps(pause_at or {})}
+    return subprocess.Popen([sys.executable, str(PAUSED_CLI), *map(str, args)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _kill_at_checkpoint(proc: subprocess.Popen, scratch: Path, want: dict, timeout: float = 180) -> None:
+    """SIGKILL ``proc`` once a checkpoint under ``scratch`` holds the metadata ``want``."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        for p in scratch.glob("*/checkpoint.npz"):
+            try:
+                with np.load(p, allow_pickle=False) as z:
+                    meta = json.loads(str(z["__meta__"]))
+            except (OSError, ValueError, KeyError, EOFError):
+                continue
+            if all(meta.get(k) == v for k, v in want.items()):
+                proc.send_signal(signal.SIGKILL)
+                return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    proc.kill()
+    raise AssertionError(f"no checkpoint with {want} under {scratch} within {timeout} s")
 
 
 def _finish(proc: subprocess.Popen, expect_kill=False) -> str:
@@ -70,8 +91,14 @@ def _finish(proc: subprocess.Popen, expect_kill=False) -> str:
     return err
 
 
-def _cli(args, env_extra=None, expect_kill=False) -> str:
-    return _finish(_start(args, env_extra), expect_kill)
+def _cli(args) -> str:
+    return _finish(_start(args))
+
+
+def _cli_killed(args, scratch: Path, at: dict) -> str:
+    proc = _start(args, at)
+    _kill_at_checkpoint(proc, scratch, at)
+    return _finish(proc, expect_kill=True)
 
 
 def _copy_model(model: LoadedModel, fingerprint: str) -> LoadedModel:
@@ -135,23 +162,23 @@ def test_dissect_reuses_and_recomputes_on_any_change(tmp_path):
     probe = make_planted_probe(tmp_path / "probe", n=8)
     ds = BrodenDataset(probe)
     out = tmp_path / "out"
-    (first,) = dissect(planted_model(), ["units"], ds, out, CFG)
+    (first,) = run_dissect(planted_model(), None, ["units"], ds, out, CFG)
     assert not first.reused and not (out / ".features").exists()
     before = _bytes(out, DISSECT_OUT)
-    (again,) = dissect(planted_model(), ["units"], BrodenDataset(probe), out, CFG)
+    (again,) = run_dissect(planted_model(), None, ["units"], BrodenDataset(probe), out, CFG)
     assert again.reused and "reused cached result" in again.summary()
     np.testing.assert_array_equal(again.iou, first.iou)
     np.testing.assert_array_equal(again.best_label, first.best_label)
     np.testing.assert_array_equal(again.thresholds, first.thresholds)
     assert again.counts == first.counts and _bytes(out, DISSECT_OUT) == before
     # batch size, workers, progress are not part of the key
-    (same,) = dissect(planted_model(), ["units"], ds, out, DissectConfig(workers=0, batch_size=3, progress=False))
+    (same,) = run_dissect(planted_model(), None, ["units"], ds, out, DissectConfig(workers=0, batch_size=3, progress=False))
     assert same.reused
 
     def recomputed(model=None, cfg=CFG, ds_=None, **kw):
-        (r,) = dissect(model or planted_model(), ["units"], ds_ or BrodenDataset(probe), out, cfg, **kw)
+        (r,) = run_dissect(model or planted_model(), None, ["units"], ds_ or BrodenDataset(probe), out, cfg, **kw)
         assert not r.reused
-        (r2,) = dissect(model or planted_model(), ["units"], ds_ or BrodenDataset(probe), out, cfg, **kw)
+        (r2,) = run_dissect(model or planted_model(), None, ["units"], ds_ or BrodenDataset(probe), out, cfg, **kw)
         assert r2.reused
         return r
 
@@ -182,13 +209,13 @@ def test_dissect_reuses_and_recomputes_on_any_change(tmp_path):
 def test_layers_never_share_a_cache(tmp_path):
     probe = make_planted_probe(tmp_path / "probe", n=8)
     ds = BrodenDataset(probe)
-    (a,) = dissect(planted_model(), ["units"], ds, tmp_path / "one", CFG)
-    (b,) = dissect(planted_model(), ["pool"], ds, tmp_path / "one", CFG)  # same folder, other layer
+    (a,) = run_dissect(planted_model(), None, ["units"], ds, tmp_path / "one", CFG)
+    (b,) = run_dissect(planted_model(), None, ["pool"], ds, tmp_path / "one", CFG)  # same folder, other layer
     assert not b.reused and len(b.thresholds) == 4
     assert json.loads((tmp_path / "one" / "dissect.json").read_text())["layer"] == "pool"
-    res = dissect(planted_model(), ["units", "pool"], ds, tmp_path / "multi", CFG)
+    res = run_dissect(planted_model(), None, ["units", "pool"], ds, tmp_path / "multi", CFG)
     assert [r.reused for r in res] == [False, False]
-    res = dissect(planted_model(), ["pool", "units"], ds, tmp_path / "multi", CFG)
+    res = run_dissect(planted_model(), None, ["pool", "units"], ds, tmp_path / "multi", CFG)
     assert [r.layer for r in res] == ["pool", "units"] and all(r.reused for r in res)
     assert len(res[0].thresholds) == 4 and len(res[1].thresholds) == 6
     np.testing.assert_array_equal(res[1].iou, a.iou)
@@ -197,7 +224,7 @@ def test_layers_never_share_a_cache(tmp_path):
     (m / "units").rename(m / "tmp")
     (m / "pool").rename(m / "units")
     (m / "tmp").rename(m / "pool")
-    res = dissect(planted_model(), ["units", "pool"], ds, m, CFG)
+    res = run_dissect(planted_model(), None, ["units", "pool"], ds, m, CFG)
     assert [r.reused for r in res] == [False, False]
     assert len(res[0].thresholds) == 6 and len(res[1].thresholds) == 4
 
@@ -308,8 +335,8 @@ def test_killed_dissect_and_extract_resume_byte_identical(tmp_path):
     ext = ["extract", "--model", card, "--layer", "layer3", "--dataset", data, "--workers", "0", "--batch-size", "4",
            "--device", "cpu"]
     out_d, out_e = tmp_path / "d", tmp_path / "e"
-    # extract, killed after batch 1 of 2, runs beside the dissect runs
-    killed_extract = _start(ext + ["--out", out_e], {cache.KILL_ENV: "extract:1"})
+    # extract, paused and killed after batch 1 of 2, runs beside the dissect runs
+    killed_extract = _start(ext + ["--out", out_e], {"next": 4})
 
     # uninterrupted reference runs (in-process: the same code as the subprocesses)
     runner = CliRunner()
@@ -318,9 +345,9 @@ def test_killed_dissect_and_extract_resume_byte_identical(tmp_path):
         assert r.exit_code == 0, r.output
 
     # dissect: killed after batch 2 of 4 in pass 1, then (resumed) after batch 3 of 4 in pass 2, then finished
-    _cli(dis + ["--out", out_d], {cache.KILL_ENV: "dissect-forward:2"}, expect_kill=True)
+    _cli_killed(dis + ["--out", out_d], out_d / ".features", {"pass": 1, "next": 8})
     assert not (out_d / "dissect.json").exists() and len(list((out_d / ".features").glob("*/checkpoint.npz"))) == 1
-    err = _cli(dis + ["--out", out_d], {cache.KILL_ENV: "dissect-tally:3"}, expect_kill=True)
+    err = _cli_killed(dis + ["--out", out_d], out_d / ".features", {"pass": 2, "next": 12})
     assert "resuming from a checkpoint (pass 1, image 8/16)" in err
     err = _cli(dis + ["--out", out_d])
     assert "resuming from a checkpoint (pass 2, image 12/16)" in err
@@ -329,6 +356,7 @@ def test_killed_dissect_and_extract_resume_byte_identical(tmp_path):
     meta = json.loads((out_d / "dissect.json").read_text())
     assert meta["resumed"] == {"pass": 2, "image": 12} and meta["label_stability"] is not None
 
+    _kill_at_checkpoint(killed_extract, out_e / ".partial", {"next": 4})
     _finish(killed_extract, expect_kill=True)
     assert not (out_e / "extract.json").exists() and (out_e / ".partial").is_dir()
     err = _cli(ext + ["--out", out_e])
@@ -351,9 +379,9 @@ def test_stale_partial_work_is_not_resumed(tmp_path):
     stale = out / ".features" / "0123456789abcdef"
     stale.mkdir(parents=True)
     cache.write_checkpoint(stale / "checkpoint.npz", {"key": "other", "pass": 2, "next": 8})
-    (res,) = dissect(planted_model(), ["units"], BrodenDataset(probe), out, CFG)
+    (res,) = run_dissect(planted_model(), None, ["units"], BrodenDataset(probe), out, CFG)
     assert not (out / ".features").exists()
-    (ref,) = dissect(planted_model(), ["units"], BrodenDataset(probe), tmp_path / "ref", CFG)
+    (ref,) = run_dissect(planted_model(), None, ["units"], BrodenDataset(probe), tmp_path / "ref", CFG)
     assert _bytes(out, DISSECT_OUT) == _bytes(tmp_path / "ref", DISSECT_OUT)
 
 
@@ -374,10 +402,10 @@ def test_dissect_out_of_memory_halves_the_batch(tmp_path, capsys):
     probe = make_planted_probe(tmp_path / "probe", n=8)
     cfg = DissectConfig(workers=0, batch_size=8, progress=False)
     # without noise units the planted model computes every image on its own (batch-independent bytes)
-    (ref,) = dissect(planted_model(0), ["units"], BrodenDataset(probe), tmp_path / "ref", cfg)
+    (ref,) = run_dissect(planted_model(0), None, ["units"], BrodenDataset(probe), tmp_path / "ref", cfg)
     model, calls = planted_model(0), []
     _oom_above(model.module, 2, calls)
-    (res,) = dissect(model, ["units"], BrodenDataset(probe), tmp_path / "oom", cfg)
+    (res,) = run_dissect(model, None, ["units"], BrodenDataset(probe), tmp_path / "oom", cfg)
     assert calls == [8, 4, 2, 2, 2, 2]
     assert "--batch-size 2" in capsys.readouterr().err
     assert _bytes(tmp_path / "oom", DISSECT_OUT) == _bytes(tmp_path / "ref", DISSECT_OUT)
@@ -385,7 +413,7 @@ def test_dissect_out_of_memory_halves_the_batch(tmp_path, capsys):
     model, calls = planted_model(0), []
     _oom_above(model.module, 0, calls)
     with pytest.raises(ConceptrankError, match="out of GPU memory.*single image"):
-        dissect(model, ["units"], BrodenDataset(probe), tmp_path / "fail", cfg)
+        run_dissect(model, None, ["units"], BrodenDataset(probe), tmp_path / "fail", cfg)
 
 
 def test_extract_out_of_memory_halves_the_batch(tmp_path, capsys):

@@ -11,13 +11,8 @@ from conceptrank.errors import ConceptrankError
 from conceptrank.io.broden import BrodenDataset, BrodenError, encode_mask
 from conceptrank.io.tally_csv import read_tally
 from conceptrank.nn.hooks import UnknownLayerError
-from conceptrank.stages.dissect import (
-    DissectConfig,
-    TallyAccumulator,
-    dissect,
-    float32_floor,
-    label_category_matrix,
-)
+from conceptrank.core.tally import TallyAccumulator, float32_floor, label_category_matrix
+from conceptrank.stages.dissect import DissectConfig, dissect_layers, run_dissect
 from conceptrank.testing.reference import naive_tally
 
 CFG = DissectConfig(workers=0, batch_size=8, progress=False)
@@ -99,7 +94,7 @@ def test_planted_detectors_are_found(tmp_path):
     # (~0.5), where the bilinear upsampling of a 2x2 block crosses exactly at the square's border.
     n = len(ds)
     cfg = DissectConfig(workers=0, batch_size=8, progress=False, quantile=(4 * n - 0.5) / (64 * n - 1))
-    (res,) = dissect(planted_model(), ["units"], ds, tmp_path / "out", cfg)
+    (res,) = run_dissect(planted_model(), None, ["units"], ds, tmp_path / "out", cfg)
     names = ["redthing", "greenthing", "bluething", "yellowthing"]
     for u, name in enumerate(names):
         label, cat, iou = res.unit_label(u)
@@ -117,7 +112,7 @@ def test_planted_detectors_are_found(tmp_path):
 
 def test_tally_layout_and_sorting(tmp_path):
     probe = make_planted_probe(tmp_path / "probe")
-    dissect(planted_model(), ["units"], BrodenDataset(probe), tmp_path / "out", CFG)
+    run_dissect(planted_model(), None, ["units"], BrodenDataset(probe), tmp_path / "out", CFG)
     with open(tmp_path / "out" / "tally.csv", newline="") as f:
         rows = list(csv.reader(f))
     header = rows[0]
@@ -136,7 +131,7 @@ def test_tally_matches_naive_on_probe(tmp_path):
     probe = make_planted_probe(tmp_path / "probe", n=10)
     ds = BrodenDataset(probe)
     model = planted_model()
-    (res,) = dissect(model, ["units"], ds, tmp_path / "out", CFG)
+    (res,) = run_dissect(model, None, ["units"], ds, tmp_path / "out", CFG)
     x = torch.stack([model.to_tensor(ds.load_image(i), (32, 32)) for i in range(len(ds))])
     with torch.no_grad():
         feats = model.module(x).numpy()
@@ -150,18 +145,18 @@ def test_tally_matches_naive_on_probe(tmp_path):
 def test_thresholds_file_is_reused(tmp_path):
     probe = make_planted_probe(tmp_path / "probe")
     ds = BrodenDataset(probe)
-    (a,) = dissect(planted_model(), ["units"], ds, tmp_path / "a", CFG)
+    (a,) = run_dissect(planted_model(), None, ["units"], ds, tmp_path / "a", CFG)
     thr = np.load(tmp_path / "a" / "thresholds.npy") * 0 + 0.5
-    (b,) = dissect(planted_model(), ["units"], ds, tmp_path / "b", CFG, thresholds={"units": thr})
+    (b,) = run_dissect(planted_model(), None, ["units"], ds, tmp_path / "b", CFG, thresholds={"units": thr})
     np.testing.assert_array_equal(b.thresholds, thr)
     assert not np.array_equal(a.iou, b.iou)
     with pytest.raises(ConceptrankError, match="6 units"):
-        dissect(planted_model(), ["units"], ds, tmp_path / "c", CFG, thresholds={"units": thr[:3]})
+        run_dissect(planted_model(), None, ["units"], ds, tmp_path / "c", CFG, thresholds={"units": thr[:3]})
 
 
 def test_several_layers_get_their_own_outputs(tmp_path):
     probe = make_planted_probe(tmp_path / "probe", n=8)
-    res = dissect(planted_model(), ["units", "pool"], BrodenDataset(probe), tmp_path / "out", CFG)
+    res = run_dissect(planted_model(), None, ["units", "pool"], BrodenDataset(probe), tmp_path / "out", CFG)
     assert [r.layer for r in res] == ["units", "pool"]
     assert (tmp_path / "out" / "units" / "tally.csv").exists()
     assert (tmp_path / "out" / "pool" / "tally.csv").exists()
@@ -175,7 +170,7 @@ def test_several_layers_get_their_own_outputs(tmp_path):
 def test_unknown_layer_lists_valid(tmp_path):
     probe = make_planted_probe(tmp_path / "probe", n=4)
     with pytest.raises(UnknownLayerError, match="Valid layers: units, pool"):
-        dissect(planted_model(), ["unitz"], BrodenDataset(probe), tmp_path / "out", CFG)
+        run_dissect(planted_model(), None, ["unitz"], BrodenDataset(probe), tmp_path / "out", CFG)
 
 
 def test_nan_activations_fail_fast(tmp_path):
@@ -183,14 +178,14 @@ def test_nan_activations_fail_fast(tmp_path):
     model = planted_model()
     model.module.noise[1, 0, 0, 0] = float("nan")
     with pytest.raises(ConceptrankError, match="NaN/inf.*img001"):
-        dissect(model, ["units"], BrodenDataset(probe), tmp_path / "out", CFG)
+        run_dissect(model, None, ["units"], BrodenDataset(probe), tmp_path / "out", CFG)
 
 
 def test_missing_mask_names_file(tmp_path):
     probe = make_planted_probe(tmp_path / "probe", n=4)
     (probe / "images" / "sub" / "img002_object.png").unlink()
     with pytest.raises(BrodenError, match="img002_object.png"):
-        dissect(planted_model(), ["units"], BrodenDataset(probe), tmp_path / "out", CFG)
+        run_dissect(planted_model(), None, ["units"], BrodenDataset(probe), tmp_path / "out", CFG)
 
 
 def test_mask_size_mismatch(tmp_path):
@@ -218,12 +213,12 @@ def test_label_stability_between_quantiles(tmp_path):
     n = 24
     q = (4 * n - 0.5) / (64 * n - 1)  # see test_planted_detectors_are_found
     cfg = DissectConfig(workers=0, batch_size=8, progress=False, quantile=q, stability_quantile=0.08)
-    (res,) = dissect(planted_model(), ["units"], BrodenDataset(probe), tmp_path / "out", cfg)
+    (res,) = run_dissect(planted_model(), None, ["units"], BrodenDataset(probe), tmp_path / "out", cfg)
     st = json.loads((tmp_path / "out" / "dissect.json").read_text())["label_stability"]
     assert st["other_quantile"] == 0.08 and st["detectors"] == 4
     assert st["same_label_detectors"] == 1.0  # the colour detectors keep their colour
     # the thresholds at the base quantile are unchanged by also computing the other one
-    (plain,) = dissect(planted_model(), ["units"], BrodenDataset(probe), tmp_path / "o2",
+    (plain,) = run_dissect(planted_model(), None, ["units"], BrodenDataset(probe), tmp_path / "o2",
                        DissectConfig(workers=0, batch_size=8, progress=False, quantile=q))
     np.testing.assert_array_equal(res.thresholds, plain.thresholds)
 
@@ -259,3 +254,18 @@ def test_tally_exact_at_the_threshold():
         truth, both, act = naive_tally(feats, thr, planes, scalars, label_cat)
         np.testing.assert_array_equal(acc.intersect.numpy(), both)
         np.testing.assert_array_equal(acc.activation.numpy(), act)
+
+
+def test_string_layer_is_one_layer_and_the_model_is_restored(tmp_path):
+    """``dissect_layers(model, "units", ...)`` dissects layer 'units' (it used to iterate the string:
+    "unknown layer 'u'") and leaves the caller's model in its train/eval mode on its device."""
+    ds = BrodenDataset(make_planted_probe(tmp_path / "probe", n=12))
+    model = planted_model()
+    model.module.train()
+    res = dissect_layers(model, "units", ds, CFG)
+    assert [r.layer for r in res] == ["units"] and res["units"] is res[0]
+    assert model.module.training and all(p.device.type == "cpu" for p in model.module.parameters())
+    (ref,) = run_dissect(planted_model(), None, ["units"], ds, tmp_path / "out", CFG)
+    np.testing.assert_array_equal(res[0].iou, ref.iou)
+    np.testing.assert_array_equal(res[0].thresholds, ref.thresholds)
+    assert res[0].out is None and ref.out == tmp_path / "out"

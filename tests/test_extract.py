@@ -22,7 +22,7 @@ from conceptrank.nn.nets import ConceptNet
 from conceptrank.stages.extract import (
     ExtractConfig,
     ExtractResult,
-    extract,
+    extract_activations,
     read_activations,
     run_extract,
 )
@@ -133,8 +133,9 @@ CFG0 = ExtractConfig(workers=0, batch_size=2, device="cpu")
 def test_identity_layer_mean_and_max_match_numpy(tmp_path):
     pix = clean_folder(tmp_path)
     ts = load_targets(tmp_path)
-    mean, mx, kept, skipped = extract(_loaded(KnownNet()), "feat", ts, CFG0)
-    assert kept == list(range(5)) and skipped == []
+    acts = extract_activations(_loaded(KnownNet()), "feat", ts, CFG0)
+    mean, mx = acts.mean, acts.max
+    assert acts.images.tolist() == [it.rel for it in ts.items] and acts.skipped == () and acts.layer == "feat"
     assert mean.shape == (5, 3) and mean.dtype == np.float32 and mx.dtype == np.float32
     for n, it in enumerate(ts.items):
         em, ex = _expected(pix[it.rel])
@@ -148,12 +149,14 @@ def test_fixed_conv_and_vector_layers(tmp_path):
     net = KnownNet()
     wgt = np.array([[1.0, -2.0, 0.5], [0.0, 3.0, -1.0]])
     bias = np.array([0.25, -0.5])
-    mean, mx, _, _ = extract(_loaded(net), "conv", ts, CFG0)
+    acts = extract_activations(_loaded(net), "conv", ts, CFG0)
+    mean, mx = acts.mean, acts.max
     for n, it in enumerate(ts.items):
         y = np.einsum("hwc,uc->hwu", pix[it.rel] / 255.0, wgt) + bias  # (H, W, U)
         np.testing.assert_allclose(mean[n], y.mean(axis=(0, 1)), atol=1e-5)
         np.testing.assert_allclose(mx[n], y.max(axis=(0, 1)), atol=1e-5)
-    vm, vx, _, _ = extract(_loaded(net), "head", ts, CFG0)  # 2-D output: h = w = 1
+    head = extract_activations(_loaded(net), "head", ts, CFG0)  # 2-D output: h = w = 1
+    vm, vx = head.mean, head.max
     assert vm.shape == (5, 2)
     np.testing.assert_array_equal(vm, vx)
     with torch.no_grad():
@@ -176,7 +179,7 @@ def test_resize_changes_input_size(tmp_path):
             return self.feat(x)
 
     net = Shape()
-    extract(_loaded(net), "feat", ts, ExtractConfig(resize=4, workers=0, device="cpu"))
+    extract_activations(_loaded(net), "feat", ts, ExtractConfig(resize=4, workers=0, device="cpu"))
     assert set(net.seen) == {(4, 4)}
 
 
@@ -302,8 +305,9 @@ def _stanford(root: Path, with_xml: bool = True) -> np.ndarray:
 def test_crop_person(tmp_path):
     _stanford(tmp_path / "s40")
     ts = load_targets(tmp_path / "s40")
-    mean, mx, kept, skipped = extract(_loaded(KnownNet()), "feat", ts, ExtractConfig(crop="person", workers=0, device="cpu"))
-    assert kept == [0] and skipped == [("JPEGImages/jumping_002.jpg", "no person box")]
+    acts = extract_activations(_loaded(KnownNet()), "feat", ts, ExtractConfig(crop="person", workers=0, device="cpu"))
+    mean, mx = acts.mean, acts.max
+    assert acts.images.tolist() == [ts.items[0].rel] and acts.skipped == (("JPEGImages/jumping_002.jpg", "no person box"),)
     with Image.open(tmp_path / "s40" / "JPEGImages" / "jumping_001.jpg") as im:
         crop = np.asarray(im.convert("RGB"))[3:3 + H, 4:4 + W]
     em, ex = _expected(crop)
@@ -314,7 +318,7 @@ def test_crop_person(tmp_path):
 def test_crop_person_needs_annotations(tmp_path):
     _stanford(tmp_path / "s40", with_xml=False)
     with pytest.raises(ConceptrankError, match="XMLAnnotations"):
-        extract(_loaded(KnownNet()), "feat", load_targets(tmp_path / "s40"), ExtractConfig(crop="person", workers=0))
+        extract_activations(_loaded(KnownNet()), "feat", load_targets(tmp_path / "s40"), ExtractConfig(crop="person", workers=0))
 
 
 # -- errors ---------------------------------------------------------------------------------------
@@ -328,14 +332,14 @@ def test_unknown_layer_lists_valid_layers(tmp_path):
 def test_three_d_layer_is_a_clear_error(tmp_path):
     clean_folder(tmp_path)
     with pytest.raises(ConceptrankError, match=r"layer 'tokens' outputs shape \(2, 2, 48\) \(3-D\)"):
-        extract(_loaded(KnownNet()), "tokens", load_targets(tmp_path), CFG0)
+        extract_activations(_loaded(KnownNet()), "tokens", load_targets(tmp_path), CFG0)
 
 
 def test_nan_activations_name_images(tmp_path):
     clean_folder(tmp_path)
     net = NaNNet()
     with pytest.raises(ConceptrankError, match=r"NaN/inf activations for 2 image\(s\).*cat/a\.png, cat/b c\.png"):
-        extract(_loaded(net), "feat", load_targets(tmp_path), CFG0)
+        extract_activations(_loaded(net), "feat", load_targets(tmp_path), CFG0)
     assert not net.training and not net.feat._forward_hooks  # state restored, hooks removed
 
 
@@ -345,7 +349,7 @@ def test_bad_config_values(tmp_path):
     for cfg, pat in [(ExtractConfig(crop="face"), "unknown crop"), (ExtractConfig(batch_size=0), "batch_size"),
                      (ExtractConfig(workers=-1), "workers"), (ExtractConfig(device="tpu"), "unknown device")]:
         with pytest.raises(ConceptrankError, match=pat):
-            extract(_loaded(KnownNet()), "feat", ts, cfg)
+            extract_activations(_loaded(KnownNet()), "feat", ts, cfg)
 
 
 def test_cli_prints_one_line_errors(tmp_path):
@@ -382,6 +386,6 @@ def test_layer_not_reached_and_errors_with_workers_do_not_hang(tmp_path):
             return self.feat(x)
 
     with pytest.raises(ConceptrankError, match="'spare' was not reached"):
-        extract(_loaded(Unused()), "spare", ts, CFG0)
+        extract_activations(_loaded(Unused()), "spare", ts, CFG0)
     with pytest.raises(ConceptrankError, match="NaN/inf"):  # raised while 2 workers are decoding
-        extract(_loaded(NaNNet()), "feat", ts, ExtractConfig(workers=2, batch_size=1, device="cpu"))
+        extract_activations(_loaded(NaNNet()), "feat", ts, ExtractConfig(workers=2, batch_size=1, device="cpu"))

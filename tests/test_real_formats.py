@@ -24,7 +24,8 @@ from conceptrank.io.targets import TargetItem, load_targets
 from conceptrank.nn.hooks import record_layers
 from conceptrank.nn.models import LoadedModel
 from conceptrank.nn.nets import ConceptNet
-from conceptrank.stages.dissect import DissectConfig, dissect, label_category_matrix
+from conceptrank.core.tally import label_category_matrix
+from conceptrank.stages.dissect import DissectConfig, run_dissect
 from conceptrank.stages.extract import ExtractConfig, read_activations, run_extract
 from conceptrank.testing.reference import naive_tally
 
@@ -219,7 +220,7 @@ def test_dissect_equals_naive_reference(tmp_path, size, cats):
     layers = ["body.layer4", "pool7"]
     q = 0.05
     cfg = DissectConfig(categories=cats, quantile=q, workers=0, batch_size=16, progress=False, device="cpu")
-    results = dissect(model, layers, ds, tmp_path / "out", cfg)
+    results = run_dissect(model, None, layers, ds, tmp_path / "out", cfg)
 
     # the same features, one batch as in dissect
     x = torch.stack([model.to_tensor(ds.load_image(i), (size, size)) for i in range(len(ds))])

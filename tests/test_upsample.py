@@ -38,3 +38,61 @@ def test_upsample_equals_pil_bit_for_bit(h, w, sh, sw):
     rng = np.random.default_rng(1)
     idx, r, c = (torch.from_numpy(rng.integers(0, n, 500)) for n in (12, sh, sw))
     assert torch.equal(upsample_at(torch.from_numpy(x), idx, r, c, (sh, sw)), ex[idx, r, c])
+
+
+# -- reduced-precision matmuls (TF32 on CUDA, bf16 on some CPUs) ----------------------------------
+def _cpu_matmul_precision() -> str:
+    """What a float32 matmul on this CPU may use: 'ieee', 'tf32' or 'bf16'."""
+    b = torch.backends
+    if hasattr(getattr(b.mkldnn, "matmul", None), "fp32_precision"):
+        for v in (b.mkldnn.matmul.fp32_precision, b.mkldnn.fp32_precision, b.fp32_precision):
+            if v != "none":
+                return v
+        return "ieee"
+    return {"highest": "ieee", "high": "tf32", "medium": "bf16"}[torch.get_float32_matmul_precision()]
+
+
+def _emulated_reduced_bmm(real_bmm):
+    """torch.bmm as hardware with TF32 / bf16 matmuls runs it when the settings allow them: inputs
+    rounded to a 10-bit ("tf32") or 7-bit ("bf16") mantissa; true float32 only for "ieee"."""
+    def bmm(a, b, *args, **kwargs):
+        bits = {"ieee": None, "tf32": 10, "bf16": 7}[_cpu_matmul_precision()]
+        if bits is not None:
+            drop = 23 - bits
+            a, b = (((t.contiguous().view(torch.int32) >> drop) << drop).view(torch.float32) for t in (a, b))
+        return real_bmm(a, b, *args, **kwargs)
+    return bmm
+
+
+@pytest.mark.parametrize("precision", ["high", "medium"])
+def test_reduced_matmul_precision_still_gives_pil_exact_masks(monkeypatch, precision):
+    from conceptrank.core.tally import TallyAccumulator, label_category_matrix
+    from conceptrank.testing.reference import naive_tally
+
+    monkeypatch.setattr(torch, "bmm", _emulated_reduced_bmm(torch.bmm))
+    rng = np.random.default_rng(11)
+    N, U, h, w, sh, sw, L = 4, 6, 7, 7, 112, 112, 5
+    feats = rng.standard_normal((N, U, h, w)).astype(np.float32) * 3 + 1
+    up = upsample_bilinear(torch.from_numpy(feats[0]), (sh, sw)).numpy()
+    thr = np.array([np.sort(up[u].ravel())[-300] for u in range(U)], np.float64)  # on upsampled values
+    label_cat = label_category_matrix(np.array([0, 0, 1, 0, 1]), 2)
+    planes = [rng.integers(0, L, size=(1, sh, sw)).astype(np.int32) for _ in range(N)]
+    scalars = [[] for _ in range(N)]
+    def settings():
+        return (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32,
+                torch.backends.cudnn.allow_tf32, _cpu_matmul_precision())
+
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        caller = settings()
+        assert caller[3] != "ieee"  # the emulated hardware would really cut precision here
+        acc = TallyAccumulator(thr, label_cat)
+        acc.add(torch.from_numpy(feats), [torch.from_numpy(p) for p in planes], scalars)
+        after = settings()
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert after == caller  # the caller's settings are restored
+    truth, both, act = naive_tally(feats, thr, planes, scalars, label_cat)
+    np.testing.assert_array_equal(acc.intersect.numpy(), both)
+    np.testing.assert_array_equal(acc.activation.numpy(), act)

@@ -154,12 +154,12 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> Pipelin
         echo(f"[dissect] using existing tally {tally}")
     else:
         from conceptrank.io.broden import BrodenDataset
-        from conceptrank.stages.dissect import dissect
+        from conceptrank.stages.dissect import run_dissect
 
         dcfg = DissectConfig(categories=cfg.categories, quantile=cfg.quantile, preprocess=cfg.preprocess,
                              batch_size=cfg.batch_size, workers=cfg.workers, device=cfg.device,
                              stability_quantile=cfg.stability_quantile)
-        (dres,) = dissect(model, [cfg.layer], BrodenDataset(cfg.probe, cfg.categories), out / "dissect", dcfg)
+        (dres,) = run_dissect(model, None, cfg.layer, BrodenDataset(cfg.probe, cfg.categories), out / "dissect", dcfg)
         tally = out / "dissect" / "tally.csv"
         echo(dres.summary())
     timings["dissect"] = time.perf_counter() - t0

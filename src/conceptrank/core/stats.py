@@ -11,7 +11,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["TopKQuantile", "RunningMeanMax", "quantile_rank_count"]
+__all__ = ["TopKQuantile", "TopImages", "quantile_rank_count"]
 
 
 def quantile_rank_count(total: int, quantile: float) -> int:
@@ -128,30 +128,42 @@ class TopKQuantile:
         return obj
 
 
-class RunningMeanMax:
-    """Per-row mean and max over the last axes of each sample: ``add((B, U, ...))`` → rows of ``(U,)``.
+class TopImages:
+    """Per unit, the ``k`` images with the highest value (e.g. the map's maximum), as a mergeable
+    statistic. Deterministic: ties in value go to the lower image index, whatever the batching
+    or sharding.
 
-    Used for per-image activation statistics: ``result()`` returns ``(mean, max)`` each ``(N, U)``.
+    Attributes ``value`` (U, ≤k) float32 descending and ``index`` (U, ≤k) int64 image numbers.
     """
 
-    def __init__(self) -> None:
-        self._means: list[np.ndarray] = []
-        self._maxes: list[np.ndarray] = []
+    def __init__(self, num_units: int, k: int, value: np.ndarray | None = None, index: np.ndarray | None = None) -> None:
+        self.k = int(k)
+        self.value = np.zeros((num_units, 0), np.float32) if value is None else np.asarray(value, np.float32)
+        self.index = np.zeros((num_units, 0), np.int64) if index is None else np.asarray(index, np.int64)
 
-    def add(self, batch: torch.Tensor) -> None:
-        flat = batch.reshape(batch.shape[0], batch.shape[1], -1).float()
-        self._means.append(flat.mean(dim=2).cpu().numpy())
-        self._maxes.append(flat.amax(dim=2).cpu().numpy())
+    def add(self, values: torch.Tensor, offset: int) -> None:
+        """``values`` (B, U) of images ``offset .. offset+B-1``."""
+        B, U = values.shape
+        idx = np.broadcast_to(np.arange(offset, offset + B, dtype=np.int64), (U, B))
+        self._keep(values.T.float().cpu().numpy(), idx)
 
-    def merge(self, other: "RunningMeanMax") -> None:
-        self._means += other._means
-        self._maxes += other._maxes
+    def merge(self, other: "TopImages") -> None:
+        """Fold in another statistic over other images of the same units."""
+        if other.value.shape[0] != self.value.shape[0] or other.k != self.k:
+            raise ValueError("can only merge top images with equal units and k")
+        self._keep(other.value, other.index)
 
-    def result(self) -> tuple[np.ndarray, np.ndarray]:
-        if not self._means:
-            return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
-        return np.concatenate(self._means).astype(np.float32), np.concatenate(self._maxes).astype(np.float32)
+    def _keep(self, value: np.ndarray, index: np.ndarray) -> None:
+        v = np.concatenate([self.value, value], axis=1)
+        i = np.concatenate([self.index, index], axis=1)
+        order = np.lexsort((i, -v), axis=1)[:, :self.k]  # value descending, then index ascending
+        self.value = np.take_along_axis(v, order, axis=1)
+        self.index = np.take_along_axis(i, order, axis=1)
 
     def state_dict(self) -> dict:
-        mean, mx = self.result()
-        return {"mean": mean, "max": mx}
+        return {"k": self.k, "value": self.value, "index": self.index}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "TopImages":
+        value = np.asarray(state["value"], np.float32)
+        return cls(value.shape[0], int(state["k"]), value, state["index"])

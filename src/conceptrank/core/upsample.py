@@ -6,16 +6,23 @@ weights are the triangle filter at half-pixel centres, truncated at the edges an
 (= clamped-edge bilinear when upsampling). We replay exactly those operations as tensor ops over
 all maps at once: one gather-multiply-add per tap, in PIL's tap order, with no fused multiply-add
 (a BLAS matmul would use FMA and differ in the last bit).
+
+The fast windowed path (:func:`upsample_approx_rows_cols`) is a float32 matrix product whose error
+bound assumes true float32 arithmetic: it runs under :func:`full_float32`, which switches off the
+TF32 / bf16 matmuls that ``torch.set_float32_matmul_precision("high" | "medium")`` allows, for its
+duration, and restores the caller's settings.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from typing import Iterator
 
 import numpy as np
 import torch
 
-__all__ = ["pil_bilinear_taps", "upsample_bilinear", "upsample_approx_rows_cols", "upsample_error_bound", "upsample_at", "tap_ranges"]
+__all__ = ["full_float32", "pil_bilinear_taps", "upsample_bilinear", "upsample_approx_rows_cols", "upsample_error_bound", "upsample_at", "tap_ranges"]
 
 
 @functools.lru_cache(maxsize=64)
@@ -166,4 +173,49 @@ def upsample_approx_rows_cols(maps: torch.Tensor, rows: torch.Tensor, cols: torc
     dev = maps.device
     wh = torch.from_numpy(_dense_matrix(h, sh).astype(np.float32)).to(dev)[rows]  # (P, R, h)
     ww = torch.from_numpy(_dense_matrix(w, sw).astype(np.float32)).to(dev)[cols]  # (P, Q, w)
-    return torch.bmm(torch.bmm(wh, maps.to(torch.float32)), ww.transpose(1, 2))
+    with full_float32():
+        return torch.bmm(torch.bmm(wh, maps.to(torch.float32)), ww.transpose(1, 2))
+
+
+def _matmul_backends() -> list:
+    """The per-backend float32 matmul settings of torch's precision API (torch ≥ 2.9), if any."""
+    found = []
+    for backend in (torch.backends.cuda.matmul, getattr(torch.backends.mkldnn, "matmul", None)):
+        if backend is not None and hasattr(backend, "fp32_precision"):
+            found.append(backend)
+    return found
+
+
+@contextlib.contextmanager
+def full_float32() -> Iterator[None]:
+    """Matrix products in true IEEE float32 (no TF32, no bf16) inside the block, on CUDA and on CPUs
+    (oneDNN); the caller's settings are restored exactly on exit.
+
+    With torch's per-backend precision API the CUDA and oneDNN matmul ``fp32_precision`` are set to
+    ``"ieee"``; with older torch, ``torch.set_float32_matmul_precision("highest")`` and the
+    cuda/cudnn ``allow_tf32`` flags are switched off and restored.
+    """
+    backends = _matmul_backends()
+    if backends:
+        saved = [b.fp32_precision for b in backends]
+        inherited = getattr(torch.backends, "fp32_precision", "none") in ("none", "ieee")
+        if all(v == "ieee" or (v == "none" and inherited) for v in saved):
+            yield
+            return
+        for b in backends:
+            b.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            for b, v in zip(backends, saved):
+                b.fp32_precision = v
+        return
+    precision = torch.get_float32_matmul_precision()
+    cuda_tf32, cudnn_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(precision)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = cuda_tf32, cudnn_tf32

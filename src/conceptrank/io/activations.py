@@ -14,13 +14,22 @@ from conceptrank.errors import ConceptrankError
 
 @dataclass(frozen=True)
 class Activations:
-    """Contents of ``activations.npz``: mean (N, U), images/classes/splits (N,) str."""
+    """Contents of ``activations.npz``: mean (N, U), images/classes/splits (N,) str.
 
-    path: Path
+    ``path`` is None for activations computed in memory (``extract_activations``), which also fill
+    ``max`` (N, U), ``layer``, ``class_names`` (the target set's class order) and ``skipped``
+    ((image, reason) of the images that could not be used).
+    """
+
+    path: Path | None
     mean: np.ndarray
     images: np.ndarray
     classes: np.ndarray
     splits: np.ndarray
+    max: np.ndarray | None = None
+    layer: str | None = None
+    class_names: np.ndarray | None = None
+    skipped: tuple[tuple[str, str], ...] = ()
 
 
 def npz_path(activations: Path) -> Path:

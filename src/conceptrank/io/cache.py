@@ -20,9 +20,7 @@ Caching contract (shared by dissect, extract, rank and the pipeline's evaluate/s
   resume from the last checkpoint whose key matches.
 
 Environment variables: ``CONCEPTRANK_CHECKPOINT_SECONDS`` (minimum seconds between two
-checkpoints of a stage, default 60; 0 checkpoints after every batch) and, for tests,
-``CONCEPTRANK_TEST_KILL_AFTER_BATCH=STAGE:N`` (SIGKILL the process right after the checkpoint that
-follows batch N of STAGE: ``dissect-forward``, ``dissect-tally`` or ``extract``).
+checkpoints of a stage, default 60; 0 checkpoints after every batch).
 """
 
 from __future__ import annotations
@@ -34,7 +32,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import tempfile
 import time
 import zipfile
@@ -71,7 +68,6 @@ __all__ = [
 
 CACHE_FORMAT = 1  # bump when the meaning of a key or of a cached output changes
 CHECKPOINT_SECONDS_ENV = "CONCEPTRANK_CHECKPOINT_SECONDS"
-KILL_ENV = "CONCEPTRANK_TEST_KILL_AFTER_BATCH"
 DEFAULT_CHECKPOINT_SECONDS = 60.0
 
 
@@ -422,12 +418,10 @@ def remove_scratch(folder: str | os.PathLike) -> None:
 
 
 class Checkpointer:
-    """When a stage writes its next resume checkpoint, and the test hook that kills after one.
+    """When a stage writes its next resume checkpoint.
 
     ``due(batches)`` is true when at least ``interval`` seconds passed since the last checkpoint
-    (``CONCEPTRANK_CHECKPOINT_SECONDS``, default 60) or ``batches`` is the batch named by
-    ``CONCEPTRANK_TEST_KILL_AFTER_BATCH=STAGE:N``; ``saved(batches)`` restarts the clock and, for
-    that test hook, SIGKILLs the process (no cleanup runs, as with a real kill).
+    (``CONCEPTRANK_CHECKPOINT_SECONDS``, default 60); ``saved(batches)`` restarts the clock.
     """
 
     def __init__(self, stage: str, interval: float | None = None) -> None:
@@ -440,18 +434,10 @@ class Checkpointer:
         self.interval = max(0.0, float(interval))
         self.last = time.monotonic()
         self.last_batches: int | None = None
-        self.kill_at: int | None = None
-        spec = os.environ.get(KILL_ENV, "")
-        if ":" in spec:
-            name, _, n = spec.rpartition(":")
-            if name == stage and n.strip().isdigit():
-                self.kill_at = int(n)
 
     def due(self, batches: int) -> bool:
-        return batches == self.kill_at or time.monotonic() - self.last >= self.interval
+        return time.monotonic() - self.last >= self.interval
 
     def saved(self, batches: int) -> None:
         self.last = time.monotonic()
         self.last_batches = batches
-        if self.kill_at is not None and batches >= self.kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)

@@ -318,12 +318,12 @@ def list_layers(loaded: LoadedModel, size: tuple[int, int] | None = None) -> lis
 
     Returns ``[(name, class, shape)]``; shape is ``()`` for modules the sample does not reach.
     """
-    from conceptrank.nn.hooks import layer_names, record_layers
+    from conceptrank.nn.hooks import layer_names, output_shapes
 
     names = layer_names(loaded.module)
     h, w = size or loaded.input_size
-    x = torch.zeros(1, 3, h, w)
-    with torch.no_grad(), record_layers(loaded.module, names) as out:
-        loaded.module(x)
+    with torch.no_grad():
+        out = output_shapes(loaded.module, torch.zeros(1, 3, h, w))
     modules = dict(loaded.module.named_modules())
-    return [(n, type(modules[n]).__name__, tuple(out[n].shape) if n in out else ()) for n in names]
+    first = {n: v[0] for n, v in out.items() if isinstance(v[0], tuple)}
+    return [(n, type(modules[n]).__name__, first.get(n, ())) for n in names]

@@ -1,20 +1,25 @@
 """Network Dissection with NetDissect-Lite's exact semantics (``shared/spec/netdissect-semantics.md``).
 
-Two passes over the probe set, the model run once:
+Two passes over the probe set, the model run once (local engine):
 
 1. *forward*: each image through the model; the hooked layers' maps ``(N, U, h, w)`` go to a
    feature cache on disk (a memmap, deleted afterwards) and into a running top-k per unit from
    which the exact ``1 - quantile`` threshold follows;
 2. *tally*: masks are decoded in loader workers; per batch, only the (image, unit) pairs whose map
    exceeds the unit's threshold somewhere are upsampled (PIL-exact bilinear) and intersected with
-   every label at once as tensor operations.
+   every label at once as tensor operations (:class:`conceptrank.core.tally.TallyAccumulator`).
 
-Caching and resume (see :mod:`conceptrank.io.cache`): each layer's outputs are reused when its
-``dissect.json`` was written for the same key (model weights, layer, probe index and files,
-thresholds, every parameter, package versions); layers of a multi-layer run are keyed one by one.
-Otherwise the run works in ``out/.features/<key>/`` (feature memmaps plus a checkpoint of the running
-top-k, top images and tally counts, written every ``CONCEPTRANK_CHECKPOINT_SECONDS``), resumes from
-the last checkpoint after a crash or kill, and deletes the folder when every output is written.
+Each layer's statistics live in a :class:`_LayerRun` (running top-k, top images, thresholds, tally
+counts) with ``state_dict``/``load_state_dict``/``merge``: the checkpoint of a local run and the
+partial results of the Ray engine's shards (:mod:`conceptrank.engines.ray`) are both such states.
+
+:func:`dissect_layers` is the computation (nothing written but scratch); :func:`run_dissect` the
+file layer. Caching and resume (see :mod:`conceptrank.io.cache`): each layer's outputs are reused
+when its ``dissect.json`` was written for the same key (model weights, layer, probe index and
+files, thresholds, every parameter, package versions); layers of a multi-layer run are keyed one by
+one. Otherwise the run works in ``out/.features/<key>/`` (feature memmaps plus a checkpoint of the
+layer states, written every ``CONCEPTRANK_CHECKPOINT_SECONDS``), resumes from the last checkpoint
+after a crash or kill, and deletes the folder when every output is written.
 
 GPU memory: a batch whose forward pass runs out of CUDA memory is retried in halves (down to one
 image at a time, then an error naming ``--batch-size``); later batches keep the smaller size.
@@ -23,60 +28,70 @@ image at a time, then an error naming ``--batch-size``); later batches keep the 
 from __future__ import annotations
 
 import sys
+import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Literal, Sequence
 
 import numpy as np
 import torch
 
-from conceptrank.core.stats import TopKQuantile
-from conceptrank.core.upsample import (
-    tap_ranges,
-    upsample_approx_rows_cols,
-    upsample_at,
-    upsample_error_bound,
-)
-from conceptrank.errors import ConceptrankError
+from conceptrank.core.stats import TopImages, TopKQuantile
+from conceptrank.core.tally import TallyAccumulator, best_labels, float32_floor, label_category_matrix
+from conceptrank.errors import BrodenError, ConceptrankError
 from conceptrank.io import cache
-from conceptrank.io.broden import BrodenDataset, BrodenError
-from conceptrank.io.cache import (
-    atomic_write_json,
-    atomic_write_text,
-    hash_json,
-    package_versions,
-)
+from conceptrank.io.broden import BrodenDataset
+from conceptrank.io.cache import atomic_write_json, atomic_write_text, hash_json, package_versions
+from conceptrank.io.resume import ResumableRows
 from conceptrank.io.tally_csv import format_tally
+from conceptrank.nn.device import forward_in_chunks, on_device, resolve_device
+from conceptrank.progress import track
 
 __all__ = [
     "DissectConfig",
     "DissectResult",
+    "LayerDissection",
     "TallyAccumulator",
-    "dissect",
+    "dissect_layers",
     "run_dissect",
     "float32_floor",
     "label_category_matrix",
     "best_labels",
-    "forward_in_chunks",
 ]
+
+TOP_IMAGES = 16
+FORMAT_VERSION = 2  # bump when an output's bytes change for the same inputs
+OUTPUTS = ("tally.csv", "thresholds.npy", "top_images.npz", "tally_counts.npz")
+Preprocess = Literal["model", "netdissect"]
+Store = Literal["float32", "float16"]
 
 
 @dataclass(frozen=True)
 class DissectConfig:
-    """Parameters of a dissection (all of them key the outputs' fingerprint)."""
+    """Parameters of a dissection (all but batch size, workers, device, progress and the engine key
+    the outputs' fingerprint).
+
+    ``engine``: ``local`` (this process; the model runs once, features cached on disk between the
+    passes) or ``ray`` (Ray actors over shards of the probe set, see :mod:`conceptrank.engines`);
+    ``ray_address``: ``auto`` (a running cluster), ``local`` (start one here) or an address;
+    ``ray_workers``: actors to start (default: one per GPU, else one per 2 CPUs of the cluster).
+    """
 
     categories: tuple[str, ...] | None = None
     quantile: float = 0.005
     iou_threshold: float = 0.04
-    preprocess: str = "model"  # 'model' or 'netdissect'
+    preprocess: Preprocess = "model"
     batch_size: int = 64
     workers: int = 2
     device: str = "auto"
-    store: str = "float32"  # dtype of the on-disk feature cache between the two passes
+    store: Store = "float32"  # dtype of the on-disk feature cache between the two passes
     progress: bool = True
     # also label units at this second quantile (same pass) and report how many keep their label
     stability_quantile: float | None = None
+    engine: Literal["local", "ray"] = "local"
+    ray_address: str = "auto"
+    ray_workers: int | None = None
 
     def validate(self) -> None:
         if self.preprocess not in ("model", "netdissect"):
@@ -91,24 +106,31 @@ class DissectConfig:
             raise ConceptrankError(f"stability quantile must lie in (0, 1), got {self.stability_quantile}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConceptrankError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.engine not in ("local", "ray"):
+            raise ConceptrankError(f"--engine must be local or ray, got {self.engine!r}")
+        if self.ray_workers is not None and self.ray_workers < 1:
+            raise ConceptrankError(f"ray workers must be >= 1, got {self.ray_workers}")
 
 
 @dataclass(frozen=True)
-class DissectResult:
+class LayerDissection:
     """Outcome of dissecting one layer.
 
     Attributes
     ----------
     layer : dotted layer name.
-    out : folder holding tally.csv, thresholds.npy, dissect.json.
     thresholds : (U,) float64 per-unit thresholds.
     iou : (U, L) float64 IoU of every unit with every label.
     best_label : (U, C) int best label per unit and category; ``best_category`` (U,) index into
         ``categories``; ``score`` (U,) the unit's best IoU.
+    truth (L,), intersect (U, L), activation (U, C) : int64 tally counts; ``label_category`` (L, C).
+    top_index, top_value : (U, k) the probe images with the highest map maxima per unit.
+    stability : label stability at ``stability_quantile`` (None when not asked for).
+    out : folder holding tally.csv, thresholds.npy, dissect.json (None before it is written).
+    reused : True when the outputs of an earlier run with the same key were reused.
     """
 
     layer: str
-    out: Path
     categories: tuple[str, ...]
     label_names: tuple[str, ...]
     thresholds: np.ndarray
@@ -119,7 +141,16 @@ class DissectResult:
     iou_threshold: float
     counts: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
-    reused: bool = False  # True when the outputs of an earlier run with the same key were reused
+    truth: np.ndarray | None = None
+    intersect: np.ndarray | None = None
+    activation: np.ndarray | None = None
+    label_category: np.ndarray | None = None
+    top_index: np.ndarray | None = None
+    top_value: np.ndarray | None = None
+    stability: dict | None = None
+    resumed: dict | None = None
+    out: Path | None = None
+    reused: bool = False
 
     def unit_label(self, u: int) -> tuple[str, str, float]:
         """``(label name, category, iou)`` of unit ``u`` (0-based)."""
@@ -130,236 +161,37 @@ class DissectResult:
         n = len(self.score)
         det = int((self.score >= self.iou_threshold).sum())
         per = ", ".join(f"{k} {v}" for k, v in self.counts.get("unique_concepts", {}).items())
+        head = (f"dissect {self.layer}: {det}/{n} units with IoU >= {self.iou_threshold} "
+                f"({self.counts.get('concepts', 0)} distinct concepts: {per}); ")
+        dest = f" -> {self.out / 'tally.csv'}" if self.out is not None else ""
         if self.reused:
-            return (
-                f"dissect {self.layer}: {det}/{n} units with IoU >= {self.iou_threshold} "
-                f"({self.counts.get('concepts', 0)} distinct concepts: {per}); reused cached result "
-                f"({self.timings.get('total', 0):.2f}s) -> {self.out / 'tally.csv'}"
-            )
-        return (
-            f"dissect {self.layer}: {det}/{n} units with IoU >= {self.iou_threshold} "
-            f"({self.counts.get('concepts', 0)} distinct concepts: {per}); "
-            f"{self.counts.get('images', 0)} probe images in {self.timings.get('total', 0):.1f}s -> {self.out / 'tally.csv'}"
-        )
+            return head + f"reused cached result ({self.timings.get('total', 0):.2f}s){dest}"
+        return head + f"{self.counts.get('images', 0)} probe images in {self.timings.get('total', 0):.1f}s{dest}"
 
 
-# -- pure computation ------------------------------------------------------------------------
-def float32_floor(t: np.ndarray) -> np.ndarray:
-    """Largest float32 ≤ t, elementwise: for float32 x, ``x > t`` ⟺ ``x > float32_floor(t)``."""
-    t = np.asarray(t, dtype=np.float64)
-    t32 = t.astype(np.float32)
-    over = t32.astype(np.float64) > t
-    t32[over] = np.nextafter(t32[over], np.float32(-np.inf))
-    return t32
+@dataclass(frozen=True)
+class DissectResult:
+    """Every dissected layer, in the order asked for; iterable and indexable by position or name."""
 
+    layers: tuple[LayerDissection, ...]
+    timings: dict = field(default_factory=dict)
 
-def label_category_matrix(primary: np.ndarray, num_categories: int) -> np.ndarray:
-    """One-hot ``(L, C)`` of each label's primary category (rows of -1 stay zero)."""
-    m = np.zeros((len(primary), num_categories), np.int64)
-    ok = primary >= 0
-    m[np.nonzero(ok)[0], primary[ok]] = 1
-    return m
+    def __iter__(self) -> Iterator[LayerDissection]:
+        return iter(self.layers)
 
+    def __len__(self) -> int:
+        return len(self.layers)
 
-class TallyAccumulator:
-    """Streaming NetDissect tally: truth, intersection and per-category activation counts.
+    def __getitem__(self, key: int | str) -> LayerDissection:
+        if isinstance(key, str):
+            for r in self.layers:
+                if r.layer == key:
+                    return r
+            raise KeyError(key)
+        return self.layers[key]
 
-    Parameters
-    ----------
-    thresholds : (U,) float64 per-unit thresholds; a pixel is active when its upsampled value is
-        strictly greater.
-    label_cat : (L, C) int one-hot of every label's primary category.
-
-    Accumulates ``truth`` (L,), ``intersect`` (U, L), ``activation`` (U, C), all int64.
-    """
-
-    def __init__(self, thresholds: np.ndarray, label_cat: np.ndarray, device: str | torch.device = "cpu") -> None:
-        self.device = torch.device(device)
-        self.thresholds = np.asarray(thresholds, np.float64)
-        self.thr32 = torch.from_numpy(float32_floor(self.thresholds)).to(self.device)
-        self.label_cat = torch.as_tensor(np.asarray(label_cat), dtype=torch.float32, device=self.device)
-        U = len(self.thresholds)
-        L, C = self.label_cat.shape
-        self.truth = torch.zeros(L, dtype=torch.int64, device=self.device)
-        self.intersect = torch.zeros(U, L, dtype=torch.int64, device=self.device)
-        self.activation = torch.zeros(U, C, dtype=torch.int64, device=self.device)
-        self.images = 0
-
-    @property
-    def num_units(self) -> int:
-        return len(self.thresholds)
-
-    def add(self, features: torch.Tensor, planes: Sequence[torch.Tensor], scalars: Sequence[Sequence[int]],
-            max_elements: int = 1 << 24) -> None:
-        """Tally one batch.
-
-        Parameters
-        ----------
-        features : (B, U, h, w) float32 activations of the batch.
-        planes : B tensors ``(P_i, sh, sw)`` int of global label numbers (P_i may be 0).
-        scalars : B lists of image-level label numbers.
-        max_elements : bound on (active pairs × mask pixels) processed at once (memory).
-        """
-        feats = features.to(self.device, torch.float32)
-        B, U, h, w = feats.shape
-        if U != self.num_units:
-            raise ValueError(f"features have {U} units, thresholds {self.num_units}")
-        planes = [p.to(self.device, torch.int64) for p in planes]
-        # truth: every plane's labelled pixels, plus sh*sw per image-level label
-        flat = [p.reshape(-1) for p in planes if p.numel()]
-        if flat:
-            cnt = torch.bincount(torch.cat(flat), minlength=self.truth.shape[0])
-            cnt[0] = 0
-            self.truth += cnt
-        sc_lab = [lab for sc in scalars for lab in sc]
-        if sc_lab:
-            sizes = [int(p.shape[-2] * p.shape[-1]) for p, sc in zip(planes, scalars) for _ in sc]
-            self.truth.index_add_(0, torch.as_tensor(sc_lab, device=self.device),
-                                  torch.as_tensor(sizes, dtype=torch.int64, device=self.device))
-        # bilinear values never exceed the map's max: only these (image, unit) pairs can be active
-        active = feats.amax(dim=(2, 3)) > self.thr32[None, :]  # (B, U)
-        n_active = active.sum(dim=1).tolist()
-        # groups of consecutive images with one mask size and a bounded amount of work
-        b = 0
-        while b < B:
-            sh, sw = int(planes[b].shape[-2]), int(planes[b].shape[-1])
-            e, work = b, 0
-            while e < B and (int(planes[e].shape[-2]), int(planes[e].shape[-1])) == (sh, sw) and \
-                    (e == b or work + n_active[e] * sh * sw <= max_elements):
-                work += n_active[e] * sh * sw
-                e += 1
-            self._add_group(feats[b:e], active[b:e], planes[b:e], scalars[b:e], sh, sw)
-            b = e
-        self.images += B
-
-    def _add_group(self, feats, active, planes, scalars, sh: int, sw: int) -> None:
-        """Images of one mask size: all their active (image, unit) pairs at once.
-
-        Each pair's map is upsampled with a fast float32 matrix product; pixels whose value lies
-        within its error bound of the threshold are recomputed exactly as PIL would, so the
-        active masks are PIL-exact. Intersections are counted sparsely over active pixels only.
-        """
-        dev = self.device
-        G = feats.shape[0]
-        S = sh * sw
-        L = self.truth.shape[0]
-        pair_img, pair_unit = torch.nonzero(active, as_tuple=True)  # sorted by image, then unit
-        P = pair_img.numel()
-        if P == 0:
-            return
-        K = max(int(p.shape[0]) for p in planes)
-        stack = torch.zeros(G, max(K, 1), S, dtype=torch.int64, device=dev)  # label per image, plane, pixel
-        for i, p in enumerate(planes):
-            if p.numel():
-                stack[i, : p.shape[0]] = p.reshape(p.shape[0], S)
-        # image-level labels: per image, how often each label is listed
-        sc_count = torch.zeros(G, L, dtype=torch.int64, device=dev)
-        for i, sc in enumerate(scalars):
-            for lab in sc:
-                sc_count[i, lab] += 1
-        sc_cat = (sc_count.to(torch.float32) @ self.label_cat) > 0  # (G, C)
-        h, w = feats.shape[-2:]
-        all_maps = feats[pair_img, pair_unit]  # (P, h, w)
-        all_eps = 2 * upsample_error_bound(all_maps)  # (P,)
-        # Only outputs with a hot input among their taps can exceed the threshold: per pair, the
-        # window of output rows/columns spanned by its hot cells.
-        hot = all_maps > (self.thr32[pair_unit] - all_eps)[:, None, None]
-        rlo, rhi = (torch.from_numpy(a).to(dev) for a in tap_ranges(h, sh))
-        clo, chi = (torch.from_numpy(a).to(dev) for a in tap_ranges(w, sw))
-        hot_r, hot_c = hot.any(dim=2), hot.any(dim=1)  # (P, h), (P, w)
-        ar_h, ar_w = torch.arange(h, device=dev), torch.arange(w, device=dev)
-        r0 = rlo[torch.where(hot_r, ar_h, h).amin(dim=1).clamp(max=h - 1)]
-        r1 = rhi[torch.where(hot_r, ar_h, -1).amax(dim=1).clamp(min=0)]
-        c0 = clo[torch.where(hot_c, ar_w, w).amin(dim=1).clamp(max=w - 1)]
-        c1 = chi[torch.where(hot_c, ar_w, -1).amax(dim=1).clamp(min=0)]
-        bh, bw = (r1 - r0 + 1).clamp(min=1), (c1 - c0 + 1).clamp(min=1)
-        order = torch.argsort(bh * bw, stable=True)  # similar window sizes together: little padding
-        budget = 1 << 22
-        bh_s, bw_s = bh[order].cpu().numpy(), bw[order].cpu().numpy()
-        start = 0
-        while start < P:
-            stop = min(P, start + max(1, budget // int(bh_s[start] * bw_s[start])))
-            while stop - start > 1 and (stop - start) * int(bh_s[start:stop].max()) * int(bw_s[start:stop].max()) > budget:
-                stop = start + (stop - start) // 2
-            sel = order[start:stop]
-            start = stop
-            pi_img, pi_unit = pair_img[sel], pair_unit[sel]
-            n = sel.numel()
-            BH, BW = int(bh[sel].max()), int(bw[sel].max())
-            ro = torch.arange(BH, device=dev)
-            co = torch.arange(BW, device=dev)
-            rows = (r0[sel, None] + ro).clamp(max=sh - 1)  # (n, BH)
-            cols = (c0[sel, None] + co).clamp(max=sw - 1)  # (n, BW)
-            valid = (ro[None, :] < bh[sel, None])[:, :, None] & (co[None, :] < bw[sel, None])[:, None, :]
-            maps = all_maps[sel]
-            d = upsample_approx_rows_cols(maps, rows, cols, (sh, sw)).sub_(self.thr32[pi_unit][:, None, None])
-            eps = all_eps[sel][:, None, None]
-            mask = (d > eps) & valid  # surely active
-            maybe = (d >= -eps) & valid  # possibly active
-            if int(maybe.sum()) != int(mask.sum()):  # rare: values within the error bound
-                amb = torch.nonzero(maybe & ~mask, as_tuple=True)
-                exact = upsample_at(maps, amb[0], rows[amb[0], amb[1]], cols[amb[0], amb[2]], (sh, sw))
-                mask[amb] = exact > self.thr32[pi_unit][amb[0]]
-            size = mask.sum(dim=(1, 2))  # (n,) active pixels per pair
-            flags = sc_cat[pi_img].clone()  # (n, C)
-            if K:
-                q, rr, cc = torch.nonzero(mask, as_tuple=True)  # active pixels
-                px = rows[q, rr] * sw + cols[q, cc]
-                labs = stack[pi_img[q], :, px]  # (A, K) labels of every plane there
-                keys = (q[:, None] * L + labs).reshape(-1)
-                inter = torch.bincount(keys, minlength=n * L).reshape(n, L)
-                inter[:, 0] = 0
-                self.intersect.index_add_(0, pi_unit, inter)
-                flags |= ((inter > 0).to(torch.float32) @ self.label_cat) > 0
-            if sc_count.any():
-                self.intersect.index_add_(0, pi_unit, size[:, None] * sc_count[pi_img])
-            self.activation.index_add_(0, pi_unit, size[:, None] * flags.to(torch.int64))
-
-    def merge(self, other: "TallyAccumulator") -> None:
-        self.truth += other.truth.to(self.device)
-        self.intersect += other.intersect.to(self.device)
-        self.activation += other.activation.to(self.device)
-        self.images += other.images
-
-    def state_dict(self) -> dict:
-        return {
-            "thresholds": self.thresholds, "truth": self.truth.cpu().numpy(),
-            "intersect": self.intersect.cpu().numpy(), "activation": self.activation.cpu().numpy(),
-            "images": self.images,
-        }
-
-    @classmethod
-    def from_state_dict(cls, state: dict, label_cat: np.ndarray, device: str | torch.device = "cpu") -> "TallyAccumulator":
-        """Inverse of :meth:`state_dict` (``label_cat`` as for the constructor)."""
-        acc = cls(np.asarray(state["thresholds"], np.float64), label_cat, device)
-        for name in ("truth", "intersect", "activation"):
-            want = getattr(acc, name)
-            got = torch.as_tensor(np.array(state[name], dtype=np.int64), device=acc.device)
-            if got.shape != want.shape:
-                raise ValueError(f"{name} has shape {tuple(got.shape)}, expected {tuple(want.shape)}")
-            setattr(acc, name, got)
-        acc.images = int(state["images"])
-        return acc
-
-    def iou(self) -> np.ndarray:
-        """``(U, L)`` IoU = I / (A[u, primary(l)] + T[l] − I + 1e-10)."""
-        inter = self.intersect.cpu().numpy().astype(np.float64)
-        act = self.activation.cpu().numpy().astype(np.float64) @ self.label_cat.cpu().numpy().astype(np.float64).T
-        truth = self.truth.cpu().numpy().astype(np.float64)
-        return inter / (act + truth[None, :] - inter + 1e-10)
-
-
-def best_labels(iou: np.ndarray, primary: np.ndarray, num_categories: int) -> np.ndarray:
-    """Best label per unit and category: ``(U, C)`` argmax over labels whose primary category is c.
-
-    Ties go to the lowest label number; a category with all-zero IoU gets label 0 (numpy argmax).
-    """
-    U, L = iou.shape
-    out = np.zeros((U, num_categories), np.int64)
-    for c in range(num_categories):
-        masked = iou * (primary[:L] == c)[None, :]
-        out[:, c] = masked.argmax(axis=1)
-    return out
+    def summary(self) -> str:
+        return "\n".join(r.summary() for r in self.layers)
 
 
 # -- data loading ------------------------------------------------------------------------------
@@ -369,6 +201,9 @@ class _Failed:
 
     def __init__(self, error: BrodenError) -> None:
         self.error = error
+
+    def __len__(self) -> int:
+        return 0
 
 
 class _ProbeImages(torch.utils.data.Dataset):
@@ -416,21 +251,10 @@ def _loader(dataset, batch_size, workers, collate_fn=None):
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn, **kwargs)
 
 
-def _progress(iterable, total, desc, enabled):
-    if not enabled:
-        return iterable
-    from tqdm import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, unit="batch", file=sys.stderr, leave=False,
-                disable=not sys.stderr.isatty())
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConceptrankError("--device cuda requested but no CUDA device is available")
-    return torch.device(device)
+def _unwrap(batch):
+    if isinstance(batch, _Failed):
+        raise batch.error
+    return batch
 
 
 def _probe_size(ds: BrodenDataset) -> tuple[int, int]:
@@ -440,71 +264,452 @@ def _probe_size(ds: BrodenDataset) -> tuple[int, int]:
     return max(sizes, key=lambda k: sizes[k])
 
 
-# -- the stage ---------------------------------------------------------------------------------
-TOP_IMAGES = 16
-FORMAT_VERSION = 2  # bump when an output's bytes change for the same inputs
+# -- what a dissection computes -----------------------------------------------------------------
+@dataclass(frozen=True)
+class _Plan:
+    """Everything every pass and shard of one dissection needs besides the model and the probe.
 
-
-class _TopImages:
-    """Per unit, the probe images with the highest map maximum (for unit cards in the report).
-
-    Deterministic: ties in value go to the lower image index, whatever the batching.
+    ``given`` maps a layer to the (U,) thresholds to use instead of computing them.
     """
 
-    def __init__(self, num_units: int, k: int, value: np.ndarray | None = None, index: np.ndarray | None = None) -> None:
-        self.k = k
-        self.value = np.zeros((num_units, 0), np.float32) if value is None else np.asarray(value, np.float32)
-        self.index = np.zeros((num_units, 0), np.int64) if index is None else np.asarray(index, np.int64)
+    layers: tuple[str, ...]
+    images: int
+    size: tuple[int, int]
+    label_cat: np.ndarray
+    quantile: float
+    stability_quantile: float | None
+    given: dict
+    store: str
+    preprocess: str
+    batch_size: int
+    workers: int
 
-    def add(self, maxima: torch.Tensor, offset: int) -> None:
-        """``maxima`` (B, U): per image and unit the map's maximum; images are offset..offset+B-1."""
-        B, U = maxima.shape
-        v = np.concatenate([self.value, maxima.T.float().numpy()], axis=1)
-        i = np.concatenate([self.index, np.broadcast_to(np.arange(offset, offset + B, dtype=np.int64), (U, B))], axis=1)
-        order = np.lexsort((i, -v), axis=1)[:, :self.k]  # value descending, then index ascending
-        self.value = np.take_along_axis(v, order, axis=1)
-        self.index = np.take_along_axis(i, order, axis=1)
+    @property
+    def qmax(self) -> float:
+        return max(self.quantile, self.stability_quantile or 0.0)
 
-    def save(self, path: Path, probe: BrodenDataset) -> None:
-        images = np.array([[probe.records[j].image for j in row] for row in self.index], dtype=str)
-        cache.save_npz(path, index=self.index, value=self.value, images=images)
+    def needs_topk(self, layer: str) -> bool:
+        return layer not in self.given or bool(self.stability_quantile)
+
+    def stored(self, f: torch.Tensor) -> torch.Tensor:
+        """The values the thresholds and the tally compare: ``f`` at the feature store's precision."""
+        return f.half().float() if self.store == "float16" else f
 
 
-def forward_in_chunks(x: torch.Tensor, fn, state: dict, what: str = "forward pass") -> list:
-    """``[fn(chunk) for chunk in x]`` over chunks of at most ``state['chunk']`` images.
-
-    On ``torch.cuda.OutOfMemoryError`` the chunk is halved (``state['chunk']`` remembers it for later
-    batches) and retried; at one image it raises :class:`ConceptrankError` naming ``--batch-size``.
+class _LayerRun:
+    """One layer's statistics through both passes: running top-k and top images (pass 1), then
+    thresholds and tally counts (pass 2). Runs over disjoint images merge exactly (:meth:`merge`),
+    and :meth:`state_dict` / :meth:`load_state_dict` make checkpoints and shard results.
     """
-    outs = []
-    i, n_all = 0, int(x.shape[0])
-    state.setdefault("chunk", n_all)
-    first = None  # chunk size that first ran out of memory in this batch
-    while i < n_all:
-        n = max(1, min(int(state["chunk"]), n_all - i))
-        oom = False
-        try:
-            outs.append(fn(x[i:i + n]))
-        except torch.cuda.OutOfMemoryError:
-            oom = True  # handled outside the except block so the failed batch's memory can be freed
-        if not oom:
-            i += n
-            continue
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        if n == 1:
-            raise ConceptrankError(
-                f"out of GPU memory in the {what} even for a single image (retried down to --batch-size 1); "
-                "use --device cpu, a smaller --resize, or free the GPU (other processes may be using it)"
-            )
-        first = n if first is None else first
-        state["chunk"] = n // 2
-    if first is not None:
-        print(f"warning: CUDA out of memory in the {what} with {first} images at once; continuing with "
-              f"{state['chunk']} (pass --batch-size {state['chunk']} to avoid the retries)", file=sys.stderr, flush=True)
-    return outs
+
+    def __init__(self, name: str, plan: _Plan, device: torch.device | str = "cpu") -> None:
+        self.name, self.plan, self.device = name, plan, torch.device(device)
+        self.shape: tuple[int, int, int] | None = None
+        self.topk: TopKQuantile | None = None
+        self.top: TopImages | None = None
+        self.thr: np.ndarray | None = None
+        self.thr_alt: np.ndarray | None = None
+        self.acc: TallyAccumulator | None = None
+        self.alt: TallyAccumulator | None = None
+        self.threshold_seconds = 0.0
+
+    def _start(self, shape: tuple[int, int, int]) -> None:
+        self.shape = tuple(int(s) for s in shape)
+        U, h, w = self.shape
+        self.top = TopImages(U, TOP_IMAGES)
+        if self.plan.needs_topk(self.name):
+            self.topk = TopKQuantile(U, self.plan.images * h * w, self.plan.qmax, device=self.device)
+
+    def observe(self, stored: torch.Tensor, maxima: torch.Tensor, first: int) -> None:
+        """Pass 1: ``stored`` (B, U, h, w) features of images ``first..first+B-1``, ``maxima`` (B, U)."""
+        if self.shape is None:
+            self._start(stored.shape[1:])
+        self.top.add(maxima.cpu(), first)
+        if self.topk is not None:
+            ts = time.perf_counter()
+            # thresholds are taken over exactly the values the tally will compare
+            self.topk.add(stored.permute(1, 0, 2, 3).reshape(stored.shape[1], -1))
+            self.threshold_seconds += time.perf_counter() - ts
+
+    def set_thresholds(self) -> None:
+        """End of pass 1: thresholds from the top-k (or the given ones), empty tallies."""
+        ts = time.perf_counter()
+        U = self.shape[0]
+        if self.name in self.plan.given:
+            t = self.plan.given[self.name]
+            if t.shape != (U,):
+                raise ConceptrankError(f"thresholds for layer {self.name!r} have {t.size} values; the layer has {U} units")
+            self.thr = t
+        else:
+            self.thr = self.topk.result(self.plan.quantile)
+        if self.plan.stability_quantile:
+            self.thr_alt = self.topk.result(self.plan.stability_quantile)
+        self.topk = None
+        self.acc = TallyAccumulator(self.thr, self.plan.label_cat, self.device)
+        if self.thr_alt is not None:
+            self.alt = TallyAccumulator(self.thr_alt, self.plan.label_cat, self.device)
+        self.threshold_seconds += time.perf_counter() - ts
+
+    def tally(self, stored: torch.Tensor, planes, scalars) -> None:
+        """Pass 2: count one batch's features against its masks."""
+        self.acc.add(stored, planes, scalars)
+        if self.alt is not None:
+            self.alt.add(stored, planes, scalars)
+
+    def merge(self, other: "_LayerRun") -> None:
+        """Fold in the run of the same layer over other images (a shard)."""
+        if other.shape is None:
+            return
+        if self.shape is None:
+            self._start(other.shape)
+        elif self.shape != other.shape:
+            raise ValueError(f"layer {self.name}: shard maps of shape {other.shape}, expected {self.shape}")
+        self.top.merge(other.top)
+        if self.topk is not None and other.topk is not None:
+            self.topk.merge(other.topk)
+        if other.acc is not None:
+            if self.acc is None:
+                self.thr, self.thr_alt = other.thr, other.thr_alt
+                self.acc = TallyAccumulator(self.thr, self.plan.label_cat, self.device)
+                self.alt = None if other.alt is None else TallyAccumulator(self.thr_alt, self.plan.label_cat, self.device)
+            self.acc.merge(other.acc)
+            if self.alt is not None:
+                self.alt.merge(other.alt)
+
+    def state_dict(self) -> dict:
+        """Arrays and JSON values (see :func:`_split_state`); empty before the first batch."""
+        if self.shape is None:
+            return {}
+        st: dict = {"shape": list(self.shape), "top_value": self.top.value, "top_index": self.top.index,
+                    "threshold_seconds": self.threshold_seconds}
+        if self.topk is not None:
+            t = self.topk.state_dict()
+            st["topk_values"] = t.pop("top")
+            st["topk"] = t
+        for tag, thr, acc in (("acc", self.thr, self.acc), ("alt", self.thr_alt, self.alt)):
+            if acc is not None:
+                a = acc.state_dict()
+                st[f"{tag}_thr"] = np.asarray(thr, np.float64)
+                st.update({f"{tag}_{k}": a[k] for k in ("truth", "intersect", "activation")})
+                st[f"{tag}_images"] = int(a["images"])
+        return st
+
+    def load_state_dict(self, st: dict) -> None:
+        """Inverse of :meth:`state_dict`; ValueError/KeyError on a state that does not fit."""
+        if not st:
+            return
+        self._start(tuple(st["shape"]))
+        self.top = TopImages.from_state_dict({"k": TOP_IMAGES, "value": st["top_value"], "index": st["top_index"]})
+        self.threshold_seconds = float(st.get("threshold_seconds", 0.0))
+        self.topk = (TopKQuantile.from_state_dict({**st["topk"], "top": st["topk_values"]}, self.device)
+                     if "topk" in st else None)
+        for tag in ("acc", "alt"):
+            if f"{tag}_thr" in st:
+                acc = TallyAccumulator.from_state_dict(
+                    {k: st[f"{tag}_{k}"] for k in ("truth", "intersect", "activation", "images")}
+                    | {"thresholds": st[f"{tag}_thr"]}, self.plan.label_cat, self.device)
+                if tag == "acc":
+                    self.thr, self.acc = acc.thresholds, acc
+                else:
+                    self.thr_alt, self.alt = acc.thresholds, acc
 
 
+def _split_state(prefix: str, state: dict) -> tuple[dict, dict]:
+    """A state dict as ``(JSON meta, arrays named prefix/key)`` for a checkpoint."""
+    meta = {k: v for k, v in state.items() if not isinstance(v, np.ndarray)}
+    arrays = {f"{prefix}/{k}": v for k, v in state.items() if isinstance(v, np.ndarray)}
+    return meta, arrays
+
+
+def _join_state(prefix: str, meta: dict, arrays: dict) -> dict:
+    lead = prefix + "/"
+    return {**meta, **{k[len(lead):]: v for k, v in arrays.items() if k.startswith(lead)}}
+
+
+def runs_state(runs: dict[str, _LayerRun]) -> tuple[dict, dict]:
+    """Every layer run's state as ``(meta, arrays)`` (a checkpoint's or a shard's payload)."""
+    meta, arrays = {}, {}
+    for name, run in runs.items():
+        meta[name], arr = _split_state(name, run.state_dict())
+        arrays.update(arr)
+    return meta, arrays
+
+
+def load_runs(plan: _Plan, meta: dict, arrays: dict, device="cpu") -> dict[str, _LayerRun]:
+    """Inverse of :func:`runs_state`."""
+    runs = {}
+    for name in plan.layers:
+        runs[name] = _LayerRun(name, plan, device)
+        runs[name].load_state_dict(_join_state(name, meta.get(name) or {}, arrays))
+    return runs
+
+
+# -- forward passes ------------------------------------------------------------------------------
+def _checked(name: str, f: torch.Tensor, probe: BrodenDataset, first: int) -> torch.Tensor:
+    """``f`` as float32 (B, U, h, w); ConceptrankError for other shapes or NaN/inf (naming images)."""
+    if f.dim() != 4:
+        raise ConceptrankError(f"layer {name!r} outputs shape {tuple(f.shape)}; dissection needs (B, U, h, w) maps")
+    # a sum is finite when every value is (cheap); only then look closer
+    if not torch.isfinite(f.sum()) and not torch.isfinite(f).all():
+        bad = torch.nonzero(~torch.isfinite(f).flatten(1).all(1)).flatten().tolist()
+        files = [probe.records[first + j].image for j in bad[:3]]
+        raise ConceptrankError(
+            f"layer {name!r} produced NaN/inf activations for probe image(s) {files}; "
+            "check the model weights and --preprocess"
+        )
+    return f.float()
+
+
+def forward_batches(model, plan: _Plan, probe: BrodenDataset, device: torch.device, start: int, stop: int,
+                    progress: bool = True, desc: str = "dissect: forward") -> Iterator[tuple[int, dict]]:
+    """Features of probe images ``start .. stop-1`` in batches of ``plan.batch_size``.
+
+    The model must already be on ``device`` in eval mode. Yields ``(first image, {layer: (B, U, h, w)
+    float32 on the CPU})``; every layer of the plan must be reached by the forward pass.
+    """
+    from conceptrank.nn.hooks import record_layers
+    from conceptrank.nn.models import netdissect_tensor
+
+    to_tensor = netdissect_tensor if plan.preprocess == "netdissect" else model.to_tensor
+    dataset = torch.utils.data.Subset(_ProbeImages(probe, to_tensor, plan.size), range(start, stop))
+    loader = _loader(dataset, plan.batch_size, plan.workers, _collate_images)
+    module, oom, i0 = model.module, {}, start
+    with torch.inference_mode(), record_layers(module, plan.layers) as rec:
+        def run(chunk):
+            rec.clear()
+            module(chunk.to(device))
+            return {n: rec[n] for n in plan.layers if n in rec}
+
+        for x in track(loader, stop - start, desc, "img", enabled=progress, count=len):
+            parts = forward_in_chunks(_unwrap(x), run, oom, "dissect forward pass")
+            feats = {}
+            for name in plan.layers:
+                if any(name not in p for p in parts):
+                    raise ConceptrankError(f"layer {name!r} was not reached by the model's forward pass")
+                f = parts[0][name] if len(parts) == 1 else torch.cat([p[name] for p in parts])
+                feats[name] = _checked(name, f, probe, i0).cpu()
+            yield i0, feats
+            i0 += x.shape[0]
+
+
+def mask_batches(plan: _Plan, probe: BrodenDataset, start: int, stop: int, progress: bool = True,
+                 desc: str = "dissect: tally") -> Iterator[tuple[int, list, list]]:
+    """Decoded masks of probe images ``start .. stop-1``: ``(first image, planes, scalars)`` per batch."""
+    dataset = torch.utils.data.Subset(_ProbeMasks(probe), range(start, stop))
+    loader = _loader(dataset, plan.batch_size, plan.workers, _collate_masks)
+    i0 = start
+    for batch in track(loader, stop - start, desc, "img", enabled=progress, count=lambda b: len(b[0])):
+        planes, scalars = _unwrap(batch)
+        yield i0, planes, scalars
+        i0 += len(planes)
+
+
+# -- the local engine: model run once, features cached on disk between the passes ---------------
+def _checkpoint(rows: ResumableRows, runs: dict[str, _LayerRun], phase: int, nxt: int, batches: int) -> None:
+    meta, arrays = runs_state(runs)
+    rows.save(batches, {"pass": phase, "next": nxt, "batches": batches, "layers": meta}, arrays)
+
+
+def _resume(rows: ResumableRows, plan: _Plan, device) -> tuple[int, int, int, dict, dict | None]:
+    """``(pass, next image, batches, layer runs, resumed)`` from the last checkpoint, or a fresh start."""
+    fresh = (1, 0, 0, {n: _LayerRun(n, plan, device) for n in plan.layers}, None)
+    state = rows.resume()
+    if state is None:
+        return fresh
+    meta, arrays = state
+    try:
+        phase, start, batches = int(meta["pass"]), int(meta["next"]), int(meta["batches"])
+        runs = load_runs(plan, meta["layers"], arrays, device)
+        for name, run in runs.items():
+            rows.reopen(name, (plan.images,) + run.shape, _store_dtype(plan), writable=phase == 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        rows.close()
+        return fresh
+    print(f"dissect: resuming from a checkpoint (pass {phase}, image {start}/{plan.images})", file=sys.stderr, flush=True)
+    return phase, start, batches, runs, {"pass": phase, "image": start}
+
+
+def _store_dtype(plan: _Plan):
+    return np.float16 if plan.store == "float16" else np.float32
+
+
+def _forward_pass(model, plan, probe, device, runs, rows: ResumableRows, start: int, batches: int, progress: bool) -> None:
+    """Pass 1 from image ``start``: features to the store, running top-k and top images."""
+    N = plan.images
+    for i0, feats in forward_batches(model, plan, probe, device, start, N, progress):
+        B = 0
+        for name, f in feats.items():
+            stored = plan.stored(f)
+            B = f.shape[0]
+            if name not in rows.arrays:
+                rows.create(name, (N,) + tuple(f.shape[1:]), _store_dtype(plan))
+            rows.arrays[name][i0:i0 + B] = stored.numpy()
+            runs[name].observe(stored, f.amax(dim=(2, 3)), i0)
+        batches += 1
+        if i0 + B < N and rows.due(batches):
+            _checkpoint(rows, runs, 1, i0 + B, batches)
+
+
+def _tally_pass(plan, probe, runs, rows: ResumableRows, start: int, batches: int, progress: bool) -> None:
+    """Pass 2 from image ``start``: every layer's stored features against the decoded masks."""
+    i0 = start
+    for i0, planes, scalars in mask_batches(plan, probe, start, plan.images, progress):
+        B = len(planes)
+        for name, run in runs.items():
+            run.tally(torch.from_numpy(np.asarray(rows.arrays[name][i0:i0 + B], dtype=np.float32)), planes, scalars)
+        i0 += B
+        batches += 1
+        if rows.due(batches):
+            _checkpoint(rows, runs, 2, i0, batches)
+    if batches and rows.clock.last_batches != batches:
+        _checkpoint(rows, runs, 2, i0, batches)  # a kill while the outputs are written resumes right here
+
+
+def _local_runs(model, plan: _Plan, probe, cfg: DissectConfig, work_dir: Path, resume_key: str):
+    """Both passes in this process, resumable from ``work_dir``: ``(runs, timings, resumed)``."""
+    device = resolve_device(cfg.device)
+    rows = ResumableRows(work_dir, resume_key, "dissect")
+    phase, start, batches, runs, resumed = _resume(rows, plan, device)
+    timings = {"forward": 0.0, "threshold": 0.0, "tally": 0.0}
+    with on_device(model.module, device):
+        if phase == 1:
+            t0 = time.perf_counter()
+            _forward_pass(model, plan, probe, device, runs, rows, start, batches, cfg.progress)
+            for run in runs.values():
+                run.set_thresholds()
+            timings["threshold"] = sum(r.threshold_seconds for r in runs.values())
+            timings["forward"] = time.perf_counter() - t0 - timings["threshold"]
+            phase, start, batches = 2, 0, 0
+            _checkpoint(rows, runs, 2, 0, 0)  # pass 1 is never redone
+        t0 = time.perf_counter()
+        _tally_pass(plan, probe, runs, rows, start, batches, cfg.progress)
+        timings["tally"] = time.perf_counter() - t0
+    rows.close()  # close the memmaps before the folder is deleted
+    return runs, timings, resumed
+
+
+# -- results -------------------------------------------------------------------------------------
+def _labels(acc: TallyAccumulator, probe: BrodenDataset):
+    """``(iou (U, L), best label (U, C), best category (U,), score (U,))`` of an accumulator."""
+    C = len(probe.categories)
+    iou = acc.iou()
+    best = best_labels(iou, probe.primary, C)
+    U = iou.shape[0]
+    best_iou = iou[np.arange(U)[:, None], best]  # (U, C)
+    best_cat = C - 1 - np.argmax(best_iou[:, ::-1], axis=1)
+    score = best_iou[np.arange(U), best_cat]
+    return iou, best, best_cat, score
+
+
+def _label_stability(base: TallyAccumulator, alt: TallyAccumulator, probe: BrodenDataset, cfg: DissectConfig) -> dict:
+    """How many units keep their label when the activation quantile changes."""
+    _, best_a, cat_a, iou_a = _labels(base, probe)
+    _, best_b, cat_b, iou_b = _labels(alt, probe)
+    rows = np.arange(len(cat_a))
+    det = iou_a >= cfg.iou_threshold
+    same = best_a[rows, cat_a] == best_b[rows, cat_b]
+    return {
+        "quantile": cfg.quantile,
+        "other_quantile": cfg.stability_quantile,
+        "same_label_detectors": float(same[det].mean()) if det.any() else None,
+        "same_label_all_units": float(same.mean()),
+        "detectors_at_other_quantile": int((iou_b >= cfg.iou_threshold).sum()),
+        "detectors": int(det.sum()),
+    }
+
+
+def _counts(probe: BrodenDataset, best, best_cat, score, iou_threshold: float) -> dict:
+    names = probe.label_names
+    det = score >= iou_threshold
+    unique: dict[str, int] = {}
+    concepts = set()
+    for u in np.nonzero(det)[0]:
+        c = int(best_cat[u])
+        lab = names[best[u, c]]
+        if lab and (probe.categories[c], lab) not in concepts:
+            concepts.add((probe.categories[c], lab))
+            unique[probe.categories[c]] = unique.get(probe.categories[c], 0) + 1
+    return {
+        "images": len(probe),
+        "dropped_rows": probe.dropped_rows,
+        "units": int(len(score)),
+        "detectors": int(det.sum()),
+        "concepts": len(concepts),
+        "unique_concepts": {c: unique.get(c, 0) for c in probe.categories},
+        "detectors_per_category": {c: int((det & (best_cat == ci)).sum()) for ci, c in enumerate(probe.categories)},
+    }
+
+
+def _layer_result(run: _LayerRun, probe: BrodenDataset, cfg: DissectConfig, timings: dict,
+                  resumed: dict | None) -> LayerDissection:
+    acc = run.acc
+    iou, best, best_cat, score = _labels(acc, probe)
+    st = acc.state_dict()
+    stability = _label_stability(acc, run.alt, probe, cfg) if run.alt is not None else None
+    return LayerDissection(
+        run.name, tuple(probe.categories), tuple(probe.label_names), np.asarray(run.thr, np.float64), iou, best,
+        best_cat, score, cfg.iou_threshold, _counts(probe, best, best_cat, score, cfg.iou_threshold), dict(timings),
+        truth=st["truth"], intersect=st["intersect"], activation=st["activation"],
+        label_category=np.asarray(run.plan.label_cat, np.int64), top_index=run.top.index, top_value=run.top.value,
+        stability=stability, resumed=resumed)
+
+
+# -- the stage -----------------------------------------------------------------------------------
+def _layer_list(layers: str | Sequence[str]) -> list[str]:
+    """One layer name or several, deduplicated in order (a string is one name, never iterated)."""
+    names = [layers] if isinstance(layers, str) else list(layers)
+    if not names:
+        raise ConceptrankError("no layer to dissect: name at least one --layer")
+    return list(dict.fromkeys(names))
+
+
+def _make_plan(model, layers: list[str], probe: BrodenDataset, cfg: DissectConfig, thresholds) -> _Plan:
+    from conceptrank.nn.hooks import resolve_layer
+
+    for name in layers:
+        resolve_layer(model.module, name)  # fail before any work
+    if len(probe) == 0:
+        raise ConceptrankError(f"the probe set {probe.root} has no images in categories {list(probe.categories)}")
+    given = {name: np.asarray(thresholds[name], dtype=np.float64).reshape(-1)
+             for name in layers if thresholds is not None and name in thresholds}
+    return _Plan(tuple(layers), len(probe), _probe_size(probe), label_category_matrix(probe.primary, len(probe.categories)),
+                 cfg.quantile, cfg.stability_quantile, given, cfg.store, cfg.preprocess, int(cfg.batch_size),
+                 int(cfg.workers))
+
+
+def dissect_layers(model, layers: str | Sequence[str], probe: BrodenDataset, cfg: DissectConfig = DissectConfig(), *,
+                   thresholds: dict[str, np.ndarray] | None = None, work_dir: str | Path | None = None,
+                   resume_key: str = "") -> DissectResult:
+    """Dissect one layer (a name) or several of ``model`` (a :class:`~conceptrank.nn.models.LoadedModel`)
+    on ``probe``; nothing is written but scratch.
+
+    Parameters
+    ----------
+    thresholds : maps a layer to ``(U,)`` values to use instead of computing them.
+    work_dir : scratch folder for the feature cache and checkpoints (a temporary one by default); a
+        checkpoint there written for ``resume_key`` is resumed. The caller deletes it when done.
+    resume_key : identifies the inputs; a checkpoint with another key is ignored.
+
+    The model's device and train/eval mode are restored on return.
+    """
+    cfg.validate()
+    t_start = time.perf_counter()
+    names = _layer_list(layers)
+    plan = _make_plan(model, names, probe, cfg, thresholds)
+    if cfg.engine == "ray":
+        from conceptrank.stages.dissect_ray import ray_runs
+
+        runs, timings, resumed = ray_runs(model, plan, probe, cfg, work_dir, resume_key)
+    elif work_dir is None:
+        with tempfile.TemporaryDirectory(prefix="conceptrank-dissect-") as tmp:
+            runs, timings, resumed = _local_runs(model, plan, probe, cfg, Path(tmp), resume_key)
+    else:
+        runs, timings, resumed = _local_runs(model, plan, probe, cfg, Path(work_dir), resume_key)
+    timings["total"] = time.perf_counter() - t_start
+    return DissectResult(tuple(_layer_result(runs[n], probe, cfg, timings, resumed) for n in names), dict(timings))
+
+
+# -- the file layer ------------------------------------------------------------------------------
 def _probe_files_fingerprint(probe: BrodenDataset) -> str:
     rels: list[str] = []
     for r in probe.records:
@@ -515,7 +720,7 @@ def _probe_files_fingerprint(probe: BrodenDataset) -> str:
 
 def _cache_params(model, probe: BrodenDataset, cfg: DissectConfig, size) -> dict:
     """Everything besides the fingerprints that shapes a layer's outputs (not batch size, workers,
-    device or progress)."""
+    device, progress or the engine)."""
     inp = {"size": list(size), "preprocess": cfg.preprocess}
     if cfg.preprocess == "model":
         inp.update(mean=list(model.mean), std=list(model.std))
@@ -532,67 +737,48 @@ def _cache_params(model, probe: BrodenDataset, cfg: DissectConfig, size) -> dict
     }
 
 
-OUTPUTS = ("tally.csv", "thresholds.npy", "top_images.npz", "tally_counts.npz")
+_RUN_ONLY = ("batch_size", "workers", "device", "progress", "engine", "ray_address", "ray_workers")
 
 
-def dissect(model, layers: Sequence[str], probe: BrodenDataset, out: Path, cfg: DissectConfig = DissectConfig(),
-            thresholds: dict[str, np.ndarray] | None = None) -> list[DissectResult]:
-    """Dissect ``layers`` of ``model`` (a :class:`~conceptrank.nn.models.LoadedModel`) on ``probe``.
-
-    Writes ``out/tally.csv``, ``out/thresholds.npy``, ``out/top_images.npz``,
-    ``out/tally_counts.npz`` (truth, intersect and activation counts) and ``out/dissect.json`` (the
-    manifest, last) for a single layer, or the same under ``out/<layer>/`` for several.
-    ``thresholds`` maps a layer to ``(U,)`` values to reuse instead of computing them.
-
-    A layer whose outputs were made with the same inputs and parameters is not recomputed (its
-    result has ``reused=True``); an interrupted run resumes from its last checkpoint.
-    """
-    from conceptrank.nn.hooks import resolve_layer
-
-    cfg.validate()
-    t_start = time.perf_counter()
-    layers = list(dict.fromkeys(layers))
-    for name in layers:
-        resolve_layer(model.module, name)  # fail before any work
-    if len(probe) == 0:
-        raise ConceptrankError(f"the probe set {probe.root} has no images in categories {list(probe.categories)}")
-    out = Path(out)
-    outdirs = {name: (out if len(layers) == 1 else out / name) for name in layers}
-    size = _probe_size(probe)
-    label_cat = label_category_matrix(probe.primary, len(probe.categories))
-    given = {name: np.asarray(thresholds[name], dtype=np.float64).reshape(-1)
-             for name in layers if thresholds is not None and name in thresholds}
-    common = {"model": model.fingerprint, "probe": probe.fingerprint(), "probe_files": _probe_files_fingerprint(probe)}
-    params = _cache_params(model, probe, cfg, size)
-    fps = {name: {**common, "layer": name, "thresholds": cache.array_sha256(given[name]) if name in given else None}
-           for name in layers}
-    keys = {name: cache.stage_key("dissect", fps[name], params) for name in layers}
-
-    results: dict[str, DissectResult] = {}
-    for name in layers:
-        res = _reuse_layer(name, keys[name], outdirs[name], probe, label_cat, cfg, t_start)
-        if res is not None:
-            results[name] = res
-    todo = [name for name in layers if name not in results]
-    if todo:
-        for name in todo:  # a stale manifest must never vouch for outputs being rewritten
-            why = cache.why_recompute(outdirs[name] / "dissect.json", keys[name], fps[name], params)
-            if why:
-                print(f"dissect {name}: recomputing ({why})", file=sys.stderr, flush=True)
-            (outdirs[name] / "dissect.json").unlink(missing_ok=True)
-            cache.remove_temps(outdirs[name], OUTPUTS + ("dissect.json",))
-        run_key = cache.stage_key("dissect-run", {**common, "layers": todo,
-                                                  "thresholds": {n: fps[n]["thresholds"] for n in todo}}, params)
-        computed = _compute(model, todo, probe, cfg, given, size, label_cat, out, run_key, t_start)
-        for name in todo:
-            acc, thr, top_images, stability, timings, resumed = computed[name]
-            results[name] = _finish_layer(name, model, probe, cfg, acc, thr, outdirs[name], timings, stability,
-                                          top_images, keys[name], fps[name], params, resumed)
-        cache.remove_scratch(out / ".features" / run_key[:32])
-    return [results[name] for name in layers]
+def _write_layer(res: LayerDissection, outdir: Path, model, probe: BrodenDataset, cfg: DissectConfig, key: str,
+                 fingerprints: dict, params: dict) -> LayerDissection:
+    """tally.csv, thresholds.npy, top_images.npz, tally_counts.npz, then dissect.json (last)."""
+    rows = np.arange(len(res.score))[:, None]
+    best = res.best_label
+    outdir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(outdir / "tally.csv", format_tally(
+        probe.categories, best, res.truth[best], res.activation, res.intersect[rows, best], res.iou[rows, best],
+        res.label_names))
+    with cache.atomic_write(outdir / "thresholds.npy", "wb") as f:
+        np.save(f, np.asarray(res.thresholds, np.float64))
+    images = np.array([[probe.records[j].image for j in row] for row in res.top_index], dtype=str)
+    cache.save_npz(outdir / "top_images.npz", index=res.top_index, value=res.top_value, images=images)
+    cache.save_npz(outdir / "tally_counts.npz", truth=res.truth, intersect=res.intersect, activation=res.activation,
+                   label_category=res.label_category)
+    old_params = {k: v for k, v in asdict(cfg).items() if k not in _RUN_ONLY}
+    manifest = {
+        "stage": "dissect",
+        "layer": res.layer,
+        "config": {k: v for k, v in asdict(cfg).items() if k not in _RUN_ONLY[4:]},
+        "engine": cfg.engine,
+        "model": model.describe(),
+        "probe": str(probe.root),
+        "categories": list(probe.categories),
+        "fingerprints": {**fingerprints, "params": hash_json(old_params),
+                         "thresholds": hash_json(np.asarray(res.thresholds).tolist())},
+        "counts": res.counts,
+        "label_stability": res.stability,
+        "timings": {k: round(v, 4) for k, v in res.timings.items()},
+        "resumed": res.resumed,
+        "package_versions": package_versions(),
+        "outputs": {k: k for k in OUTPUTS},
+        "cache": cache.manifest_section("dissect", key, fingerprints, params, outdir, OUTPUTS),
+    }
+    atomic_write_json(outdir / "dissect.json", manifest)  # last: it vouches for the outputs above
+    return replace(res, out=outdir)
 
 
-def _reuse_layer(name, key, outdir: Path, probe, label_cat, cfg, t_start) -> DissectResult | None:
+def _reuse_layer(name, key, outdir: Path, probe, label_cat, cfg, t_start) -> LayerDissection | None:
     m = cache.lookup(outdir / "dissect.json", key)
     if m is None:
         return None
@@ -604,333 +790,80 @@ def _reuse_layer(name, key, outdir: Path, probe, label_cat, cfg, t_start) -> Dis
     except (OSError, ValueError, KeyError):
         return None
     iou, best, best_cat, score = _labels(acc, probe)
-    return DissectResult(name, outdir, tuple(probe.categories), tuple(probe.label_names), acc.thresholds, iou, best,
-                         best_cat, score, cfg.iou_threshold, dict(m.data.get("counts") or {}),
-                         {"total": time.perf_counter() - t_start}, reused=True)
+    return LayerDissection(name, tuple(probe.categories), tuple(probe.label_names), acc.thresholds, iou, best,
+                           best_cat, score, cfg.iou_threshold, dict(m.data.get("counts") or {}),
+                           {"total": time.perf_counter() - t_start}, truth=state["truth"],
+                           intersect=state["intersect"], activation=state["activation"],
+                           label_category=np.asarray(label_cat, np.int64), out=outdir, reused=True)
 
 
-def _compute(model, layers, probe: BrodenDataset, cfg: DissectConfig, given: dict, size, label_cat, out: Path,
-             run_key: str, t_start: float) -> dict:
-    """Both passes over the probe set for ``layers``, resumable; returns per layer
-    ``(accumulator, thresholds, top images, stability accumulator pair or None, timings)``."""
-    from conceptrank.nn.hooks import record_layers
-    from conceptrank.nn.models import netdissect_tensor
+def _read_thresholds(thresholds, layers: list[str]) -> dict | None:
+    if thresholds is None or isinstance(thresholds, dict):
+        return thresholds
+    if not Path(thresholds).exists():
+        raise ConceptrankError(f"--thresholds file not found: {thresholds}")
+    if len(layers) != 1:
+        raise ConceptrankError("--thresholds applies to a single --layer")
+    return {layers[0]: np.load(thresholds, allow_pickle=False)}
 
-    device = resolve_device(cfg.device)
-    module = model.module.to(device).eval()
-    to_tensor = netdissect_tensor if cfg.preprocess == "netdissect" else model.to_tensor
-    N = len(probe)
-    store_dtype = np.float16 if cfg.store == "float16" else np.float32
+
+def run_dissect(model, weights: str | None, layers: str | Sequence[str], probe, out: str | Path,
+                cfg: DissectConfig = DissectConfig(), thresholds: str | Path | dict | None = None) -> DissectResult:
+    """File layer of the dissect stage: load, dissect the layers whose outputs are not current, write.
+
+    Parameters
+    ----------
+    model : a model card / torchvision name (with ``weights``) or a LoadedModel.
+    probe : a Broden folder or a :class:`BrodenDataset`.
+    out : ``out/tally.csv``, ``thresholds.npy``, ``top_images.npz``, ``tally_counts.npz`` (truth,
+        intersect and activation counts) and ``dissect.json`` (the manifest, last) for a single
+        layer, the same under ``out/<layer>/`` for several.
+    thresholds : a ``.npy`` file (one layer) or a dict layer → ``(U,)`` values to reuse.
+
+    A layer whose outputs were made with the same inputs and parameters is not recomputed (its
+    result has ``reused=True``); an interrupted run resumes from its last checkpoint.
+    """
+    from conceptrank.nn.models import LoadedModel, load_model
+
+    t_start = time.perf_counter()
+    cfg.validate()
+    names = _layer_list(layers)
+    thresholds = _read_thresholds(thresholds, names)
+    loaded = model if isinstance(model, LoadedModel) else load_model(str(model), weights)
+    ds = probe if isinstance(probe, BrodenDataset) else BrodenDataset(probe, cfg.categories)
+    plan = _make_plan(loaded, names, ds, cfg, thresholds)
+    out = Path(out)
+    outdirs = {name: (out if len(names) == 1 else out / name) for name in names}
+    common = {"model": loaded.fingerprint, "probe": ds.fingerprint(), "probe_files": _probe_files_fingerprint(ds)}
+    params = _cache_params(loaded, ds, cfg, plan.size)
+    fps = {name: {**common, "layer": name,
+                  "thresholds": cache.array_sha256(plan.given[name]) if name in plan.given else None}
+           for name in names}
+    keys = {name: cache.stage_key("dissect", fps[name], params) for name in names}
+    results = {}
+    for name in names:
+        res = _reuse_layer(name, keys[name], outdirs[name], ds, plan.label_cat, cfg, t_start)
+        if res is not None:
+            results[name] = res
+    todo = [name for name in names if name not in results]
+    if todo:
+        results.update(_recompute(loaded, todo, ds, out, outdirs, cfg, plan.given, common, fps, keys, params))
+    return DissectResult(tuple(results[name] for name in names), {"total": time.perf_counter() - t_start})
+
+
+def _recompute(model, todo, probe, out: Path, outdirs, cfg, given, common, fps, keys, params) -> dict:
+    for name in todo:  # a stale manifest must never vouch for outputs being rewritten
+        why = cache.why_recompute(outdirs[name] / "dissect.json", keys[name], fps[name], params)
+        if why:
+            print(f"dissect {name}: recomputing ({why})", file=sys.stderr, flush=True)
+        (outdirs[name] / "dissect.json").unlink(missing_ok=True)
+        cache.remove_temps(outdirs[name], OUTPUTS + ("dissect.json",))
+    run_key = cache.stage_key("dissect-run", {**common, "layers": todo,
+                                              "thresholds": {n: fps[n]["thresholds"] for n in todo}}, params)
     scratch = out / ".features" / run_key[:32]
     cache.clear_scratch(out / ".features", keep=scratch.name)
-    scratch.mkdir(parents=True, exist_ok=True)
-    ckpt_path = scratch / "checkpoint.npz"
-    qmax = max(cfg.quantile, cfg.stability_quantile or 0.0)
-    need_topk = [n for n in layers if n not in given or cfg.stability_quantile]
-
-    memmaps: dict[str, np.memmap] = {}
-    topk: dict[str, TopKQuantile] = {}
-    top_images: dict[str, _TopImages] = {}
-    thr: dict[str, np.ndarray] = {}
-    thr_alt: dict[str, np.ndarray] = {}
-    accs: dict[str, TallyAccumulator] = {}
-    alt: dict[str, TallyAccumulator] = {}
-    timings = {"forward": 0.0, "threshold": 0.0, "tally": 0.0}
-    phase, start, batches, shapes = 1, 0, 0, {}
-    resumed = None
-
-    def feature_file(name):
-        return scratch / f"{name}.npy"
-
-    state = cache.load_checkpoint(ckpt_path, run_key)
-    if state is not None:
-        try:
-            meta, arr = state
-            phase, start, batches = int(meta["pass"]), int(meta["next"]), int(meta["batches"])
-            shapes = {n: tuple(int(v) for v in meta["shapes"][n]) for n in layers}
-            for n in layers:
-                mm = np.lib.format.open_memmap(feature_file(n), mode="r+" if phase == 1 else "r")
-                if mm.shape != (N,) + shapes[n] or mm.dtype != store_dtype:
-                    raise ValueError(f"feature cache {feature_file(n)} has the wrong shape")
-                memmaps[n] = mm
-                top_images[n] = _TopImages(shapes[n][0], TOP_IMAGES, arr[f"top_value/{n}"], arr[f"top_index/{n}"])
-                if phase == 1 and n in need_topk:
-                    topk[n] = TopKQuantile.from_state_dict({**meta["topk"][n], "top": arr[f"topk/{n}"]}, device)
-                if phase == 2:
-                    thr[n] = arr[f"thr/{n}"]
-                    accs[n] = TallyAccumulator.from_state_dict({**_acc_state(arr, "acc", n), "thresholds": thr[n]},
-                                                               label_cat, device)
-                    if f"thr_alt/{n}" in arr:
-                        thr_alt[n] = arr[f"thr_alt/{n}"]
-                        alt[n] = TallyAccumulator.from_state_dict(
-                            {**_acc_state(arr, "alt", n), "thresholds": thr_alt[n]}, label_cat, device)
-            resumed = {"pass": phase, "image": start}
-            print(f"dissect: resuming from a checkpoint (pass {phase}, image {start}/{N})", file=sys.stderr, flush=True)
-        except (OSError, ValueError, KeyError, TypeError):
-            for d in (memmaps, topk, top_images, thr, thr_alt, accs, alt):
-                d.clear()
-            phase, start, batches, shapes, resumed = 1, 0, 0, {}, None
-
-    def save_checkpoint(phase, nxt, batches):
-        for mm in memmaps.values():
-            if mm.mode != "r":
-                mm.flush()  # the checkpoint must never claim images that are not on disk
-        meta = {"key": run_key, "pass": phase, "next": nxt, "batches": batches,
-                "shapes": {n: list(shapes[n]) for n in layers}, "topk": {}}
-        arrays = {}
-        for n in layers:
-            arrays[f"top_value/{n}"] = top_images[n].value
-            arrays[f"top_index/{n}"] = top_images[n].index
-            if phase == 1 and n in topk:
-                st = topk[n].state_dict()
-                arrays[f"topk/{n}"] = st.pop("top")
-                meta["topk"][n] = st
-            if phase == 2:
-                arrays[f"thr/{n}"] = thr[n]
-                arrays.update(_acc_arrays("acc", n, accs[n]))
-                if n in alt:
-                    arrays[f"thr_alt/{n}"] = thr_alt[n]
-                    arrays.update(_acc_arrays("alt", n, alt[n]))
-        cache.write_checkpoint(ckpt_path, meta, arrays)
-
-    # -- pass 1: forward once, cache features, running top-k ------------------------------------
-    if phase == 1:
-        t0 = time.perf_counter()
-        ckpt = cache.Checkpointer("dissect-forward")
-        dataset = torch.utils.data.Subset(_ProbeImages(probe, to_tensor, size), range(start, N))
-        loader = _loader(dataset, cfg.batch_size, cfg.workers, _collate_images)
-        i0 = start
-        t_thr = 0.0
-        oom: dict = {}
-        with torch.inference_mode(), record_layers(module, layers) as rec:
-            def run(chunk):
-                rec.clear()
-                module(chunk.to(device))
-                return {n: rec[n] for n in layers if n in rec}
-
-            for x in _progress(loader, len(loader), "dissect: forward", cfg.progress):
-                if isinstance(x, _Failed):
-                    raise x.error
-                parts = forward_in_chunks(x, run, oom, "dissect forward pass")
-                B = x.shape[0]
-                for name in layers:
-                    if any(name not in p for p in parts):
-                        raise ConceptrankError(f"layer {name!r} was not reached by the model's forward pass")
-                    f = parts[0][name] if len(parts) == 1 else torch.cat([p[name] for p in parts])
-                    if f.dim() != 4:
-                        raise ConceptrankError(f"layer {name!r} outputs shape {tuple(f.shape)}; dissection needs (B, U, h, w) maps")
-                    # a sum is finite when every value is (cheap); only then look closer
-                    if not torch.isfinite(f.sum()) and not torch.isfinite(f).all():
-                        bad = torch.nonzero(~torch.isfinite(f).flatten(1).all(1)).flatten().tolist()
-                        files = [probe.records[i0 + j].image for j in bad[:3]]
-                        raise ConceptrankError(
-                            f"layer {name!r} produced NaN/inf activations for probe image(s) {files}; "
-                            "check the model weights and --preprocess"
-                        )
-                    f = f.float()
-                    if name not in memmaps:
-                        U, h, w = f.shape[1:]
-                        shapes[name] = (U, h, w)
-                        memmaps[name] = np.lib.format.open_memmap(
-                            feature_file(name), mode="w+", dtype=store_dtype, shape=(N, U, h, w))
-                        top_images[name] = _TopImages(U, TOP_IMAGES)
-                    if name in need_topk and name not in topk:
-                        U, h, w = shapes[name]
-                        topk[name] = TopKQuantile(U, N * h * w, qmax, device=device)
-                    stored = f.to(torch.float16 if store_dtype == np.float16 else torch.float32)
-                    memmaps[name][i0:i0 + B] = stored.cpu().numpy()
-                    top_images[name].add(f.amax(dim=(2, 3)).cpu(), i0)
-                    if name in topk:
-                        ts = time.perf_counter()
-                        # thresholds are taken over exactly the values the tally will compare
-                        topk[name].add(stored.float().permute(1, 0, 2, 3).reshape(f.shape[1], -1))
-                        t_thr += time.perf_counter() - ts
-                i0 += B
-                batches += 1
-                if i0 < N and ckpt.due(batches):
-                    save_checkpoint(1, i0, batches)
-                    ckpt.saved(batches)
-        timings["forward"] = time.perf_counter() - t0 - t_thr
-
-        ts = time.perf_counter()
-        for name in layers:
-            U = shapes[name][0]
-            if name in given:
-                t = given[name]
-                if t.shape != (U,):
-                    raise ConceptrankError(f"thresholds for layer {name!r} have {t.size} values; the layer has {U} units")
-                thr[name] = t
-            else:
-                thr[name] = topk[name].result(cfg.quantile)
-            if cfg.stability_quantile:
-                thr_alt[name] = topk[name].result(cfg.stability_quantile)
-        timings["threshold"] = t_thr + time.perf_counter() - ts
-        accs = {name: TallyAccumulator(thr[name], label_cat, device) for name in layers}
-        alt = {name: TallyAccumulator(thr_alt[name], label_cat, device) for name in thr_alt}
-        topk.clear()
-        phase, start, batches = 2, 0, 0
-        save_checkpoint(2, 0, 0)  # pass 1 is never redone
-
-    # -- pass 2: tally -------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    ckpt = cache.Checkpointer("dissect-tally")
-    loader = _loader(torch.utils.data.Subset(_ProbeMasks(probe), range(start, N)), cfg.batch_size, cfg.workers,
-                     _collate_masks)
-    i0 = start
-    for batch in _progress(loader, len(loader), "dissect: tally", cfg.progress):
-        if isinstance(batch, _Failed):
-            raise batch.error
-        planes, scalars = batch
-        B = len(planes)
-        for name in layers:
-            f = torch.from_numpy(np.asarray(memmaps[name][i0:i0 + B], dtype=np.float32))
-            accs[name].add(f, planes, scalars)
-            if name in alt:
-                alt[name].add(f, planes, scalars)
-        i0 += B
-        batches += 1
-        if ckpt.due(batches):
-            save_checkpoint(2, i0, batches)
-            ckpt.saved(batches)
-    if batches and ckpt.last_batches != batches:
-        save_checkpoint(2, i0, batches)  # a kill while the outputs are written resumes right here
-    timings["tally"] = time.perf_counter() - t0
-    memmaps.clear()  # close the memmaps before the folder is deleted
-    timings["total"] = time.perf_counter() - t_start
-
-    res = {}
-    for name in layers:
-        stability = _label_stability(accs[name], alt[name], probe, cfg) if name in alt else None
-        res[name] = (accs[name], thr[name], top_images[name], stability, timings, resumed)
-    return res
-
-
-def _acc_arrays(prefix: str, name: str, acc: TallyAccumulator) -> dict:
-    st = acc.state_dict()
-    return {f"{prefix}_{k}/{name}": np.asarray(st[k]) for k in ("truth", "intersect", "activation", "images")}
-
-
-def _acc_state(arr: dict, prefix: str, name: str) -> dict:
-    return {k: arr[f"{prefix}_{k}/{name}"] for k in ("truth", "intersect", "activation", "images")}
-
-
-def _unit_labels(acc: TallyAccumulator, probe: BrodenDataset) -> tuple[np.ndarray, np.ndarray]:
-    """Per unit: best label number and its IoU, ``(U,)`` each."""
-    C = len(probe.categories)
-    iou = acc.iou()
-    best = best_labels(iou, probe.primary, C)
-    best_iou = iou[np.arange(iou.shape[0])[:, None], best]
-    cat = C - 1 - np.argmax(best_iou[:, ::-1], axis=1)
-    rows = np.arange(iou.shape[0])
-    return best[rows, cat], best_iou[rows, cat]
-
-
-def _label_stability(base: TallyAccumulator, alt: TallyAccumulator, probe: BrodenDataset, cfg: DissectConfig) -> dict:
-    """How many units keep their label when the activation quantile changes."""
-    lab_a, iou_a = _unit_labels(base, probe)
-    lab_b, iou_b = _unit_labels(alt, probe)
-    det = iou_a >= cfg.iou_threshold
-    same = lab_a == lab_b
-    return {
-        "quantile": cfg.quantile,
-        "other_quantile": cfg.stability_quantile,
-        "same_label_detectors": float(same[det].mean()) if det.any() else None,
-        "same_label_all_units": float(same.mean()),
-        "detectors_at_other_quantile": int((iou_b >= cfg.iou_threshold).sum()),
-        "detectors": int(det.sum()),
-    }
-
-
-def _labels(acc: TallyAccumulator, probe: BrodenDataset):
-    """``(iou (U, L), best label (U, C), best category (U,), score (U,))`` of an accumulator."""
-    C = len(probe.categories)
-    iou = acc.iou()
-    best = best_labels(iou, probe.primary, C)
-    U = iou.shape[0]
-    best_iou = iou[np.arange(U)[:, None], best]  # (U, C)
-    best_cat = C - 1 - np.argmax(best_iou[:, ::-1], axis=1)
-    score = best_iou[np.arange(U), best_cat]
-    return iou, best, best_cat, score
-
-
-def _finish_layer(name, model, probe, cfg, acc: TallyAccumulator, thr, outdir: Path, timings,
-                  stability: dict | None, top_images: _TopImages, key: str, fingerprints: dict, params: dict,
-                  resumed: dict | None = None) -> DissectResult:
-    iou, best, best_cat, score = _labels(acc, probe)
-    U = iou.shape[0]
-    rows = np.arange(U)[:, None]
-    best_iou = iou[rows, best]  # (U, C)
-    truth = acc.truth.cpu().numpy()[best]
-    # activation column: the unit's activation count in that category (the best label's primary)
-    act_cols = acc.activation.cpu().numpy()
-    inter = acc.intersect.cpu().numpy()[rows, best]
-    names = tuple(probe.label_names)
-    outdir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(outdir / "tally.csv", format_tally(probe.categories, best, truth, act_cols, inter, best_iou, names))
-    with cache.atomic_write(outdir / "thresholds.npy", "wb") as f:
-        np.save(f, np.asarray(thr, np.float64))
-    top_images.save(outdir / "top_images.npz", probe)
-    st = acc.state_dict()
-    cache.save_npz(outdir / "tally_counts.npz", truth=st["truth"], intersect=st["intersect"],
-                   activation=st["activation"], label_category=np.asarray(acc.label_cat.cpu().numpy(), np.int64))
-
-    det = score >= cfg.iou_threshold
-    unique: dict[str, int] = {}
-    concepts = set()
-    for u in np.nonzero(det)[0]:
-        c = int(best_cat[u])
-        lab = names[best[u, c]]
-        if lab and (probe.categories[c], lab) not in concepts:
-            concepts.add((probe.categories[c], lab))
-            unique[probe.categories[c]] = unique.get(probe.categories[c], 0) + 1
-    counts = {
-        "images": len(probe),
-        "dropped_rows": probe.dropped_rows,
-        "units": U,
-        "detectors": int(det.sum()),
-        "concepts": len(concepts),
-        "unique_concepts": {c: unique.get(c, 0) for c in probe.categories},
-        "detectors_per_category": {c: int((det & (best_cat == ci)).sum()) for ci, c in enumerate(probe.categories)},
-    }
-    old_params = {k: v for k, v in asdict(cfg).items() if k not in ("batch_size", "workers", "device", "progress")}
-    manifest = {
-        "stage": "dissect",
-        "layer": name,
-        "config": asdict(cfg),
-        "model": model.describe(),
-        "probe": str(probe.root),
-        "categories": list(probe.categories),
-        "fingerprints": {
-            **fingerprints,
-            "params": hash_json(old_params),
-            "thresholds": hash_json(np.asarray(thr).tolist()),
-        },
-        "counts": counts,
-        "label_stability": stability,
-        "timings": {k: round(v, 4) for k, v in timings.items()},
-        "resumed": resumed,
-        "package_versions": package_versions(),
-        "outputs": {k: k for k in OUTPUTS},
-        "cache": cache.manifest_section("dissect", key, fingerprints, params, outdir, OUTPUTS),
-    }
-    atomic_write_json(outdir / "dissect.json", manifest)  # last: it vouches for the outputs above
-    return DissectResult(name, outdir, tuple(probe.categories), names, np.asarray(thr, np.float64), iou, best,
-                         best_cat, score, cfg.iou_threshold, counts, dict(timings))
-
-
-def run_dissect(model: str, weights: str | None, layers: Sequence[str], probe: Path, out: Path,
-                cfg: DissectConfig, thresholds_file: Path | None = None) -> list[DissectResult]:
-    """I/O edge of the dissect stage: load the model, probe set and optional thresholds, dissect."""
-    from conceptrank.nn.models import load_model
-
-    loaded = load_model(model, weights)
-    ds = BrodenDataset(probe, cfg.categories)
-    thr = None
-    if thresholds_file is not None:
-        if not Path(thresholds_file).exists():
-            raise ConceptrankError(f"--thresholds file not found: {thresholds_file}")
-        arr = np.load(thresholds_file, allow_pickle=False)
-        if len(layers) != 1:
-            raise ConceptrankError("--thresholds applies to a single --layer")
-        thr = {layers[0]: arr}
-    return dissect(loaded, layers, ds, out, cfg, thr)
+    computed = dissect_layers(model, todo, probe, cfg, thresholds=given, work_dir=scratch, resume_key=run_key)
+    results = {res.layer: _write_layer(res, outdirs[res.layer], model, probe, cfg, keys[res.layer], fps[res.layer], params)
+               for res in computed}
+    cache.remove_scratch(scratch)
+    return results

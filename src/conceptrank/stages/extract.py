@@ -1,7 +1,8 @@
 """Per image and unit of one layer: the mean (the paper's Formula 1) and the max of its activation map.
 
-:func:`extract` is the pure computation (a stream of images through the model, nothing written);
-:func:`run_extract` is the I/O edge (loads the model and the target index, calls :func:`extract`,
+:func:`extract_activations` is the pure computation (a stream of images through the model, nothing
+written, an :class:`~conceptrank.io.activations.Activations` returned); :func:`run_extract` is the I/O
+edge (loads the model and the target index, calls :func:`extract_activations`,
 writes ``activations.npz``, ``skipped.csv`` and ``extract.json`` atomically).
 
 Images are decoded in DataLoader worker processes with :func:`conceptrank.io.images.load_rgb`;
@@ -21,13 +22,13 @@ error naming ``--batch-size``).
 from __future__ import annotations
 
 import collections
-import contextlib
 import csv
 import dataclasses
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Iterator, Literal
 
 import numpy as np
 import torch
@@ -36,13 +37,16 @@ from torch import nn
 from conceptrank.errors import ConceptrankError
 from conceptrank.io import cache
 from conceptrank.io import images as _images
+from conceptrank.io.activations import Activations
 from conceptrank.io.images import ImageDecodeError, load_rgb
+from conceptrank.io.resume import ResumableRows
 from conceptrank.io.targets import TargetError, TargetSet, load_targets, person_box
+from conceptrank.nn.device import forward_in_chunks, on_device, resolve_device
 from conceptrank.nn.hooks import record_layers, resolve_layer
 from conceptrank.nn.models import LoadedModel, load_model
-from conceptrank.stages.dissect import forward_in_chunks
+from conceptrank.progress import Progress
 
-__all__ = ["ExtractConfig", "ExtractResult", "extract", "run_extract", "read_activations"]
+__all__ = ["ExtractConfig", "ExtractResult", "extract_activations", "run_extract", "read_activations"]
 
 CROPS = ("none", "person")
 FORMAT = "conceptrank-extract"
@@ -51,7 +55,7 @@ FORMAT_VERSION = 2  # bump when an output's bytes change for the same inputs
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    """Parameters of :func:`extract`.
+    """Parameters of :func:`extract_activations`.
 
     Attributes
     ----------
@@ -70,14 +74,23 @@ class ExtractConfig:
         DataLoader worker processes decoding images (0: decode in this process).
     device : str
         ``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+    engine : str
+        ``local`` (this process) or ``ray`` (Ray actors over shards of the image list).
+    ray_address : str
+        ``auto`` (a running cluster), ``local`` (start one here) or a cluster address.
+    ray_workers : int, optional
+        Actors to start (default: one per GPU, else one per 2 CPUs of the cluster).
     """
 
     layout: str = "auto"
     resize: int | None = None
-    crop: str = "none"
+    crop: Literal["none", "person"] = "none"
     batch_size: int = 32
     workers: int = 2
     device: str = "auto"
+    engine: Literal["local", "ray"] = "local"
+    ray_address: str = "auto"
+    ray_workers: int | None = None
 
     def validate(self) -> None:
         """Raise ConceptrankError for invalid values (called by :func:`extract`, not at construction,
@@ -90,6 +103,10 @@ class ExtractConfig:
             raise ConceptrankError(f"batch_size must be >= 1, got {self.batch_size}")
         if int(self.workers) < 0:
             raise ConceptrankError(f"workers must be >= 0, got {self.workers}")
+        if self.engine not in ("local", "ray"):
+            raise ConceptrankError(f"--engine must be local or ray, got {self.engine!r}")
+        if self.ray_workers is not None and int(self.ray_workers) < 1:
+            raise ConceptrankError(f"ray workers must be >= 1, got {self.ray_workers}")
 
 
 @dataclass(frozen=True)
@@ -211,27 +228,6 @@ def _collate(batch):
 
 
 # -- computation ----------------------------------------------------------------------------------
-def _pick_device(spec: str) -> torch.device:
-    spec = (spec or "auto").strip().lower()
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(spec)
-    except (RuntimeError, ValueError):
-        raise ConceptrankError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConceptrankError(f"device {spec!r} requested but CUDA is not available; use --device cpu")
-    return dev
-
-
-def _module_device(module: nn.Module) -> torch.device:
-    for t in module.parameters():
-        return t.device
-    for t in module.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
 def reduce_activations(a: torch.Tensor, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and max over the spatial axes of a layer output.
 
@@ -262,7 +258,152 @@ def reduce_activations(a: torch.Tensor, layer: str) -> tuple[torch.Tensor, torch
     )
 
 
-def extract(
+def image_stream(model: LoadedModel, targets: TargetSet, cfg: ExtractConfig) -> _ImageStream:
+    """The decoding dataset of the target images (preprocessing only, no weights: cheap to send to
+    loader workers and to engine workers)."""
+    size = (int(cfg.resize), int(cfg.resize)) if cfg.resize else tuple(int(s) for s in model.input_size)
+    boxes_root = None
+    if cfg.crop == "person":
+        if not targets.has_person_boxes():
+            raise ConceptrankError(
+                f"--crop person needs Stanford 40 person boxes in {targets.annotations_dir}, which does not "
+                f"exist (layout {targets.layout}); use --crop none"
+            )
+        boxes_root = str(targets.image_root)
+    items = targets.items
+    return _ImageStream([str(targets.path(it)) for it in items], [it.rel for it in items], size,
+                        dataclasses.replace(model, module=nn.Identity()), boxes_root)
+
+
+@dataclass
+class ExtractRows:
+    """Rows filled so far: ``mean``/``max`` (N, U) buffers (None before the first kept image), the
+    first ``pos`` of them filled, for the items ``kept``; ``skipped`` (item index, reason); ``next``
+    the first item not yet processed; ``batches`` done."""
+
+    total: int
+    mean: np.ndarray | None = None
+    max: np.ndarray | None = None
+    pos: int = 0
+    kept: list = dataclasses.field(default_factory=list)
+    skipped: list = dataclasses.field(default_factory=list)
+    next: int = 0
+    batches: int = 0
+
+    def open(self, rows: ResumableRows, units: int, fresh: bool = True) -> None:
+        shape = (self.total, units)
+        make = rows.create if fresh else rows.reopen
+        self.mean, self.max = (make(name, shape, np.float32) for name in ("mean", "max"))
+
+    def add(self, idx: torch.Tensor, mean: np.ndarray, mx: np.ndarray, rows: ResumableRows) -> None:
+        if self.mean is None:
+            self.open(rows, mean.shape[1])
+        b = mean.shape[0]
+        self.mean[self.pos:self.pos + b] = mean
+        self.max[self.pos:self.pos + b] = mx
+        self.pos += b
+        self.kept.extend(int(i) for i in idx)
+
+    def checkpoint(self, rows: ResumableRows) -> None:
+        meta = {"next": self.next, "pos": self.pos, "batches": self.batches,
+                "units": None if self.mean is None else int(self.mean.shape[1])}
+        rows.save(self.batches, meta, {
+            "kept": np.asarray(self.kept, np.int64),
+            "skipped_index": np.asarray([i for i, _ in self.skipped], np.int64),
+            "skipped_reason": _str_array(r for _, r in self.skipped),
+        })
+
+    @classmethod
+    def resume(cls, rows: ResumableRows, total: int) -> "ExtractRows":
+        """The rows of this key's last checkpoint, or empty ones."""
+        state = rows.resume()
+        if state is None:
+            return cls(total)
+        meta, arr = state
+        try:
+            got = cls(total, pos=int(meta["pos"]), next=int(meta["next"]), batches=int(meta["batches"]),
+                      kept=[int(i) for i in arr["kept"]],
+                      skipped=[(int(i), str(r)) for i, r in zip(arr["skipped_index"], arr["skipped_reason"])])
+            if meta["units"] is not None:
+                got.open(rows, int(meta["units"]), fresh=False)
+            if len(got.kept) != got.pos:
+                raise ValueError("inconsistent checkpoint")
+        except (OSError, ValueError, KeyError, TypeError):
+            rows.close()
+            return cls(total)
+        print(f"extract: resuming from a checkpoint (image {got.next}/{total})", file=sys.stderr, flush=True)
+        return got
+
+
+def _check_finite(mean: np.ndarray, mx: np.ndarray, idx: torch.Tensor, items, layer: str) -> None:
+    finite = np.isfinite(mean).all(axis=1) & np.isfinite(mx).all(axis=1)
+    if not finite.all():
+        bad = [items[int(idx[j])].rel for j in np.flatnonzero(~finite)]
+        shown = ", ".join(bad[:5]) + (f" ... and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ConceptrankError(
+            f"layer {layer!r} produced NaN/inf activations for {len(bad)} image(s) in this batch: "
+            f"{shown} (check the weights and the input normalization)"
+        )
+
+
+def reduce_batches(module: nn.Module, layer: str, stream: _ImageStream, start: int, stop: int, cfg: ExtractConfig,
+                   device: torch.device, items) -> Iterator[tuple[torch.Tensor, np.ndarray | None, np.ndarray | None, list]]:
+    """Items ``start .. stop-1`` through ``module`` (already on ``device`` in eval mode), in batches.
+
+    Yields ``(kept item indices (b,), mean (b, U), max (b, U), skipped [(index, reason)])`` per
+    batch; ``mean``/``max`` are None when the whole batch was skipped.
+    """
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(stream, range(start, stop)), batch_size=int(cfg.batch_size), shuffle=False,
+        num_workers=int(cfg.workers), collate_fn=_collate, pin_memory=device.type == "cuda")
+    oom: dict = {}
+    it = iter(loader)
+    try:
+        with torch.inference_mode(), record_layers(module, [layer]) as store:
+            def run(chunk: torch.Tensor):
+                store.clear()
+                try:
+                    module(chunk.to(device, non_blocking=True))
+                except (torch.cuda.OutOfMemoryError, ConceptrankError):
+                    raise
+                except RuntimeError as e:
+                    raise ConceptrankError(
+                        f"forward pass failed on input {tuple(chunk.shape)} (first image "
+                        f"{items[int(idx[0])].rel}): {str(e).splitlines()[0]}"
+                    ) from None
+                if layer not in store:
+                    raise ConceptrankError(f"layer {layer!r} was not reached by the model's forward pass")
+                m, mx = reduce_activations(store.pop(layer), layer)
+                return m.cpu().numpy(), mx.cpu().numpy()
+
+            for idx, x, skip in it:
+                if x is None:
+                    yield idx, None, None, skip
+                    continue
+                parts = forward_in_chunks(x, run, oom, f"extract {layer} forward pass")
+                m, mx = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+                _check_finite(m, mx, idx, items, layer)
+                yield idx, m, mx, skip
+    finally:
+        del it  # shuts worker processes down now, also when an error escapes
+
+
+def _fill_rows(model: LoadedModel, layer: str, stream, state: ExtractRows, rows: ResumableRows, cfg, device,
+               items) -> None:
+    """Stream the items from ``state.next`` on into ``state``, checkpointing as due."""
+    with on_device(model.module, device), Progress(state.total - state.next, f"extract {layer}") as bar:
+        for idx, m, mx, skip in reduce_batches(model.module, layer, stream, state.next, state.total, cfg, device, items):
+            state.skipped.extend(skip)
+            state.next += len(skip) + len(idx)
+            if m is not None:
+                state.add(idx, m, mx, rows)
+            bar.update(len(skip) + len(idx))
+            state.batches += 1
+            if state.next < state.total and rows.due(state.batches):
+                state.checkpoint(rows)
+
+
+def extract_activations(
     model: LoadedModel,
     layer: str,
     targets: TargetSet,
@@ -270,7 +411,7 @@ def extract(
     *,
     resume_dir: str | Path | None = None,
     resume_key: str = "",
-) -> tuple[np.ndarray, np.ndarray, list[int], list[tuple[str, str]]]:
+) -> Activations:
     """Stream the target images through the model and reduce one layer's activation maps.
 
     Pure computation: reads images, writes nothing (unless ``resume_dir`` is given).
@@ -293,14 +434,11 @@ def extract(
 
     Returns
     -------
-    mean : np.ndarray (N, U) float32
-        ``mean[n, u]`` = mean over ``h × w`` of unit ``u``'s activation map on kept image ``n``.
-    max : np.ndarray (N, U) float32
-        The maximum over ``h × w``.
-    kept : list of int
-        Index into ``targets.items`` of each row, ascending (``N = len(kept)``).
-    skipped : list of (rel, reason)
-        Images that could not be used, in dataset order.
+    Activations
+        ``mean`` (N, U) float32: mean over ``h × w`` of unit ``u``'s activation map on kept image
+        ``n``; ``max`` (N, U) the maximum; ``images``/``classes``/``splits`` (N,) of the kept images in
+        dataset order, ``class_names``, ``layer``, and ``skipped`` (rel, reason) of the images that
+        could not be used. ``path`` is None (nothing was read from a file).
 
     Raises
     ------
@@ -311,185 +449,31 @@ def extract(
         4-D nor 2-D or never reached, a failed forward pass, or NaN/inf activations (naming images).
     """
     cfg.validate()
-    module = model.module
-    resolve_layer(module, layer)  # fail fast, before any worker starts
-    device = _pick_device(cfg.device)
-    size = (int(cfg.resize), int(cfg.resize)) if cfg.resize else tuple(int(s) for s in model.input_size)
-    items = targets.items
-    boxes_root = None
-    if cfg.crop == "person":
-        if not targets.has_person_boxes():
-            raise ConceptrankError(
-                f"--crop person needs Stanford 40 person boxes in {targets.annotations_dir}, which does not "
-                f"exist (layout {targets.layout}); use --crop none"
-            )
-        boxes_root = str(targets.image_root)
+    resolve_layer(model.module, layer)  # fail fast, before any worker starts
+    device = resolve_device(cfg.device)
+    stream = image_stream(model, targets, cfg)
+    if cfg.engine == "ray":
+        from conceptrank.stages.extract_ray import ray_rows
 
-    stream = _ImageStream(
-        [str(targets.path(it)) for it in items],
-        [it.rel for it in items],
-        size,
-        dataclasses.replace(model, module=nn.Identity()),  # preprocessing only, no weights to workers
-        boxes_root,
-    )
-    loader = torch.utils.data.DataLoader(
-        stream,
-        batch_size=int(cfg.batch_size),
-        shuffle=False,
-        num_workers=int(cfg.workers),
-        collate_fn=_collate,
-        pin_memory=device.type == "cuda",
-    )
-
-    n_total = len(items)
-    mean_buf: np.ndarray | None = None
-    max_buf: np.ndarray | None = None
-    pos = 0  # rows filled; batches arrive in dataset order, so kept rows are written compactly
-    kept: list[int] = []
-    skipped_idx: list[tuple[int, str]] = []
-    start = 0  # first item index still to process
-    batches = 0
-    ckpt_path = Path(resume_dir) / "checkpoint.npz" if resume_dir is not None else None
-
-    def open_buffers(units: int, mode: str) -> None:
-        nonlocal mean_buf, max_buf
-        if resume_dir is None:
-            mean_buf = np.empty((n_total, units), np.float32)
-            max_buf = np.empty((n_total, units), np.float32)
-            return
-        bufs = []
-        for name in ("mean", "max"):
-            if mode == "w+":
-                bufs.append(np.lib.format.open_memmap(Path(resume_dir) / f"{name}.npy", mode="w+",
-                                                      dtype=np.float32, shape=(n_total, units)))
-            else:
-                mm = np.lib.format.open_memmap(Path(resume_dir) / f"{name}.npy", mode="r+")
-                if mm.shape != (n_total, units) or mm.dtype != np.float32:
-                    raise ValueError("partial activations have the wrong shape")
-                bufs.append(mm)
-        mean_buf, max_buf = bufs
-
-    if ckpt_path is not None:
-        Path(resume_dir).mkdir(parents=True, exist_ok=True)
-        state = cache.load_checkpoint(ckpt_path, resume_key)
-        if state is not None:
-            meta, arr = state
-            try:
-                if meta["units"] is not None:
-                    open_buffers(int(meta["units"]), "r+")
-                start, pos, batches = int(meta["next"]), int(meta["pos"]), int(meta["batches"])
-                kept = [int(i) for i in arr["kept"]]
-                skipped_idx = [(int(i), str(r)) for i, r in zip(arr["skipped_index"], arr["skipped_reason"])]
-                if len(kept) != pos:
-                    raise ValueError("inconsistent checkpoint")
-                print(f"extract: resuming from a checkpoint (image {start}/{n_total})", file=sys.stderr, flush=True)
-            except (OSError, ValueError, KeyError, TypeError):
-                mean_buf = max_buf = None
-                start, pos, batches, kept, skipped_idx = 0, 0, 0, [], []
-
-    def save_checkpoint(nxt: int) -> None:
-        for buf in (mean_buf, max_buf):
-            if isinstance(buf, np.memmap):
-                buf.flush()  # the checkpoint must never claim rows that are not on disk
-        meta = {"key": resume_key, "next": nxt, "pos": pos, "batches": batches,
-                "units": None if mean_buf is None else int(mean_buf.shape[1])}
-        cache.write_checkpoint(ckpt_path, meta, {
-            "kept": np.asarray(kept, np.int64),
-            "skipped_index": np.asarray([i for i, _ in skipped_idx], np.int64),
-            "skipped_reason": _str_array(r for _, r in skipped_idx),
-        })
-
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(stream, range(start, n_total)),
-        batch_size=int(cfg.batch_size),
-        shuffle=False,
-        num_workers=int(cfg.workers),
-        collate_fn=_collate,
-        pin_memory=device.type == "cuda",
-    )
-    ckpt = cache.Checkpointer("extract")
-    oom: dict = {}
-    nxt = start
-
-    was_training = module.training
-    home = _module_device(module)
-    module.eval()
-    module.to(device)
-    it = iter(loader)
-    try:
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(torch.inference_mode())
-            store = stack.enter_context(record_layers(module, [layer]))
-            bar = stack.enter_context(_progress(n_total, f"extract {layer}"))
-            bar.update(start)
-
-            def run(chunk: torch.Tensor):
-                store.clear()
-                try:
-                    module(chunk.to(device, non_blocking=True))
-                except torch.cuda.OutOfMemoryError:
-                    raise
-                except RuntimeError as e:
-                    raise ConceptrankError(
-                        f"forward pass failed on input {tuple(chunk.shape)} (first image "
-                        f"{items[int(idx[0])].rel}): {str(e).splitlines()[0]}"
-                    ) from None
-                if layer not in store:
-                    raise ConceptrankError(f"layer {layer!r} was not reached by the model's forward pass")
-                m, mx = reduce_activations(store.pop(layer), layer)
-                return m.cpu().numpy(), mx.cpu().numpy()
-
-            for idx, x, skip in it:
-                skipped_idx.extend(skip)
-                nxt += len(skip) + len(idx)
-                bar.update(len(skip))
-                if x is not None:
-                    parts = forward_in_chunks(x, run, oom, f"extract {layer} forward pass")
-                    m = np.concatenate([p[0] for p in parts])
-                    mx = np.concatenate([p[1] for p in parts])
-                    finite = np.isfinite(m).all(axis=1) & np.isfinite(mx).all(axis=1)
-                    if not finite.all():
-                        bad = [items[int(idx[j])].rel for j in np.flatnonzero(~finite)]
-                        shown = ", ".join(bad[:5]) + (f" ... and {len(bad) - 5} more" if len(bad) > 5 else "")
-                        raise ConceptrankError(
-                            f"layer {layer!r} produced NaN/inf activations for {len(bad)} image(s) in this batch: "
-                            f"{shown} (check the weights and the input normalization)"
-                        )
-                    if mean_buf is None:
-                        open_buffers(m.shape[1], "w+")
-                    b = m.shape[0]
-                    mean_buf[pos:pos + b] = m
-                    max_buf[pos:pos + b] = mx
-                    pos += b
-                    kept.extend(int(i) for i in idx)
-                    bar.update(b)
-                batches += 1
-                if ckpt_path is not None and nxt < n_total and ckpt.due(batches):
-                    save_checkpoint(nxt)
-                    ckpt.saved(batches)
-    finally:
-        del it  # shuts worker processes down now, also when an error escapes
-        module.to(home)
-        module.train(was_training)
-
-    skipped = [(items[i].rel, reason) for i, reason in skipped_idx]
-    if mean_buf is None:
-        empty = np.zeros((0, 0), np.float32)
-        return empty, empty.copy(), kept, skipped
-    if isinstance(mean_buf, np.memmap):  # copy out of the partial files, which the caller deletes
-        return np.array(mean_buf[:pos]), np.array(max_buf[:pos]), kept, skipped
-    return mean_buf[:pos], max_buf[:pos], kept, skipped
+        state = ray_rows(model, layer, stream, targets, cfg, resume_dir, resume_key)
+    else:
+        rows = ResumableRows(resume_dir, resume_key, "extract")
+        state = ExtractRows.resume(rows, len(targets.items))
+        _fill_rows(model, layer, stream, state, rows, cfg, device, targets.items)
+        rows.close()
+    return _activations(state, targets, layer)
 
 
-@contextlib.contextmanager
-def _progress(total: int, desc: str):
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=not sys.stderr.isatty(), leave=False)
-    try:
-        yield bar
-    finally:
-        bar.close()
+def _activations(state: ExtractRows, targets: TargetSet, layer: str) -> Activations:
+    items = [targets.items[i] for i in state.kept]
+    if state.mean is None:
+        mean = mx = np.zeros((0, 0), np.float32)
+    else:  # copies: the partial files are deleted by the caller
+        mean, mx = np.array(state.mean[:state.pos]), np.array(state.max[:state.pos])
+    return Activations(
+        path=None, mean=mean, images=_str_array(it.rel for it in items), classes=_str_array(it.cls for it in items),
+        splits=_str_array(it.split for it in items), max=mx, layer=layer, class_names=_str_array(targets.classes),
+        skipped=tuple((targets.items[i].rel, reason) for i, reason in state.skipped))
 
 
 # -- I/O edge -------------------------------------------------------------------------------------
@@ -513,7 +497,7 @@ def run_extract(
     out: str | Path,
     cfg: ExtractConfig = ExtractConfig(),
 ) -> ExtractResult:
-    """Load model and targets, run :func:`extract`, write the outputs.
+    """Load model and targets, run :func:`extract_activations`, write the outputs.
 
     Writes (atomically) ``out/activations.npz`` with ``mean`` and ``max`` ``(N, U)`` float32,
     ``images`` / ``classes`` / ``splits`` ``(N,)`` unicode (per kept image) and ``class_names``
@@ -545,7 +529,36 @@ def run_extract(
     loaded = model if isinstance(model, LoadedModel) else load_model(str(model), weights)
     resolve_layer(loaded.module, layer)
     targets = load_targets(dataset, cfg.layout)
+    key, fingerprints, params, cache_params = _extract_key(loaded, layer, targets, cfg)
+    manifest = cache.lookup(out / "extract.json", key)
+    if manifest is not None:
+        reused = _reused(out, layer, manifest, t0)
+        if reused is not None:
+            return reused
 
+    why = cache.why_recompute(out / "extract.json", key, fingerprints, cache_params)
+    if why:
+        print(f"extract {layer}: recomputing ({why})", file=sys.stderr, flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "extract.json").unlink(missing_ok=True)  # never leave a previous run's manifest vouching for new outputs
+    cache.remove_temps(out, ("extract.json", "activations.npz", "skipped.csv"))
+    partial = out / ".partial" / key[:32]
+    cache.clear_scratch(out / ".partial", keep=partial.name)
+    t1 = time.perf_counter()
+    acts = extract_activations(loaded, layer, targets, cfg, resume_dir=partial, resume_key=key)
+    t2 = time.perf_counter()
+    _write_activations(out, acts, targets, partial)
+    timings = {"load": round(t1 - t0, 4), "forward": round(t2 - t1, 4), "total": round(time.perf_counter() - t0, 4)}
+    meta = _extract_manifest(loaded, layer, targets, cfg, acts, fingerprints, params, timings)
+    meta["cache"] = cache.manifest_section("extract", key, fingerprints, cache_params, out, meta["outputs"].values())
+    cache.atomic_write_json(out / "extract.json", meta)  # last: it vouches for the outputs above
+    cache.remove_scratch(partial)
+    return ExtractResult(out=out, layer=layer, n_images=int(acts.mean.shape[0]), n_units=int(acts.mean.shape[1]),
+                         n_skipped=len(acts.skipped), skipped=acts.skipped, timings=timings)
+
+
+def _extract_key(loaded: LoadedModel, layer: str, targets: TargetSet, cfg: ExtractConfig):
+    """``(stage key, fingerprints, params, cache params)`` of an extraction."""
     size = [int(cfg.resize)] * 2 if cfg.resize else [int(s) for s in loaded.input_size]
     params = {
         "version": 1,
@@ -566,61 +579,40 @@ def run_extract(
         fingerprints["person_boxes"] = cache.files_fingerprint(
             targets.annotations_dir, [PurePosixPath(it.rel).stem + ".xml" for it in targets.items])
     cache_params = {**params, "format": FORMAT_VERSION, "layout": targets.layout, "classes": list(targets.classes)}
-    key = cache.stage_key("extract", fingerprints, cache_params)
-    manifest = cache.lookup(out / "extract.json", key)
-    if manifest is not None:
-        reused = _reused(out, layer, manifest, t0)
-        if reused is not None:
-            return reused
+    return cache.stage_key("extract", fingerprints, cache_params), fingerprints, params, cache_params
 
-    why = cache.why_recompute(out / "extract.json", key, fingerprints, cache_params)
-    if why:
-        print(f"extract {layer}: recomputing ({why})", file=sys.stderr, flush=True)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "extract.json").unlink(missing_ok=True)  # never leave a previous run's manifest vouching for new outputs
-    cache.remove_temps(out, ("extract.json", "activations.npz", "skipped.csv"))
-    partial = out / ".partial" / key[:32]
-    cache.clear_scratch(out / ".partial", keep=partial.name)
-    t1 = time.perf_counter()
-    mean, mx, kept, skipped = extract(loaded, layer, targets, cfg, resume_dir=partial, resume_key=key)
-    t2 = time.perf_counter()
 
+def _write_activations(out: Path, acts: Activations, targets: TargetSet, partial: Path) -> None:
+    """skipped.csv, then activations.npz (ConceptrankError when every image was skipped)."""
     (out / "activations.npz").unlink(missing_ok=True)
-    _write_skipped(out / "skipped.csv", skipped)
-    if not kept:
+    _write_skipped(out / "skipped.csv", list(acts.skipped))
+    if not len(acts.images):
         cache.remove_scratch(partial)
-        reasons = collections.Counter(r for _, r in skipped)
+        reasons = collections.Counter(r for _, r in acts.skipped)
         raise ConceptrankError(
             f"all {len(targets.items)} images were skipped ("
             + ", ".join(f"{n} {r}" for r, n in reasons.most_common())
             + f"); see {out / 'skipped.csv'}"
         )
+    cache.save_npz(out / "activations.npz", mean=acts.mean, max=acts.max, images=acts.images, classes=acts.classes,
+                   splits=acts.splits, class_names=acts.class_names)
 
-    items = [targets.items[i] for i in kept]
-    cache.save_npz(
-        out / "activations.npz",
-        mean=mean,
-        max=mx,
-        images=_str_array(it.rel for it in items),
-        classes=_str_array(it.cls for it in items),
-        splits=_str_array(it.split for it in items),
-        class_names=_str_array(targets.classes),
-    )
-    t3 = time.perf_counter()
 
+def _extract_manifest(loaded, layer, targets, cfg, acts: Activations, fingerprints, params, timings) -> dict:
     per_class = {c: 0 for c in targets.classes}
     per_split: dict[str, int] = {}
-    for it in items:
-        per_class[it.cls] += 1
-        per_split[it.split] = per_split.get(it.split, 0) + 1
-    timings = {"load": round(t1 - t0, 4), "forward": round(t2 - t1, 4), "total": round(t3 - t0, 4)}
-    outputs = {"activations": "activations.npz", "skipped": "skipped.csv"}
-    meta = {
+    for cls, split in zip(acts.classes.tolist(), acts.splits.tolist()):
+        per_class[cls] += 1
+        per_split[split] = per_split.get(split, 0) + 1
+    skipped = acts.skipped
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("engine", "ray_address", "ray_workers")}
+    return {
         "format": FORMAT,
         "version": 1,
         "stage": "extract",
-        "config": dataclasses.asdict(cfg),
-        "input_size": size,
+        "config": config,
+        "engine": cfg.engine,
+        "input_size": params["input_size"],
         "model": loaded.describe(),
         "layer": layer,
         "dataset": {
@@ -632,8 +624,8 @@ def run_extract(
         "fingerprints": fingerprints,
         "params": params,
         "counts": {
-            "images": int(mean.shape[0]),
-            "units": int(mean.shape[1]),
+            "images": int(acts.mean.shape[0]),
+            "units": int(acts.mean.shape[1]),
             "skipped": len(skipped),
             "per_class": per_class,
             "per_split": per_split,
@@ -641,20 +633,8 @@ def run_extract(
         },
         "timings": timings,
         "package_versions": cache.package_versions(),
-        "outputs": outputs,
-        "cache": cache.manifest_section("extract", key, fingerprints, cache_params, out, outputs.values()),
+        "outputs": {"activations": "activations.npz", "skipped": "skipped.csv"},
     }
-    cache.atomic_write_json(out / "extract.json", meta)  # last: it vouches for the outputs above
-    cache.remove_scratch(partial)
-    return ExtractResult(
-        out=out,
-        layer=layer,
-        n_images=int(mean.shape[0]),
-        n_units=int(mean.shape[1]),
-        n_skipped=len(skipped),
-        skipped=tuple(skipped),
-        timings=timings,
-    )
 
 
 def _reused(out: Path, layer: str, manifest: cache.Manifest, t0: float) -> ExtractResult | None:

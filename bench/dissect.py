@@ -38,17 +38,17 @@ def make_probe(work: Path, n: int, size: int, seed: int = 0) -> Path:
 
     out = work / f"world_n{n}_s{size}_seed{seed}"
     if not (out / "probe" / "index.csv").exists():
-        generate_world(out, seed=seed, size=size, probe_images=n, images_per_class=10, train_model=False, progress=False)
+        generate_world(out, seed=seed, size=size, probe_images=n, images_per_class=10, progress=False)
     return out / "probe"
 
 
 def make_model_card(work: Path, size: int) -> Path:
     """A trained synthetic model when one exists in work/, else a seeded random ConceptNet card."""
-    from conceptrank.synthetic.world import generate_world
+    from conceptrank.synthetic.build import build_world
 
     out = work / f"model_world_s{size}"
     if not (out / "model" / "model.json").exists():
-        generate_world(out, seed=0, size=size, probe_images=32, images_per_class=10, train_model=True, progress=False)
+        build_world(out, seed=0, size=size, probe_images=32, images_per_class=10, model="auto", progress=False)
     return out / "model"
 
 

@@ -191,7 +191,7 @@ def test_truth_matches_the_target_images(tiny_world_nomodel):
         assert set(concepts) <= set(label_names)
     for cs in truth["classes"].values():
         assert 2 <= len(cs) <= 4 and set(cs) <= set(label_names)
-        assert {label_names[c] for c in cs} <= {"object", "color", "material", "scene"}
+        assert {label_names[c] for c in cs} <= {"object", "color", "material", "part", "scene"}
     # Unique concept sets that overlap between classes.
     sets = [frozenset(cs) for cs in truth["classes"].values()]
     assert len(set(sets)) == len(sets)
@@ -209,12 +209,13 @@ def test_truth_matches_the_target_images(tiny_world_nomodel):
 
 
 def test_planted_concepts_are_frequent_over_many_images():
-    # At the default size, planted concepts are visible in ~80 % or more of a class's images.
+    # At the default size, planted concepts are visible in most of a class's images: kept with
+    # probability 0.8, less what distractors hide (a material lies only where no part covers it).
     for ci, (cls, planted) in enumerate(TARGET_CLASSES):
         scenes = [target_scene(0, ci, i, 64) for i in range(60)]
         for c in planted:
             frac = np.mean([c in sc.concepts for sc in scenes])
-            assert frac >= 0.7, (cls, c, frac)
+            assert frac >= 0.65, (cls, c, frac)
 
 
 # -- Stanford 40 layout ---------------------------------------------------------------------------
@@ -249,7 +250,7 @@ def test_stanford40_layout(tiny_world_nomodel):
 
 # -- determinism -----------------------------------------------------------------------------------
 def test_same_seed_gives_identical_files(tmp_path):
-    kw = dict(size=32, probe_images=15, images_per_class=10, train_model=False, progress=False)
+    kw = dict(size=32, probe_images=15, images_per_class=10, progress=False)
     a = generate_world(tmp_path / "a", seed=7, **kw)
     b = generate_world(tmp_path / "b", seed=7, **kw)
     c = generate_world(tmp_path / "c", seed=8, **kw)
@@ -279,10 +280,13 @@ def test_model_card_reproduces_the_trained_module(tiny_world):
     assert task["heads"] == {h: list(v) for h, v in heads.items()}
     from conceptrank.synthetic.train import presence_concepts
 
-    # Main-object heads first, then one presence output per shape, colour, material and scene.
+    # Main-object heads first, then one presence output per concept of the world.
     assert card["num_classes"] == sum(len(v) for v in heads.values()) + len(presence_concepts())
-    assert task["presence"]["concepts"] == list(presence_concepts())
-    assert card["input_size"] == [w.size, w.size] and card["arch_kwargs"] == {"width": 32, "stem_pool": True}
+    assert task["presence"]["concepts"] == list(presence_concepts()) == list(concept_vocabulary().names[1:])
+    assert card["architecture"] == "worldnet"
+    assert card["input_size"] == [w.size, w.size]
+    assert card["arch_kwargs"] == {"width": 32, "stem_pool": True, "layer4_stride": 4}
+    assert task["config"]["train_images"] == 384 and task["config"]["epochs"] == 2
     assert set(task["heldout_accuracy"]) == set(heads) | {"mean", "presence_f1"}
     assert w.source_accuracy == task["heldout_accuracy"]
 
@@ -298,7 +302,7 @@ def test_model_card_reproduces_the_trained_module(tiny_world):
         m.module(x[:1])
         h.remove()
     np.testing.assert_allclose(out, ref, atol=1e-6, rtol=0)
-    assert tuple(feats["l4"].shape) == (1, 128, w.size // 8, w.size // 8)
+    assert tuple(feats["l4"].shape) == (1, 128, w.size // 4, w.size // 4)
     assert "model:" in w.summary() and str(w.model_dir) in w.summary()
 
 
@@ -316,14 +320,14 @@ def test_model_card_reproduces_the_trained_module(tiny_world):
 )
 def test_bad_parameters_raise(tmp_path, kwargs, match):
     with pytest.raises(ConceptrankError, match=match):
-        generate_world(tmp_path / "w", train_model=False, progress=False, **kwargs)
+        generate_world(tmp_path / "w", progress=False, **kwargs)
     assert not (tmp_path / "w").exists()
 
 
 def test_refuses_a_folder_that_is_not_a_world(tmp_path):
     (tmp_path / "mine.txt").write_text("keep me")
     with pytest.raises(ConceptrankError, match="not empty"):
-        generate_world(tmp_path, size=32, probe_images=2, images_per_class=10, train_model=False, progress=False)
+        generate_world(tmp_path, size=32, probe_images=2, images_per_class=10, progress=False)
     assert (tmp_path / "mine.txt").read_text() == "keep me"
 
 

@@ -44,16 +44,27 @@ def synth(
     size: int = typer.Option(64, help="Image side in pixels (segmentations are half of it)."),
     probe_images: int = typer.Option(1200, "--probe-images", help="Images in the Broden-format probe set."),
     images_per_class: int = typer.Option(80, "--images-per-class", help="Target images per class (half train, half test)."),
-    no_model: bool = typer.Option(False, "--no-model", help="Skip training the source model."),
+    no_model: bool = typer.Option(False, "--no-model", help="Write no source model."),
+    retrain: bool = typer.Option(False, "--retrain", help="Train the source model here even when the shipped one fits (minutes)."),
+    ship_model: bool = typer.Option(False, "--ship-model", help="With --retrain: install the trained model as the package's shipped model (what `make model` does)."),
 ) -> None:
-    """Generate the synthetic concept world: Broden probe set, Stanford-40 target set, truth, model."""
-    from conceptrank.synthetic.world import generate_world
+    """Generate the synthetic concept world: Broden probe set, Stanford-40 target set, truth, model.
 
+    The source model is the one shipped with conceptrank when it fits the world (same image size and
+    renderer), and trained here otherwise.
+    """
+    from conceptrank.synthetic.build import build_world
+    from conceptrank.synthetic.build import ship_model as install
+
+    if ship_model and not retrain:
+        _fail("--ship-model needs --retrain (it installs the model trained by this run)")
     info = _run(
-        generate_world, out, seed=seed, size=size, probe_images=probe_images,
-        images_per_class=images_per_class, train_model=not no_model,
+        build_world, out, seed=seed, size=size, probe_images=probe_images, images_per_class=images_per_class,
+        model="none" if no_model else ("retrain" if retrain else "auto"), echo=typer.echo,
     )
     typer.echo(info.summary())
+    if ship_model and info.model_dir is not None:
+        typer.echo(f"shipped model installed in {install(info.model_dir)}")
 
 
 @app.command()

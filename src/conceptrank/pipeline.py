@@ -259,11 +259,11 @@ def run_from_config(path: str | Path, echo: Callable[[str], None] = print) -> Pi
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0,
              echo: Callable[[str], None] = print) -> PipelineResult:
     """Generate the synthetic world (unless already there for these parameters) and run every stage."""
-    from conceptrank.synthetic.world import generate_world
+    from conceptrank.synthetic.build import build_world
 
     out = Path(out)
     t0 = time.perf_counter()
-    params = dict(seed=seed, size=32 if quick else 64, probe_images=160 if quick else 1200,
+    params = dict(seed=seed, size=64, probe_images=160 if quick else 1200,
                   images_per_class=20 if quick else 80)
     world = out / "world"
     if _world_is_current(out, params):
@@ -271,7 +271,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0,
     else:
         echo(f"[synth] synthetic concept world -> {world}")
         _world_manifest(out).unlink(missing_ok=True)
-        info = generate_world(world, train_model=True, progress=not quick, **params)
+        info = build_world(world, model="auto", progress=not quick, echo=echo, **params)
         echo(info.summary())
         _write_world_manifest(out, params)
     cfg = RunConfig(
@@ -294,11 +294,14 @@ def _generator_fingerprint() -> str:
     import hashlib
 
     from conceptrank.nn import nets
-    from conceptrank.synthetic import train, world
+    from conceptrank.synthetic import backgrounds, build, drawing, train, world
 
     h = hashlib.sha256()
-    for mod in (world, train, nets):
+    for mod in (world, backgrounds, drawing, train, build, nets):
         h.update(Path(mod.__file__).read_bytes())
+    for name in ("model.json", "weights.safetensors"):  # the shipped model
+        f = build.SHIPPED_MODEL_DIR / name
+        h.update(f.read_bytes() if f.is_file() else b"-")
     return h.hexdigest()
 
 

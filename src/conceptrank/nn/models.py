@@ -196,10 +196,11 @@ def _load_card(path: Path, weights: str | None) -> LoadedModel:
         if key not in card:
             raise ModelError(f"model card {path} lacks the field {key!r}")
     arch = card["architecture"]
-    if arch in ARCHITECTURES:
-        module = ARCHITECTURES[arch](num_classes=int(card["num_classes"]), **card.get("arch_kwargs", {}))
-    else:
-        module = _torchvision_arch(arch, num_classes=int(card["num_classes"]))
+    with torch.random.fork_rng(devices=[]):  # building initializes weights: keep the caller's RNG as it was
+        if arch in ARCHITECTURES:
+            module = ARCHITECTURES[arch](num_classes=int(card["num_classes"]), **card.get("arch_kwargs", {}))
+        else:
+            module = _torchvision_arch(arch, num_classes=int(card["num_classes"]))
     wfile = Path(weights) if weights not in (None, "", "card") else path.parent / card["weights"]
     if not wfile.is_absolute() and not wfile.exists():
         wfile = path.parent / wfile
@@ -246,8 +247,9 @@ def _load_torchvision(name: str, weights: str | None) -> LoadedModel:
 
     wspec = (weights or "none").strip()
     if wspec.lower() == "none":
-        torch.manual_seed(0)  # random init, reproducible
-        module = _torchvision_arch(name)
+        with torch.random.fork_rng(devices=[]):  # random init, reproducible, caller's RNG untouched
+            torch.manual_seed(0)
+            module = _torchvision_arch(name)
         module.eval()
         return LoadedModel(
             module, name, "none", (224, 224), IMAGENET_MEAN, IMAGENET_STD,
@@ -255,7 +257,8 @@ def _load_torchvision(name: str, weights: str | None) -> LoadedModel:
         )
     path = Path(wspec)
     if path.suffix in (".pth", ".pt", ".safetensors", ".bin", ".ckpt") or path.exists():
-        module = _torchvision_arch(name)
+        with torch.random.fork_rng(devices=[]):
+            module = _torchvision_arch(name)
         sd = _read_state_dict(path)
         _load_state(module, sd, str(path))
         module.eval()
@@ -263,7 +266,8 @@ def _load_torchvision(name: str, weights: str | None) -> LoadedModel:
             module, name, str(path), (224, 224), IMAGENET_MEAN, IMAGENET_STD,
             hash_json({"torchvision": name, "weights": file_sha256(path)}),
         )
-    module = _torchvision_arch(name)
+    with torch.random.fork_rng(devices=[]):
+        module = _torchvision_arch(name)
     try:
         enum_cls = torchvision.models.get_model_weights(name)
     except Exception as e:  # pragma: no cover - torchvision always has weights enums for listed models

@@ -1,39 +1,30 @@
-"""Train the synthetic world's source model: a ConceptNet on the world's "ImageNet" task.
+"""Train the synthetic world's source model: a ``WorldNet`` on the world's "ImageNet" task.
 
 The source task is *not* the target classification: each image (one dominant object and 0–2
 smaller ones on a random scene) is labelled with the shape, colour and material (``plain`` when
-unpatterned) of its largest visible object and with its scene. The network has one linear output
-of width ``sum(head sizes)``; the loss is a weighted sum of the heads' cross-entropies over their
-slices. Learning these heads makes ``layer4`` units that detect shapes, colours, materials and
-scenes — what Network Dissection should then find.
+unpatterned) of its largest visible object and with its scene. Added to those heads, a multi-label
+*presence* task (the ImageNet/Places analogue): one output per concept of the world's vocabulary
+(``presence_concepts()``: colours, objects, parts, materials, scenes, textures), trained with binary
+cross-entropy on "is this concept visible anywhere in the image". With global average pooling before
+the output, it rewards ``layer4`` units that detect a concept wherever it is — what Network
+Dissection should then find. The output layer has ``sum(head sizes) + len(presence_concepts())``
+logits, heads first.
 
-Added to those heads, a multi-label *presence* task (the ImageNet/Places analogue): one output per
-shape, colour, material and scene (``presence_concepts()``), trained with binary cross-entropy on
-"is this concept visible anywhere in the image". With global average pooling before the output, it
-rewards ``layer4`` units that detect a concept wherever it is, not only on the largest object. The
-output layer has ``sum(head sizes) + len(presence_concepts())`` logits, heads first.
+Loss weights (``HEAD_WEIGHTS``, ``PRESENCE_WEIGHTS``): with equal weights the easy concepts
+(colours, scenes) win the shared features and shapes, parts and materials get few units; the
+presence weights up-weight those.
 
-Presence weights per category (``PRESENCE_WEIGHTS``): with equal weights colours and scenes, learnt
-fast, take nearly all units (10 colours and 9–10 scenes labelled by the dissection, no shape, no
-material); up-weighting shapes and materials keeps shapes and materials labelled. Colour and scene at
-0.4 (rather than 0.3 / 0.2) label 3 shapes, 2 materials, 10 colours and 9 scenes on seed 0 and gave
-the best global ground-truth precision (P@1 0.8, R-precision 0.425 vs 0.7 / 0.375 at 0.3 / 0.2),
-at the cost of local P@5 (0.41 vs 0.46).
-
-Why weighted: with equal weights the easy heads (scene, colour) win the shared features and the shape
-head stays near chance within the training budget (held-out shape accuracy about 0.25, against about
-0.5 with ``HEAD_WEIGHTS``, for 30-36k training samples); down-weighting the easy heads costs them
-little (colour about 0.9, scene about 0.99).
-
-Training uses bf16 autocast when the CPU has native bf16 (about 2x faster on 2 cores), decided from
-the CPU flags so that a machine always trains the same way; the saved weights are float32.
+Training uses bf16 autocast when the CPU has native bf16 (about 2x faster), decided from the CPU
+flags so that a machine always trains the same way; the saved weights are float32. The shipped
+model (``conceptrank/synthetic/model/``) makes the demo independent of where it runs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping
 
@@ -46,19 +37,70 @@ from conceptrank.synthetic.world import (
     MATERIALS,
     SCENES,
     SHAPES,
+    concept_vocabulary,
     jpeg_roundtrip,
     source_scene,
 )
 
-__all__ = ["SOURCE_HEADS", "HEAD_WEIGHTS", "PRESENCE_WEIGHTS", "presence_concepts", "render_source_data", "SourceModel", "source_heads", "render_source_images", "train_source_model"]
+__all__ = [
+    "SOURCE_HEADS",
+    "HEAD_WEIGHTS",
+    "PRESENCE_WEIGHTS",
+    "TrainConfig",
+    "SourceModel",
+    "presence_concepts",
+    "source_heads",
+    "render_source_data",
+    "render_source_images",
+    "source_fingerprint",
+    "train_source_model",
+]
 
 SOURCE_HEADS = ("shape", "color", "material", "scene")
 HEAD_WEIGHTS = {"shape": 1.0, "color": 0.35, "material": 1.0, "scene": 0.2}
 #: Per-category weights of the presence loss (see the module docstring for why they are unequal).
-PRESENCE_WEIGHTS = {"shape": 2.5, "color": 0.4, "material": 1.5, "scene": 0.4}
-_WIDTH = 32
-_THREADS = 2
-_ARCH = {"width": _WIDTH, "stem_pool": True}  # pooling after conv1: ~1.4x faster, 7 epochs fit in budget
+PRESENCE_WEIGHTS = {"color": 0.4, "object": 2.5, "part": 2.5, "material": 1.5, "scene": 0.4, "texture": 1.0}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How the source model is trained (the world's seed and image size come separately).
+
+    Attributes
+    ----------
+    train_images : int — distinct training images, reused each epoch with random horizontal flips.
+    epochs : int
+    heldout_images : int — images of an independent stream for the reported accuracy.
+    batch_size : int
+    lr : float — peak Adam learning rate of the one-cycle schedule.
+    width : int — ``WorldNet`` width (``layer4`` has ``4 * width`` units).
+    layer4_stride : 4 or 8 — input pixels per ``layer4`` cell.
+    head_weights : dict head → weight of the main-object heads' cross-entropies.
+    presence_weight : float — weight of the multi-label presence loss (0 drops the presence outputs).
+    presence_weights : dict category → per-concept BCE weight.
+    dense_weight : float — weight of the per-cell concept coverage loss on ``layer4`` (0: none).
+    threads : int — torch threads while training (1: the same result whatever the machine's core count).
+    """
+
+    train_images: int = 6000
+    epochs: int = 7
+    heldout_images: int = 500
+    batch_size: int = 32
+    lr: float = 3e-3
+    width: int = 32
+    layer4_stride: int = 4
+    head_weights: Mapping[str, float] = field(default_factory=lambda: dict(HEAD_WEIGHTS))
+    presence_weight: float = 1.0
+    presence_weights: Mapping[str, float] = field(default_factory=lambda: dict(PRESENCE_WEIGHTS))
+    dense_weight: float = 1.0
+    threads: int = 1
+
+    def arch_kwargs(self) -> dict:
+        dense = {"dense_outputs": len(dense_concepts())} if self.dense_weight > 0 else {}
+        return {"width": self.width, "stem_pool": True, "layer4_stride": self.layer4_stride, **dense}
+
+    def to_json(self) -> dict:
+        return {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in asdict(self).items()}
 
 
 def source_heads() -> dict[str, tuple[str, ...]]:
@@ -71,6 +113,37 @@ def source_heads() -> dict[str, tuple[str, ...]]:
     }
 
 
+def presence_concepts() -> tuple[str, ...]:
+    """The concepts of the source task's presence outputs: every label of the world, in number order."""
+    return concept_vocabulary().names[1:]
+
+
+#: Categories with pixel labels: the dense task predicts their coverage of each ``layer4`` cell.
+DENSE_CATEGORIES = ("color", "object", "part", "material")
+
+
+def dense_concepts() -> tuple[str, ...]:
+    """The concepts of the dense task's outputs (labels 1…D of the world: colours, objects, parts,
+    materials), in number order."""
+    vocab = concept_vocabulary()
+    names = tuple(n for _, n, c in vocab.labels if c in DENSE_CATEGORIES)
+    assert names == vocab.names[1: len(names) + 1]  # the vocabulary numbers these categories first
+    return names
+
+
+def _cell_coverage(planes, stride: int, n_labels: int) -> np.ndarray:
+    """Share of each ``stride``×``stride`` cell covered by labels ``1…n_labels``: (n_labels, G, G) float16."""
+    S = planes[0].shape[0]
+    G = S // stride
+    cell = (np.arange(S) // stride)[:, None] * G + (np.arange(S) // stride)[None, :]
+    counts = np.zeros(G * G * (n_labels + 1), np.int64)
+    for p in planes:
+        lab = np.where(p <= n_labels, p, 0)
+        counts += np.bincount((cell * (n_labels + 1) + lab).ravel(), minlength=counts.size)
+    cov = counts.reshape(G * G, n_labels + 1)[:, 1:].T.reshape(n_labels, G, G) / float(stride * stride)
+    return cov.astype(np.float16)
+
+
 @dataclass(frozen=True)
 class SourceModel:
     """A trained source model.
@@ -79,24 +152,28 @@ class SourceModel:
     ----------
     model_dir : Path — folder with ``model.json`` and ``weights.safetensors``.
     heads : dict head → class names.
-    heldout_accuracy : dict head → accuracy on held-out source images, plus ``mean``.
-    train_images, epochs : int
-    final_loss : float — mean weighted summed cross-entropy over the last epoch.
+    heldout_accuracy : dict head → accuracy on held-out source images, plus ``mean`` and ``presence_f1``.
+    config : TrainConfig
+    final_loss : float — mean weighted loss over the last epoch.
     seconds_render, seconds_train : float
     """
 
     model_dir: Path
     heads: Mapping[str, tuple[str, ...]]
     heldout_accuracy: Mapping[str, float]
-    train_images: int
-    epochs: int
+    config: TrainConfig
     final_loss: float
     seconds_render: float
     seconds_train: float
 
 
-def render_source_images(seed: int, size: int, count: int, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
-    """Source-task images and labels.
+def render_source_data(seed: int, size: int, count: int, split: str = "train"):
+    """Source-task images, head labels and presence targets (see :func:`render_source_dense`)."""
+    return render_source_dense(seed, size, count, split, stride=0)[:3]
+
+
+def render_source_dense(seed: int, size: int, count: int, split: str = "train", stride: int = 4):
+    """Source-task images, head labels, presence targets and dense coverage targets.
 
     Parameters
     ----------
@@ -109,20 +186,14 @@ def render_source_images(seed: int, size: int, count: int, split: str = "train")
     -------
     images : np.ndarray (N, S, S, 3) uint8, after a JPEG round trip like the saved probe images.
     labels : np.ndarray (N, 4) int64 — class index per head in ``SOURCE_HEADS`` order.
+    presence : np.ndarray (N, P) float32 — 1 where ``presence_concepts()[p]`` is visible.
+    dense : np.ndarray (N, D, S/stride, S/stride) float16 — share of each cell covered by
+        ``dense_concepts()[d]`` (``(N, 0, 0, 0)`` when ``stride`` is 0).
     """
-    images, labels, _ = render_source_data(seed, size, count, split)
-    return images, labels
-
-
-def presence_concepts() -> tuple[str, ...]:
-    """The concepts of the source task's presence outputs (shapes, colours, materials, scenes)."""
-    return SHAPES + tuple(n for n, _ in COLORS) + MATERIALS + SCENES
-
-
-def render_source_data(seed: int, size: int, count: int, split: str = "train"):
-    """Like :func:`render_source_images`, plus ``presence`` (N, P) float32: 1 where concept
-    ``presence_concepts()[p]`` is visible in the image."""
     heads = source_heads()
+    n_dense = len(dense_concepts())
+    grid = size // stride if stride else 0
+    dense = np.zeros((count, n_dense if stride else 0, grid, grid), np.float16)
     index = {h: {n: i for i, n in enumerate(names)} for h, names in heads.items()}
     pindex = {n: i for i, n in enumerate(presence_concepts())}
     images = np.zeros((count, size, size, 3), np.uint8)
@@ -130,19 +201,33 @@ def render_source_data(seed: int, size: int, count: int, split: str = "train"):
     presence = np.zeros((count, len(pindex)), np.float32)
     for i in range(count):
         sc = source_scene(seed, i, size, split)
-        for c in sc.concepts:
-            if c in pindex:
-                presence[i, pindex[c]] = 1.0
-        main = sc.main_object()
-        spec = main.spec
+        presence[i, [pindex[c] for c in sc.concepts]] = 1.0
+        if stride:
+            dense[i] = _cell_coverage([p for c in DENSE_CATEGORIES for p in sc.planes[c]], stride, n_dense)
+        spec = sc.main_object().spec
         images[i] = jpeg_roundtrip(sc.image, JPEG_QUALITY)
-        labels[i] = (
-            index["shape"][spec.shape],
-            index["color"][spec.color],
-            index["material"][spec.material or "plain"],
-            index["scene"][sc.spec.scene],
-        )
-    return images, labels, presence
+        labels[i] = (index["shape"][spec.shape], index["color"][spec.color],
+                     index["material"][spec.material or "plain"], index["scene"][sc.spec.scene])
+    return images, labels, presence, dense
+
+
+def render_source_images(seed: int, size: int, count: int, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """Like :func:`render_source_data` without the presence targets: ``(images, labels)``."""
+    images, labels, _ = render_source_data(seed, size, count, split)
+    return images, labels
+
+
+def source_fingerprint(seed: int, size: int, count: int = 8) -> str:
+    """SHA-256 of the first ``count`` training and held-out source images and their targets.
+
+    It changes when the renderer, the vocabulary or the source task changes, so a saved model can
+    tell whether it was trained on the world the code draws today.
+    """
+    h = hashlib.sha256(f"{seed}:{size}:{','.join(presence_concepts())}".encode())
+    for split in ("train", "heldout"):
+        for arr in render_source_data(seed, size, count, split):
+            h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
 
 
 def _fast_bf16() -> bool:
@@ -158,12 +243,119 @@ def _fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def _to_input(images_u8, mean, std):
-    """``(N, S, S, 3)`` uint8 → normalized ``(N, 3, S, S)`` float32 (channels-last memory)."""
+def _to_input(images_u8):
+    """``(N, S, S, 3)`` uint8 → ImageNet-normalized ``(N, 3, S, S)`` float32."""
     import torch
 
-    x = torch.from_numpy(images_u8).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    x = torch.from_numpy(np.ascontiguousarray(images_u8)).permute(0, 3, 1, 2).float().div_(255.0)
     return (x - mean) / std
+
+
+class _Loss:
+    """The weighted sum of the heads' cross-entropies and the presence BCE over output slices."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        import torch
+
+        heads = source_heads()
+        self.weights = [cfg.head_weights[h] for h in heads]
+        self.bounds = np.cumsum([0] + [len(v) for v in heads.values()])
+        self.presence_weight = cfg.presence_weight
+        self.n_presence = len(presence_concepts()) if cfg.presence_weight > 0 else 0
+        cat = concept_vocabulary().category
+        self.concept_weights = torch.tensor([cfg.presence_weights[cat[c]] for c in presence_concepts()],
+                                            dtype=torch.float32)
+        self.dense_weight = cfg.dense_weight
+        self.dense_weights = torch.tensor([cfg.presence_weights[cat[c]] for c in dense_concepts()],
+                                          dtype=torch.float32).view(1, -1, 1, 1)
+
+    @property
+    def num_outputs(self) -> int:
+        return int(self.bounds[-1]) + self.n_presence
+
+    def __call__(self, logits, labels, presence, dense_logits=None, dense=None):
+        import torch.nn.functional as F
+
+        b = self.bounds
+        loss = sum(w * F.cross_entropy(logits[:, b[h]: b[h + 1]], labels[:, h]) for h, w in enumerate(self.weights))
+        if self.n_presence:
+            loss = loss + self.presence_weight * F.binary_cross_entropy_with_logits(
+                logits[:, b[-1]:], presence, weight=self.concept_weights, reduction="sum") / len(labels)
+        if dense_logits is not None:  # summed over concepts, mean over cells and images
+            cells = dense_logits.shape[0] * dense_logits.shape[2] * dense_logits.shape[3]
+            loss = loss + self.dense_weight * F.binary_cross_entropy_with_logits(
+                dense_logits, dense, weight=self.dense_weights, reduction="sum") / cells
+        return loss
+
+
+def _fit(module, data, loss_fn: _Loss, cfg: TrainConfig, seed: int, progress: bool) -> float:
+    """Adam with a one-cycle schedule over ``data = (images, labels, presence)``; returns the last
+    epoch's mean loss."""
+    import torch
+
+    x_train, y_train, p_train, d_train = data
+    n = len(x_train)
+    dense = loss_fn.dense_weight > 0
+    opt = torch.optim.Adam(module.parameters(), lr=cfg.lr, weight_decay=1e-5)
+    steps = max(1, n // cfg.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps * cfg.epochs, pct_start=0.25)
+    rng = np.random.default_rng([seed, 6])
+    use_bf16 = _fast_bf16()
+    y_all, p_all = torch.from_numpy(y_train), torch.from_numpy(p_train)
+    t0, final_loss = time.perf_counter(), float("nan")
+    module.train()
+    for ep in range(cfg.epochs):
+        perm, flips = rng.permutation(n), rng.random(n) < 0.5
+        total = 0.0
+        for b in range(steps):
+            idx = np.sort(perm[b * cfg.batch_size: (b + 1) * cfg.batch_size])
+            xb = np.where(flips[idx][:, None, None, None], x_train[idx][:, :, ::-1], x_train[idx])
+            x = _to_input(xb).contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+                logits, dlogits = module.forward_dense(x) if dense else (module(x), None)
+            target = None
+            if dense:  # the coverage maps flip with their images
+                target = torch.from_numpy(d_train[idx]).float()
+                target = torch.where(torch.from_numpy(flips[idx])[:, None, None, None], target.flip(3), target)
+                dlogits = dlogits.float()
+            loss = loss_fn(logits.float(), y_all[idx], p_all[idx], dlogits, target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * len(idx)
+        final_loss = total / max(steps * cfg.batch_size, 1)
+        if progress:
+            print(f"  source task: epoch {ep + 1}/{cfg.epochs} loss {final_loss:.3f} "
+                  f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
+    module.eval()
+    return final_loss
+
+
+def _evaluate(module, held, loss_fn: _Loss) -> dict[str, float]:
+    """Held-out accuracy per head, their mean, and the presence outputs' micro F1."""
+    import torch
+
+    x_held, y_held, p_held = held[:3]
+    heads = list(source_heads())
+    b = loss_fn.bounds
+    correct = np.zeros(len(heads))
+    tp = pred_pos = true_pos = 0
+    with torch.no_grad():
+        for s in range(0, len(x_held), 256):
+            logits = module(_to_input(x_held[s: s + 256])).numpy()
+            for h in range(len(heads)):
+                correct[h] += (logits[:, b[h]: b[h + 1]].argmax(1) == y_held[s: s + 256, h]).sum()
+            if loss_fn.n_presence:
+                pred, true = logits[:, b[-1]:] > 0, p_held[s: s + 256] > 0
+                tp, pred_pos, true_pos = tp + (pred & true).sum(), pred_pos + pred.sum(), true_pos + true.sum()
+    acc = {h: round(float(c / max(len(x_held), 1)), 4) for h, c in zip(heads, correct)}
+    acc["mean"] = round(float(np.mean(list(acc.values()))), 4)
+    if loss_fn.n_presence:
+        acc["presence_f1"] = round(float(2 * tp / max(pred_pos + true_pos, 1)), 4)
+    return acc
 
 
 def train_source_model(
@@ -171,191 +363,79 @@ def train_source_model(
     *,
     seed: int = 0,
     size: int = 64,
-    train_images: int = 6000,
-    epochs: int = 7,
-    heldout_images: int = 500,
-    batch_size: int = 32,
-    lr: float = 3e-3,
+    config: TrainConfig | None = None,
     progress: bool = True,
-    head_weights: Mapping[str, float] | None = None,
-    presence_weight: float = 1.0,
-    presence_category_weights: Mapping[str, float] | None = None,
+    provenance: Mapping | None = None,
 ) -> SourceModel:
-    """Train a ``ConceptNet`` (width 32) on the source task and save its model card.
+    """Train a ``WorldNet`` on the world's source task and save its model card in ``model_dir``.
 
-    Uses two threads and a private torch RNG (the caller's thread count and RNG state are restored).
+    Uses ``config.threads`` threads and a private torch RNG seeded with ``seed`` (the caller's thread
+    count and RNG state are restored).
 
     Parameters
     ----------
     model_dir : path
         Where ``model.json`` and ``weights.safetensors`` go.
     seed, size : int
-    train_images : int
-        Distinct training images, reused each epoch with random horizontal flips.
-    epochs : int
-    heldout_images : int
-        Images of an independent stream for the reported accuracy.
-    batch_size : int
-    lr : float
-        Peak Adam learning rate of the one-cycle schedule.
+        The world's seed and image side.
+    config : TrainConfig, optional
+        Training settings (default ``TrainConfig()``).
     progress : bool
         Report progress on stderr.
-    head_weights : dict head → weight, optional
-        Weights of the main-object heads' cross-entropies (default ``HEAD_WEIGHTS``).
-    presence_weight : float
-        Weight of the multi-label presence loss (0 drops the presence outputs).
-    presence_category_weights : dict category → weight, optional
-        Per-concept BCE weights by category (default ``PRESENCE_WEIGHTS``).
+    provenance : dict, optional
+        Recorded in the card under ``provenance`` (e.g. the command and code version that made it).
 
     Returns
     -------
     SourceModel
     """
     import torch
-    import torch.nn.functional as F
 
     from conceptrank.nn.models import save_model_card
-    from conceptrank.nn.nets import ConceptNet
+    from conceptrank.nn.nets import WorldNet
 
-    heads = source_heads()
-    hw = dict(HEAD_WEIGHTS if head_weights is None else head_weights)
-    weights = [hw[h] for h in heads]
-    sizes = [len(v) for v in heads.values()]
-    bounds = np.cumsum([0] + sizes)
-    n_presence = len(presence_concepts()) if presence_weight > 0 else 0
-    num_classes = int(bounds[-1]) + n_presence
-    pcw = dict(PRESENCE_WEIGHTS if presence_category_weights is None else presence_category_weights)
-    pcat = [("shape",) * len(SHAPES), ("color",) * len(COLORS), ("material",) * len(MATERIALS), ("scene",) * len(SCENES)]
-    p_w = torch.tensor([pcw[c] for grp in pcat for c in grp], dtype=torch.float32)
-    model_dir = Path(model_dir)
-
+    cfg = config or TrainConfig()
+    loss_fn = _Loss(cfg)
     t0 = time.perf_counter()
-    x_train, y_train, p_train = render_source_data(seed, size, train_images, "train")
-    x_held, y_held, p_held = render_source_data(seed, size, heldout_images, "heldout")
+    stride = cfg.layer4_stride if cfg.dense_weight > 0 else 0
+    data = render_source_dense(seed, size, cfg.train_images, "train", stride)
+    held = render_source_dense(seed, size, cfg.heldout_images, "heldout", 0)
     t_render = time.perf_counter() - t0
     if progress:
-        print(f"  source task: rendered {train_images}+{heldout_images} images in {t_render:.1f} s",
+        print(f"  source task: rendered {cfg.train_images}+{cfg.heldout_images} images in {t_render:.1f} s",
               file=sys.stderr, flush=True)
-
     old_threads = torch.get_num_threads()
-    torch.set_num_threads(_THREADS)
+    torch.set_num_threads(cfg.threads)
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             t1 = time.perf_counter()
-            mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-            std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-            module = ConceptNet(num_classes=num_classes, **_ARCH)
+            module = WorldNet(num_classes=loss_fn.num_outputs, **cfg.arch_kwargs())
             module = module.to(memory_format=torch.channels_last)  # ~2x faster convolutions on CPU
-            opt = torch.optim.Adam(module.parameters(), lr=lr, weight_decay=1e-5)
-            steps_per_epoch = max(1, train_images // batch_size)
-            sched = torch.optim.lr_scheduler.OneCycleLR(
-                opt, max_lr=lr, total_steps=steps_per_epoch * epochs, pct_start=0.25
-            )
-            rng = np.random.default_rng([seed, 6])
-            use_bf16 = _fast_bf16()
-            y_all = torch.from_numpy(y_train)
-            p_all = torch.from_numpy(p_train)
-            final_loss = float("nan")
-            module.train()
-            for ep in range(epochs):
-                perm = rng.permutation(train_images)
-                flips = rng.random(train_images) < 0.5
-                total, count = 0.0, 0
-                for b in range(steps_per_epoch):
-                    idx = np.sort(perm[b * batch_size : (b + 1) * batch_size])
-                    xb = x_train[idx]
-                    fl = flips[idx]
-                    xb = np.where(fl[:, None, None, None], xb[:, :, ::-1], xb)
-                    x = _to_input(np.ascontiguousarray(xb), mean, std)
-                    y = y_all[idx]
-                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-                        logits = module(x).float()
-                    loss = sum(
-                        weights[h] * F.cross_entropy(logits[:, bounds[h] : bounds[h + 1]], y[:, h])
-                        for h in range(len(sizes))
-                    )
-                    if n_presence:
-                        pl = logits[:, bounds[-1] :]
-                        loss = loss + presence_weight * F.binary_cross_entropy_with_logits(
-                            pl, p_all[idx], weight=p_w, reduction="sum") / len(idx)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    sched.step()
-                    total += float(loss.detach()) * len(idx)
-                    count += len(idx)
-                final_loss = total / max(count, 1)
-                if progress:
-                    print(f"  source task: epoch {ep + 1}/{epochs} loss {final_loss:.3f} "
-                          f"({time.perf_counter() - t1:.1f} s)", file=sys.stderr, flush=True)
-
+            final_loss = _fit(module, data, loss_fn, cfg, seed, progress)
             module = module.to(memory_format=torch.contiguous_format)
-            module.eval()
-            correct = np.zeros(len(sizes))
-            pres_correct = 0
-            pres_f1 = [0, 0]
-            with torch.no_grad():
-                for b in range(0, heldout_images, 256):
-                    logits = module(_to_input(x_held[b : b + 256], mean, std))
-                    for h in range(len(sizes)):
-                        pred = logits[:, bounds[h] : bounds[h + 1]].argmax(1).numpy()
-                        correct[h] += (pred == y_held[b : b + 256, h]).sum()
-                    if n_presence:
-                        pred = (logits[:, bounds[-1] :] > 0).numpy()
-                        pres_correct += (pred == (p_held[b : b + 256] > 0)).all(1).sum()
-                        pres_f1[0] += (pred & (p_held[b : b + 256] > 0)).sum()
-                        pres_f1[1] += pred.sum() + (p_held[b : b + 256] > 0).sum()
-                # Logits of the first two held-out images, so that a reloaded card can be checked.
-                n_ref = min(2, heldout_images)
-                ref = module(_to_input(x_held[:n_ref], mean, std)).numpy().astype(np.float64)
+            acc = _evaluate(module, held, loss_fn)
+            with torch.no_grad():  # logits of two held-out images, so that a reloaded card can be checked
+                ref = module(_to_input(held[0][:2])).numpy().astype(np.float64)
             t_train = time.perf_counter() - t1
     finally:
         torch.set_num_threads(old_threads)
-
-    acc = {h: round(float(c / max(heldout_images, 1)), 4) for h, c in zip(heads, correct)}
-    acc["mean"] = round(float(np.mean(list(acc.values()))), 4)
-    if n_presence:
-        acc["presence_f1"] = round(float(2 * pres_f1[0] / max(pres_f1[1], 1)), 4)
-    save_model_card(
-        model_dir,
-        module,
-        "conceptnet",
-        num_classes,
-        (size, size),
-        IMAGENET_MEAN,
-        IMAGENET_STD,
-        arch_kwargs=dict(_ARCH),
-        extra={
-            "source_task": {
-                "heads": {h: list(v) for h, v in heads.items()},
-                "heldout_accuracy": acc,
-                "train_images": train_images,
-                "heldout_images": heldout_images,
-                "epochs": epochs,
-                "batch_size": batch_size,
-                "loss_weights": hw,
-                "presence": {"concepts": list(presence_concepts()) if n_presence else [], "weight": presence_weight},
-                "bf16_autocast": use_bf16,
-                "seed": seed,
-                "reference": {
-                    "split": "heldout",
-                    "images": list(range(n_ref)),
-                    "logits": ref.tolist(),
-                },
-            }
-        },
-    )
+    task = {
+        "heads": {h: list(v) for h, v in source_heads().items()},
+        "heldout_accuracy": acc,
+        "presence": {"concepts": list(presence_concepts()) if loss_fn.n_presence else [],
+                     "weight": cfg.presence_weight},
+        "config": cfg.to_json(),
+        "bf16_autocast": _fast_bf16(),
+        "seed": seed,
+        "size": size,
+        "world_fingerprint": source_fingerprint(seed, size),
+        "reference": {"split": "heldout", "images": [0, 1][: len(ref)], "logits": ref.tolist()},
+    }
+    save_model_card(model_dir, module, "worldnet", loss_fn.num_outputs, (size, size), IMAGENET_MEAN, IMAGENET_STD,
+                    arch_kwargs=cfg.arch_kwargs(),
+                    extra={"source_task": task, **({"provenance": dict(provenance)} if provenance else {})})
     if progress:
         print("  source task: held-out accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()),
               file=sys.stderr, flush=True)
-    return SourceModel(
-        model_dir=model_dir,
-        heads=heads,
-        heldout_accuracy=acc,
-        train_images=train_images,
-        epochs=epochs,
-        final_loss=final_loss,
-        seconds_render=t_render,
-        seconds_train=t_train,
-    )
+    return SourceModel(Path(model_dir), source_heads(), acc, cfg, final_loss, t_render, t_train)

@@ -1,45 +1,61 @@
-"""The synthetic concept world: a probe set, a labelled target set, ground truth and a source model.
+"""The synthetic concept world: a probe set, a labelled target set and ground truth.
 
 Everything is drawn by one scene renderer (:func:`render_scene`) so that the probe set's masks, the
 target set's ground truth and the source model's training data agree about what each concept looks
-like. A scene is a background (one of six *scenes*, optionally overlaid with a *texture*) with 1–4
-*objects*: a shape in a *colour*, filled plain or with a *material* pattern, optionally with *parts*
-(a dark ``rim`` around its outline, a contrasting ``core`` dot at its centre). Later objects occlude
-earlier ones and every label map holds only what is visible.
+like. A scene is a background (one of twelve *scenes* or a studio backdrop, optionally overlaid with
+a *texture*) with 1–4 *objects*: a shape in a *colour*, filled plain or with a *material* pattern,
+optionally with *parts* (see ``OBJECT_PARTS``). Later objects occlude earlier ones and every label
+map holds only what is visible.
+
+The world is defined by the declarative tables at the top of this module (the ``relations`` stage
+derives the world's knowledge graph from them):
+
+``CATEGORIES``      the six Broden categories, in label-number order
+``COLORS``          colour name → prototype RGB (Broden's eleven colour names)
+``SHAPES``          object concepts (category ``object``)
+``PARTS``           part concepts (category ``part``)
+``OBJECT_PARTS``    shape → the parts an object of that shape can have
+``MATERIALS``       surface patterns (category ``material``)
+``SCENES``          background scenes (category ``scene``, image-level labels)
+``TEXTURES``        background overlays (category ``texture``, image-level labels)
+``TARGET_CLASSES``  target class → the concepts planted in its images
 
 ``generate_world(out)`` writes::
 
     out/probe/      a Broden-format probe set (see shared/spec/broden-format.md)
     out/target/     a Stanford-40-layout target set whose classes are defined by planted concepts
     out/truth.json  per-class planted concepts, per-image visible concepts, concept categories
-    out/model/      a ConceptNet model card trained on the world's source task (optional)
 
-The same seed gives byte-identical files: every random draw comes from a ``numpy`` generator seeded
-with ``(seed, stream, index…)``, images are JPEGs of fixed quality and masks PNGs.
+(:func:`conceptrank.synthetic.build.build_world` adds ``out/model/``, the source model.) The same
+seed gives byte-identical files: every random draw comes from a ``numpy`` generator seeded with
+``(seed, stream, index…)``, images are JPEGs of fixed quality and masks PNGs.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from conceptrank.errors import ConceptrankError
 from conceptrank.io.broden import WriterRow, encode_mask, write_broden
+from conceptrank.synthetic.backgrounds import apply_texture, paint_background
+from conceptrank.synthetic.drawing import PART_ORDER, Geometry, draw_object, shape_mask, stem_mask
 
 __all__ = [
     "CATEGORIES",
     "COLORS",
     "SHAPES",
     "PARTS",
+    "OBJECT_PARTS",
     "MATERIALS",
     "SCENES",
     "TEXTURES",
@@ -80,25 +96,46 @@ COLORS: tuple[tuple[str, tuple[int, int, int]], ...] = (
     ("white-c", (240, 240, 240)),
     ("yellow-c", (240, 220, 40)),
 )
-SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "diamond", "hexagon")
-PARTS = ("rim", "core")
-MATERIALS = ("striped", "dotted", "checkered", "wavy")
+SHAPES = (
+    "circle", "square", "triangle", "star", "cross", "ring", "diamond", "hexagon",
+    "crescent", "arrow", "heart",
+)
+#: Parts, each a region of an object painted in a contrasting shade of its colour: ``rim`` an
+#: outline band, ``core`` a centre dot, ``cap`` the top segment, ``tips`` the outer ends of a pointed
+#: shape, ``stem`` a stick under the object, ``eyes`` two small dots above the centre.
+PARTS = ("rim", "core", "cap", "tips", "stem", "eyes")
+#: Which parts an object of each shape can carry (a ring's centre is its hole: no core).
+OBJECT_PARTS: Mapping[str, tuple[str, ...]] = {
+    "circle": ("rim", "core", "cap", "stem", "eyes"),
+    "square": ("rim", "core", "cap", "stem", "eyes"),
+    "triangle": ("rim", "core", "tips", "stem"),
+    "star": ("rim", "core", "tips"),
+    "cross": ("rim", "core", "tips"),
+    "ring": ("rim", "cap", "stem"),
+    "diamond": ("rim", "core", "tips", "stem"),
+    "hexagon": ("rim", "core", "cap", "eyes"),
+    "crescent": ("rim", "tips"),
+    "arrow": ("rim", "tips", "stem"),
+    "heart": ("rim", "core", "cap", "eyes"),
+}
+MATERIALS = ("striped", "dotted", "checkered", "wavy", "zigzag", "ringed")
 SCENES = (
     "sky-s", "forest-s", "desert-s", "ocean-s", "night-s", "room-s",
     "snow-s", "field-s", "street-s", "sunset-s", "cave-s", "beach-s",
 )
-TEXTURES = ("banded", "flecked", "blotchy")
+TEXTURES = ("banded", "flecked", "blotchy", "meshed", "scratched")
 
-#: Target classes and the concepts that define them (shared between classes, unique per class).
+#: Target classes and the concepts planted in their images (shared between classes, unique per
+#: class). A planted part goes on the class's first planted object.
 TARGET_CLASSES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("juggling", ("circle", "red-c", "dotted")),
     ("fishing", ("ring", "blue-c", "wavy", "ocean-s")),
-    ("gardening", ("diamond", "green-c", "forest-s")),
+    ("gardening", ("diamond", "green-c", "stem", "forest-s")),
     ("climbing", ("triangle", "grey-c", "sky-s")),
-    ("stargazing", ("star", "yellow-c", "night-s")),
+    ("stargazing", ("star", "yellow-c", "tips", "night-s")),
     ("cooking", ("square", "orange-c", "room-s")),
     ("sailing", ("triangle", "white-c", "ocean-s")),
-    ("riding_a_camel", ("brown-c", "desert-s")),
+    ("riding_a_camel", ("brown-c", "cap", "desert-s")),
     ("playing_chess", ("square", "checkered", "room-s")),
     ("blowing_bubbles", ("ring", "pink-c", "sky-s")),
 )
@@ -106,18 +143,18 @@ TARGET_CLASSES: tuple[tuple[str, tuple[str, ...]], ...] = (
 JPEG_QUALITY = 90
 _KEEP_P = 0.8  # probability that a planted concept is kept in a target image
 _TEXTURE_P = 0.3  # probability that a background carries a texture
+_MATERIAL_P = 0.55  # probability that an object is patterned
+_PART_P = 0.35  # probability of each part a shape allows
 # Share of probe images on a studio backdrop without a scene label. Image-level labels make a unit's
 # IoU at most quantile / (share of images with the label), so with every image carrying one of 12
-# scenes no scene unit could pass IoU 0.04 at NetDissect's 0.005 quantile. 0.55 rather than 0.4
-# raised the reachable ground-truth precision (more scene detectors) on seed 0.
+# scenes no scene unit could pass IoU 0.04 at NetDissect's 0.005 quantile.
 _STUDIO_P = 0.55
+_SOURCE_MAIN_SCALE = (0.24, 0.38)  # radius of a source image's dominant object (fraction of the side)
 _MIN_VISIBLE = 0.5  # an object keeps at least this fraction of its pixels when others land on it
 
 # Random streams: each (seed, stream, index...) tuple seeds its own generator, so e.g. the probe
 # set does not change when the number of target images does.
 _STREAM_PROBE, _STREAM_TARGET, _STREAM_SPLIT, _STREAM_SOURCE_TRAIN, _STREAM_SOURCE_HELDOUT = 1, 2, 3, 4, 5
-
-
 @dataclass(frozen=True)
 class Vocabulary:
     """The world's labels with their global Broden numbers (colours first, 1-based).
@@ -140,6 +177,7 @@ class Vocabulary:
         return tuple(n for _, n, c in self.labels if c == category)
 
 
+@lru_cache(maxsize=1)
 def concept_vocabulary() -> Vocabulary:
     """The synthetic world's label table (the same for every seed)."""
     groups = (
@@ -163,18 +201,19 @@ def concept_vocabulary() -> Vocabulary:
 
 
 # -- scene specifications -----------------------------------------------------------------------
+# -- scene specifications -----------------------------------------------------------------------
 @dataclass(frozen=True)
 class ObjectSpec:
     """What an object looks like; where it goes is drawn by the renderer.
 
-    ``scale`` is the ``(min, max)`` radius as a fraction of the image side.
+    ``parts`` is a subset of ``OBJECT_PARTS[shape]``; ``scale`` is the ``(min, max)`` radius as a
+    fraction of the image side.
     """
 
     shape: str
     color: str
     material: str | None = None
-    rim: bool = False
-    core: bool = False
+    parts: tuple[str, ...] = ()
     scale: tuple[float, float] = (0.12, 0.24)
     planted: bool = False
 
@@ -212,8 +251,8 @@ class RenderedScene:
     ----------
     image : np.ndarray (S, S, 3) uint8, before JPEG compression.
     planes : dict category → tuple of (S, S) int32 label maps holding global label numbers
-        (``color``: 1 plane, ``object``: 1, ``part``: 2 (rim, core), ``material``: 1).
-    image_labels : dict category → tuple of label numbers (``scene``: 1, ``texture``: 0 or 1).
+        (``color``, ``object``, ``part``, ``material``: one plane each).
+    image_labels : dict category → tuple of label numbers (``scene``: 0 or 1, ``texture``: 0 or 1).
     concepts : frozenset of str — every concept visible in the image (names as in label.csv).
     objects : tuple of PlacedObject, in drawing order.
     spec : SceneSpec — what was rendered.
@@ -235,18 +274,15 @@ class RenderedScene:
         return best
 
 
+def _random_parts(rng: np.random.Generator, shape: str, avoid: Sequence[str] = ()) -> tuple[str, ...]:
+    return tuple(p for p in OBJECT_PARTS[shape] if rng.random() < _PART_P and p not in avoid)
+
+
 def _random_object(rng: np.random.Generator, scale=(0.12, 0.24)) -> ObjectSpec:
     shape = SHAPES[rng.integers(len(SHAPES))]
     color = COLORS[rng.integers(len(COLORS))][0]
-    material = MATERIALS[rng.integers(len(MATERIALS))] if rng.random() < 0.55 else None
-    return ObjectSpec(
-        shape=shape,
-        color=color,
-        material=material,
-        rim=bool(rng.random() < 0.5),
-        core=bool(rng.random() < 0.45) and shape != "ring",  # a ring's centre is its hole
-        scale=scale,
-    )
+    material = MATERIALS[rng.integers(len(MATERIALS))] if rng.random() < _MATERIAL_P else None
+    return ObjectSpec(shape=shape, color=color, material=material, parts=_random_parts(rng, shape), scale=scale)
 
 
 def _random_texture(rng: np.random.Generator) -> str | None:
@@ -275,424 +311,154 @@ def _other(rng: np.random.Generator, choices: Sequence, avoid) -> object:
     return rest[rng.integers(len(rest))]
 
 
-def class_scene_spec(rng: np.random.Generator, planted: Sequence[str]) -> SceneSpec:
-    """A scene that plants a class's concepts, each kept with probability 0.8 (at least two kept).
-
-    Object concepts become planted objects (the first one takes the class's colour and material;
-    a class with a colour or material but no shape gets a planted object of random shape). A dropped
-    concept is replaced by a random different value. One or two random distractor objects are added
-    and all objects are drawn in random order.
-    """
-    vocab_cat = concept_vocabulary().category
-    planted = list(planted)
+def _kept_concepts(rng: np.random.Generator, planted: Sequence[str]) -> set[str]:
+    """Each planted concept kept with probability ``_KEEP_P``, at least two kept."""
     keep = [bool(rng.random() < _KEEP_P) for _ in planted]
     while sum(keep) < min(2, len(planted)):
         dropped = [i for i, k in enumerate(keep) if not k]
         keep[dropped[rng.integers(len(dropped))]] = True
-    kept = {c for c, k in zip(planted, keep) if k}
+    return {c for c, k in zip(planted, keep) if k}
 
-    by_cat: dict[str, list[str]] = {}
-    for c in planted:
-        by_cat.setdefault(vocab_cat[c], []).append(c)
+
+def _planted_objects(rng: np.random.Generator, by_cat: Mapping[str, list[str]], kept: set[str]) -> list[ObjectSpec]:
+    """The planted objects of a class: one per planted shape, the first with the planted colour,
+    material and part (a class with no shape but one of those gets one object of a fitting shape)."""
 
     def pick(choices: Sequence, concept, default):
         if concept is None:
             return default
         return concept if concept in kept else _other(rng, choices, concept)
 
-    scene_c = (by_cat.get("scene") or [None])[0]
     color_c = (by_cat.get("color") or [None])[0]
     material_c = (by_cat.get("material") or [None])[0]
-    scene = pick(SCENES, scene_c, SCENES[rng.integers(len(SCENES))])
-    shapes = by_cat.get("object") or ([] if color_c is None and material_c is None else [None])
+    part_c = (by_cat.get("part") or [None])[0]
+    shapes = by_cat.get("object") or ([None] if (color_c, material_c, part_c) != (None,) * 3 else [])
     objects = []
     for k, shape_c in enumerate(shapes):
         rand = _random_object(rng)
-        shape = pick(SHAPES, shape_c, rand.shape)
+        fitting = [s for s in SHAPES if part_c in OBJECT_PARTS[s]] if k == 0 and part_c else SHAPES
+        shape = pick(SHAPES, shape_c, rand.shape if rand.shape in fitting else fitting[rng.integers(len(fitting))])
         color, material = rand.color, rand.material
+        parts = _random_parts(rng, shape, avoid=(part_c,) if part_c else ())
         if k == 0:
             color = pick([n for n, _ in COLORS], color_c, color)
             material = pick(list(MATERIALS) + [None], material_c, material)
-        objects.append(
-            ObjectSpec(shape, color, material, rand.rim, rand.core and shape != "ring", (0.19, 0.3), planted=True)
-        )
+            if part_c in kept:
+                parts = tuple(p for p in OBJECT_PARTS[shape] if p in parts or p == part_c)
+        objects.append(ObjectSpec(shape, color, material, parts, (0.19, 0.3), planted=True))
+    return objects
+
+
+def class_scene_spec(rng: np.random.Generator, planted: Sequence[str]) -> SceneSpec:
+    """A scene that plants a class's concepts, each kept with probability 0.8 (at least two kept).
+
+    Object concepts become planted objects (the first one takes the class's colour, material and
+    part; a class with one of those but no shape gets a planted object of random fitting shape). A
+    dropped concept is replaced by a random different value (a dropped part is left out). One or two
+    random distractor objects are added and all objects are drawn in random order.
+    """
+    vocab_cat = concept_vocabulary().category
+    kept = _kept_concepts(rng, planted)
+    by_cat: dict[str, list[str]] = {}
+    for c in planted:
+        by_cat.setdefault(vocab_cat[c], []).append(c)
+    scene_c = (by_cat.get("scene") or [None])[0]
+    scene = SCENES[rng.integers(len(SCENES))]
+    if scene_c is not None:
+        scene = scene_c if scene_c in kept else _other(rng, SCENES, scene_c)
+    objects = _planted_objects(rng, by_cat, kept)
     n_distract = int(rng.integers(1, 3))
     objects += [_random_object(rng, (0.11, 0.2)) for _ in range(n_distract)]
     order = rng.permutation(len(objects))
     return SceneSpec(scene, _random_texture(rng), tuple(objects[i] for i in order))
 
 
-# -- drawing ------------------------------------------------------------------------------------
-def _lowfreq(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
-    """Smooth noise in about [-2, 2]: a ``cells``-grid of normals upsampled bilinearly."""
-    g = rng.standard_normal((cells + 1, cells + 1)).astype(np.float32)
-    return np.asarray(Image.fromarray(g, "F").resize((size, size), Image.BILINEAR), dtype=np.float32)
-
-
-def _gradient(c1, c2, t: np.ndarray) -> np.ndarray:
-    t = np.clip(t, 0.0, 1.0)[..., None]
-    return np.asarray(c1, np.float32) * (1 - t) + np.asarray(c2, np.float32) * t
-
-
-def _jitter(rng: np.random.Generator, rgb, amount: int = 14) -> np.ndarray:
-    return np.clip(np.asarray(rgb, np.float32) + rng.integers(-amount, amount + 1, 3), 0, 255)
-
-
-def _background(rng: np.random.Generator, scene: str | None, size: int, cnum: Mapping[str, int]):
-    """Background RGB (float32, S×S×3) and its colour label map (int32, global numbers)."""
+# -- rendering ----------------------------------------------------------------------------------
+def _place(rng: np.random.Generator, o: ObjectSpec, size: int, owner: np.ndarray, areas: list[int]) -> Geometry:
+    """Draw a placement for ``o``, redrawn (up to 12 times) while it would hide more than half of an
+    earlier object; the best of the tries is kept."""
     S = size
-    Y, X = np.mgrid[0:S, 0:S].astype(np.float32) / S
-    lab = np.zeros((S, S), np.int32)
-    if scene is None:  # studio backdrop: a neutral tone, a soft gradient, no scene
-        # Neutral only: a red backdrop would add a whole image to red-c's area and drown the IoU of
-        # units that detect red objects.
-        name = ("black-c", "grey-c", "white-c")[rng.integers(3)]
-        rgb0 = dict(COLORS)[name]
-        a = rng.uniform(0, 2 * np.pi)
-        t = 0.5 + (X - 0.5) * np.cos(a) + (Y - 0.5) * np.sin(a)
-        base = _jitter(rng, rgb0, 10)
-        rgb = _gradient(base * 1.1, base * 0.8, t)
-        lab[:] = cnum[name]
-    elif scene == "sky-s":
-        tilt = rng.uniform(-0.3, 0.3)
-        rgb = _gradient(_jitter(rng, (70, 130, 225)), _jitter(rng, (165, 200, 245)), Y + tilt * (X - 0.5))
-        lab[:] = cnum["blue-c"]
-        for _ in range(int(rng.integers(0, 4))):
-            cx, cy = rng.uniform(0, 1), rng.uniform(0, 0.8)
-            rx, ry = rng.uniform(0.1, 0.25), rng.uniform(0.04, 0.09)
-            m = ((X - cx) / rx) ** 2 + ((Y - cy) / ry) ** 2 <= 1
-            rgb[m] = _jitter(rng, (238, 240, 245), 8)
-            lab[m] = cnum["white-c"]
-    elif scene == "ocean-s":
-        h0 = rng.uniform(0.25, 0.45)
-        sky = _gradient(_jitter(rng, (120, 170, 235)), _jitter(rng, (185, 215, 245)), Y / h0)
-        sea = _gradient(_jitter(rng, (25, 80, 160)), _jitter(rng, (10, 40, 105)), (Y - h0) / (1 - h0))
-        p, q = rng.uniform(0.07, 0.12), rng.uniform(0.3, 0.6)
-        wave = np.sin(2 * np.pi * (Y / p + 0.35 * np.sin(2 * np.pi * X / q + rng.uniform(0, 6.3)))) > 0.55
-        sea = sea + 35 * wave[..., None]
-        below = Y >= h0
-        rgb = np.where(below[..., None], sea, sky)
-        lab[:] = cnum["blue-c"]
-    elif scene == "forest-s":
-        rgb = _gradient(_jitter(rng, (30, 85, 30)), _jitter(rng, (55, 125, 45)), Y)
-        rgb = rgb * (1 + 0.22 * _lowfreq(rng, S, 7))[..., None]
-        lab[:] = cnum["green-c"]
-        for _ in range(int(rng.integers(2, 5))):
-            x0, w = rng.uniform(0, 0.95), rng.uniform(0.04, 0.08)
-            top = rng.uniform(0.3, 0.6)
-            m = (X >= x0) & (X < x0 + w) & (Y >= top)
-            rgb[m] = _jitter(rng, (95, 62, 32), 10)
-            lab[m] = cnum["brown-c"]
-    elif scene == "desert-s":
-        h0 = rng.uniform(0.15, 0.35)
-        sky = _gradient(_jitter(rng, (130, 180, 235)), _jitter(rng, (200, 220, 240)), Y / h0)
-        sand = _gradient(_jitter(rng, (235, 200, 95)), _jitter(rng, (215, 170, 70)), (Y - h0) / (1 - h0))
-        q = rng.uniform(0.4, 0.8)
-        dune = 1 + 0.1 * np.sin(2 * np.pi * (X / q + 2.5 * Y) + rng.uniform(0, 6.3))
-        sand = sand * dune[..., None]
-        below = Y >= h0
-        rgb = np.where(below[..., None], sand, sky)
-        lab[:] = np.where(below, cnum["yellow-c"], cnum["blue-c"])
-    elif scene == "night-s":
-        rgb = _gradient(_jitter(rng, (6, 6, 28), 5), _jitter(rng, (22, 22, 55), 6), Y)
-        lab[:] = cnum["black-c"]
-        stars = rng.random((S, S)) < 0.012
-        rgb[stars] = 235
-        lab[stars] = cnum["white-c"]
-        if rng.random() < 0.5:
-            cx, cy, r = rng.uniform(0.1, 0.9), rng.uniform(0.05, 0.4), rng.uniform(0.05, 0.08)
-            m = (X - cx) ** 2 + (Y - cy) ** 2 <= r * r
-            rgb[m] = _jitter(rng, (235, 235, 215), 6)
-            lab[m] = cnum["white-c"]
-    elif scene == "room-s":
-        h0 = rng.uniform(0.55, 0.78)
-        wall = _gradient(_jitter(rng, (180, 175, 165)), _jitter(rng, (150, 146, 140)), Y / h0)
-        floor = np.broadcast_to(_jitter(rng, (125, 82, 45)), (S, S, 3)).astype(np.float32)
-        planks = (np.floor((Y - h0) * S / max(2.0, S * 0.06)) % 2) == 1
-        floor = floor * (1 - 0.15 * planks[..., None])
-        below = Y >= h0
-        rgb = np.where(below[..., None], floor, wall)
-        lab[:] = np.where(below, cnum["brown-c"], cnum["grey-c"])
-        if rng.random() < 0.6:
-            x0, y0 = rng.uniform(0.05, 0.6), rng.uniform(0.05, 0.25)
-            w, h = rng.uniform(0.2, 0.35), rng.uniform(0.18, min(0.3, h0 - y0 - 0.05))
-            m = (X >= x0) & (X < x0 + w) & (Y >= y0) & (Y < y0 + h)
-            rgb[m] = _jitter(rng, (150, 190, 235))
-            lab[m] = cnum["blue-c"]
-    elif scene == "snow-s":
-        h0 = rng.uniform(0.3, 0.5)
-        sky = _gradient(_jitter(rng, (150, 152, 160)), _jitter(rng, (195, 197, 205)), Y / h0)
-        snow = _gradient(_jitter(rng, (240, 242, 248), 6), _jitter(rng, (215, 222, 240), 6), (Y - h0) / (1 - h0))
-        snow = snow * (1 - 0.07 * np.clip(_lowfreq(rng, S, 4), 0, 2))[..., None]  # drifts
-        below = Y >= h0 + 0.04 * np.sin(2 * np.pi * X / rng.uniform(0.5, 1.0) + rng.uniform(0, 6.3))
-        rgb = np.where(below[..., None], snow, sky)
-        lab[:] = np.where(below, cnum["white-c"], cnum["grey-c"])
-    elif scene == "field-s":
-        h0 = rng.uniform(0.25, 0.5)
-        sky = _gradient(_jitter(rng, (90, 150, 230)), _jitter(rng, (175, 210, 245)), Y / h0)
-        grass = _gradient(_jitter(rng, (110, 185, 60)), _jitter(rng, (60, 140, 35)), (Y - h0) / (1 - h0))
-        blades = rng.random((S, S)) < 0.25
-        blades = blades | np.roll(blades, 1, axis=0)  # short vertical strokes
-        grass = grass * (1 - 0.25 * blades[..., None])
-        below = Y >= h0
-        rgb = np.where(below[..., None], grass, sky)
-        lab[:] = np.where(below, cnum["green-c"], cnum["blue-c"])
-    elif scene == "street-s":
-        h_road = rng.uniform(0.65, 0.8)
-        rgb = _gradient(_jitter(rng, (110, 165, 230)), _jitter(rng, (170, 205, 240)), Y)
-        lab[:] = cnum["blue-c"]
-        x = rng.uniform(-0.1, 0.05)
-        while x < 1:
-            w, top = rng.uniform(0.18, 0.35), rng.uniform(0.1, 0.45)
-            name = "brown-c" if rng.random() < 0.5 else "grey-c"
-            base = _jitter(rng, (140, 88, 58) if name == "brown-c" else (118, 118, 124))
-            m = (X >= x) & (X < x + w) & (Y >= top) & (Y < h_road)
-            rgb[m] = base
-            lab[m] = cnum[name]
-            win = m & ((X - x) * S % 6 < 3) & ((Y - top) * S % 7 < 3.5) & (X - x > 0.03) & (Y - top > 0.04)
-            rgb[win] = _jitter(rng, (35, 35, 45), 6)
-            lab[win] = cnum["black-c"]
-            x += w + rng.uniform(0.0, 0.06)
-        road = Y >= h_road
-        rgb[road] = _jitter(rng, (80, 80, 86))
-        lab[road] = cnum["grey-c"]
-        dash = road & (np.abs(Y - (1 + h_road) / 2) < 0.025) & ((X * S) % 12 < 6)
-        rgb[dash] = 235
-        lab[dash] = cnum["white-c"]
-    elif scene == "sunset-s":
-        h0 = rng.uniform(0.55, 0.75)
-        t = Y / h0
-        rgb = _gradient(_jitter(rng, (105, 45, 125)), _jitter(rng, (250, 140, 45)), t)
-        lab[:] = np.where(t < 0.5, cnum["purple-c"], cnum["orange-c"])
-        cx, r = rng.uniform(0.2, 0.8), rng.uniform(0.07, 0.12)
-        sun = (X - cx) ** 2 + (Y - h0 + 0.02) ** 2 <= r * r
-        rgb[sun] = _jitter(rng, (250, 225, 70), 6)
-        lab[sun] = cnum["yellow-c"]
-        ground = Y >= h0 + 0.05 * np.sin(2 * np.pi * X / rng.uniform(0.4, 0.9) + rng.uniform(0, 6.3))
-        rgb[ground] = _jitter(rng, (25, 18, 22), 6)
-        lab[ground] = cnum["black-c"]
-    elif scene == "cave-s":
-        rgb = np.broadcast_to(_jitter(rng, (85, 60, 40), 7), (S, S, 3)).astype(np.float32)
-        rgb = rgb * (1 + 0.3 * np.clip(_lowfreq(rng, S, 8), -1.5, 1.5))[..., None]
-        lab[:] = cnum["brown-c"]
-        cx, cy = rng.uniform(0.3, 0.7), rng.uniform(0.35, 0.65)
-        rx, ry = rng.uniform(0.15, 0.3), rng.uniform(0.2, 0.35)
-        hole = ((X - cx) / rx) ** 2 + ((Y - cy) / ry) ** 2 <= 1
-        rgb[hole] = _jitter(rng, (15, 12, 10), 5)
-        lab[hole] = cnum["black-c"]
-    elif scene == "beach-s":
-        h1 = rng.uniform(0.2, 0.35)
-        h2 = h1 + rng.uniform(0.12, 0.22)
-        sky = _gradient(_jitter(rng, (100, 165, 235)), _jitter(rng, (180, 215, 245)), Y / h1)
-        sea = np.broadcast_to(_jitter(rng, (30, 120, 170)), (S, S, 3)).astype(np.float32)
-        sand = _gradient(_jitter(rng, (225, 205, 150)), _jitter(rng, (240, 220, 165)), (Y - h2) / (1 - h2))
-        shore = h2 + 0.03 * np.sin(2 * np.pi * X / rng.uniform(0.3, 0.6) + rng.uniform(0, 6.3))
-        rgb = np.where((Y < h1)[..., None], sky, np.where((Y < shore)[..., None], sea, sand))
-        foam = (Y >= shore) & (Y < shore + 0.03)
-        rgb[foam] = 240
-        lab[:] = np.where(Y < shore, cnum["blue-c"], cnum["yellow-c"])
-        lab[foam] = cnum["white-c"]
-    else:  # pragma: no cover - specs come from SCENES
-        raise ValueError(f"unknown scene {scene!r}")
-    rgb = rgb * (1 + 0.06 * _lowfreq(rng, S, 3))[..., None]
-    return rgb.astype(np.float32), lab
+    Y, X = np.mgrid[0:S, 0:S].astype(np.float32)
+    best = None
+    for _ in range(12):
+        r = S * rng.uniform(*o.scale)
+        # Keep most of the object inside the image: a shape cut in half is no longer that shape.
+        lo, hi = max(0.12 * S, 0.75 * r), min(0.88 * S, S - 0.75 * r)
+        g = Geometry(rng.uniform(lo, hi), rng.uniform(lo, hi), r, rng.uniform(-np.pi / 6, np.pi / 6))
+        m = shape_mask(o.shape, g, S)
+        if "stem" in o.parts:
+            m = m | stem_mask(g, X, Y)
+        worst = 1.0
+        if areas:
+            counts = np.bincount(owner[~m], minlength=len(areas) + 1)[1:]
+            worst = min(counts[j] / max(areas[j], 1) for j in range(len(areas)))
+        if best is None or worst > best[0]:
+            best = (worst, g)
+        if worst >= _MIN_VISIBLE:
+            break
+    return best[1]
 
 
-def _texture(rng: np.random.Generator, texture: str, rgb: np.ndarray) -> np.ndarray:
-    S = rgb.shape[0]
-    Y, X = np.mgrid[0:S, 0:S].astype(np.float32) / S
-    if texture == "banded":
-        a = rng.uniform(0, np.pi)
-        t = X * np.cos(a) + Y * np.sin(a)
-        mult = 1 + 0.2 * np.sign(np.sin(2 * np.pi * t / rng.uniform(0.12, 0.2)))
-    elif texture == "flecked":
-        mult = 1 + rng.choice([-0.45, 0.45], (S, S)) * (rng.random((S, S)) < 0.12)
-    elif texture == "blotchy":
-        mult = 1 + 0.3 * np.clip(_lowfreq(rng, S, 6), -1.5, 1.5)
-    else:  # pragma: no cover
-        raise ValueError(f"unknown texture {texture!r}")
-    return rgb * mult[..., None].astype(np.float32)
-
-
-def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
-    if shape == "square":
-        pts = [(-0.8, -0.8), (0.8, -0.8), (0.8, 0.8), (-0.8, 0.8)]
-    elif shape == "triangle":
-        pts = [(1.1 * math.cos(t), 1.1 * math.sin(t)) for t in np.radians([-90, 30, 150])]
-        pts = [(x, y + 0.2) for x, y in pts]
-    elif shape == "star":
-        pts = []
-        for k in range(10):
-            t = math.radians(-90 + 36 * k)
-            rr = 1.1 if k % 2 == 0 else 0.45
-            pts.append((rr * math.cos(t), rr * math.sin(t)))
-    elif shape == "cross":
-        a, b = 0.33, 1.0
-        pts = [(-a, -b), (a, -b), (a, -a), (b, -a), (b, a), (a, a), (a, b), (-a, b), (-a, a), (-b, a), (-b, -a), (-a, -a)]
-    elif shape == "diamond":
-        pts = [(0, -1.15), (0.62, 0), (0, 1.15), (-0.62, 0)]
-    elif shape == "hexagon":
-        pts = [(0.95 * math.cos(t), 0.95 * math.sin(t)) for t in np.radians(np.arange(0, 360, 60))]
-    else:  # pragma: no cover
-        raise ValueError(f"no polygon for {shape!r}")
-    c, s = math.cos(angle), math.sin(angle)
-    return [(cx + r * (x * c - y * s), cy + r * (x * s + y * c)) for x, y in pts]
-
-
-def _shape_mask(shape: str, cx: float, cy: float, r: float, angle: float, size: int) -> np.ndarray:
-    im = Image.new("L", (size, size), 0)
-    d = ImageDraw.Draw(im)
-    if shape in ("circle", "ring"):
-        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=1)
-        if shape == "ring":
-            ri = 0.55 * r
-            d.ellipse([cx - ri, cy - ri, cx + ri, cy + ri], fill=0)
-    else:
-        d.polygon(_polygon(shape, cx, cy, r, angle), fill=1)
-    return np.asarray(im, dtype=bool)
-
-
-def _erode(m: np.ndarray, steps: int) -> np.ndarray:
-    # Edge padding: an object cut by the image border has no rim along the border.
-    out = m
-    for _ in range(steps):
-        p = np.pad(out, 1, mode="edge")
-        out = out & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
-    return out
-
-
-def _pattern(material: str, X, Y, cx, cy, angle, period, phase) -> np.ndarray:
-    c, s = math.cos(angle), math.sin(angle)
-    u = (X - cx) * c + (Y - cy) * s + phase
-    v = -(X - cx) * s + (Y - cy) * c + phase
-    if material == "striped":
-        return (u % period) < period / 2
-    if material == "dotted":
-        du, dv = (u % period) - period / 2, (v % period) - period / 2
-        return du * du + dv * dv <= (0.3 * period) ** 2
-    if material == "checkered":
-        return ((np.floor(u / period) + np.floor(v / period)) % 2) == 0
-    if material == "wavy":
-        return ((v + 0.3 * period * np.sin(2 * np.pi * u / (1.6 * period))) % period) < period / 2
-    raise ValueError(f"unknown material {material!r}")  # pragma: no cover
-
-
-def _lum(rgb) -> float:
-    return float(0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2])
+def _label_planes(drawn, spec: SceneSpec, size: int, num: Mapping[str, int]) -> dict[str, np.ndarray]:
+    """Colour, object, part and material label maps of the drawn objects (later ones on top)."""
+    planes = {c: np.zeros((size, size), np.int32) for c in ("color", "object", "part", "material")}
+    part_numbers = np.array([0] + [num[p] for p in PART_ORDER], np.int32)
+    for o, d in zip(spec.objects, drawn):
+        planes["color"][d.mask] = num[o.color]
+        planes["object"][d.mask] = num[o.shape]
+        planes["part"][d.mask] = part_numbers[d.parts[d.mask]]
+        planes["material"][d.mask] = 0
+        if o.material is not None:
+            planes["material"][d.surface] = num[o.material]
+    return planes
 
 
 def render_scene(rng: np.random.Generator, spec: SceneSpec, size: int) -> RenderedScene:
     """Render ``spec`` at ``size``×``size`` pixels with full-resolution label maps.
 
     Positions, scales and rotations are drawn from ``rng``; an object's placement is redrawn (up to
-    12 times) when it would hide more than half of an earlier object.
+    12 times) when it would hide more than half of an earlier object. Colour labels lie on objects
+    only (see :mod:`conceptrank.synthetic.backgrounds`).
 
     Returns
     -------
     RenderedScene
     """
-    vocab = concept_vocabulary()
-    num = vocab.number
+    num = concept_vocabulary().number
     palette = dict(COLORS)
-    S = size
-    rgb, _ = _background(rng, spec.scene, S, num)
-    # Colour labels lie on objects only: a scene's large areas of sky, sea or sand would give a colour
-    # so much area that no unit could reach IoU 0.04 with it at a 0.005 activation quantile (IoU is
-    # at most quantile / coverage), leaving the colours that backgrounds take undissectable.
-    color_lab = np.zeros((S, S), np.int32)
+    rgb = paint_background(rng, spec.scene, size)
     if spec.texture is not None:
-        rgb = _texture(rng, spec.texture, rgb)
-    object_lab = np.zeros((S, S), np.int32)
-    rim_lab = np.zeros((S, S), np.int32)
-    core_lab = np.zeros((S, S), np.int32)
-    material_lab = np.zeros((S, S), np.int32)
-    owner = np.zeros((S, S), np.int32)  # 1-based index of the object owning each pixel
+        rgb = apply_texture(rng, spec.texture, rgb)
+    owner = np.zeros((size, size), np.int32)  # 1-based index of the object owning each pixel
     areas: list[int] = []
-    Y, X = np.mgrid[0:S, 0:S].astype(np.float32)
-    geoms = []
+    geoms, drawn = [], []
     for k, o in enumerate(spec.objects):
-        best = None
-        for _ in range(12):
-            r = S * rng.uniform(*o.scale)
-            # Keep most of the object inside the image: a shape cut in half is no longer that shape.
-            lo, hi = max(0.12 * S, 0.75 * r), min(0.88 * S, S - 0.75 * r)
-            cx, cy = rng.uniform(lo, hi), rng.uniform(lo, hi)
-            angle = rng.uniform(-np.pi / 6, np.pi / 6)
-            m = _shape_mask(o.shape, cx, cy, r, angle, S)
-            if k:
-                counts = np.bincount(owner[~m], minlength=k + 1)[1:]
-                worst = min(counts[j] / max(areas[j], 1) for j in range(k))
-            else:
-                worst = 1.0
-            if best is None or worst > best[0]:
-                best = (worst, r, cx, cy, angle, m)
-            if worst >= _MIN_VISIBLE:
-                break
-        _, r, cx, cy, angle, m = best
-        areas.append(int(m.sum()))
-        geoms.append((cx, cy, r, angle))
-
-        base = _jitter(rng, palette[o.color], 16)
-        phi = rng.uniform(0, 2 * np.pi)
-        shade = 1 + 0.14 * np.clip(((X - cx) * math.cos(phi) + (Y - cy) * math.sin(phi)) / max(r, 1), -1, 1)
-        fill = base[None, None, :] * shade[..., None]
-        lum = _lum(base)
-        pat = None
-        if o.material is not None:
-            pat = _pattern(
-                o.material, X, Y, cx, cy, rng.uniform(-np.pi, np.pi),
-                max(3.0, S * rng.uniform(0.07, 0.1)), rng.uniform(0, 10),
-            ) & m
-            alt = base * 0.55 if lum > 80 else np.minimum(base + 90, 255)
-            fill[pat] = alt * shade[pat][:, None]
-        rim = core = None
-        if o.rim:
-            rim = m & ~_erode(m, max(1, int(round(r * 0.14))))
-            fill[rim] = base * 0.3 if lum > 70 else np.minimum(base + 130, 255)
-        if o.core:
-            rc = max(1.3, 0.3 * r)
-            core = ((X - cx) ** 2 + (Y - cy) ** 2 <= rc * rc) & m
-            fill[core] = 25 if lum > 140 else 235
-        rgb[m] = fill[m]
-        owner[m] = k + 1
-        color_lab[m] = num[o.color]
-        object_lab[m] = num[o.shape]
-        material_lab[m] = num[o.material] if o.material is not None else 0
-        rim_lab[m] = 0
-        core_lab[m] = 0
-        if rim is not None:
-            rim_lab[rim] = num["rim"]
-        if core is not None:
-            core_lab[core] = num["core"]
-
+        g = _place(rng, o, size, owner, areas)
+        d = draw_object(rng, o, np.clip(palette[o.color] + rng.integers(-16, 17, 3), 0, 255).astype(np.float32), g, size)
+        rgb[d.mask] = d.rgb[d.mask]
+        owner[d.mask] = k + 1
+        areas.append(int(d.mask.sum()))
+        geoms.append(g)
+        drawn.append(d)
     # Global lighting, sensor noise.
     rgb = rgb * rng.uniform(0.9, 1.1) + rng.uniform(-10, 10)
     rgb = rgb + rng.normal(0, rng.uniform(2, 6), rgb.shape)
     image = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
 
+    # Only what is visible: labels of a pixel come from the last object drawn on it.
+    drawn = [type(d)(d.mask & (owner == k + 1), d.surface & (owner == k + 1), d.rgb, d.parts) for k, d in enumerate(drawn)]
+    planes = _label_planes(drawn, spec, size, num)
     visible = np.bincount(owner.ravel(), minlength=len(spec.objects) + 1)[1:]
-    placed = tuple(
-        PlacedObject(o, float(g[0]), float(g[1]), float(g[2]), float(g[3]), int(v))
-        for o, g, v in zip(spec.objects, geoms, visible)
-    )
-    planes = {
-        "color": (color_lab,),
-        "object": (object_lab,),
-        "part": (rim_lab, core_lab),
-        "material": (material_lab,),
-    }
+    placed = tuple(PlacedObject(o, g.cx, g.cy, g.radius, g.angle, int(v)) for o, g, v in zip(spec.objects, geoms, visible))
     image_labels = {
         "scene": (num[spec.scene],) if spec.scene is not None else (),
         "texture": (num[spec.texture],) if spec.texture is not None else (),
     }
-    present: set[int] = set()
-    for ps in planes.values():
-        for p in ps:
-            present.update(int(v) for v in np.flatnonzero(np.bincount(p.ravel())) if v)
-    for labs in image_labels.values():
-        present.update(labs)
-    concepts = frozenset(vocab.names[n] for n in present)
-    return RenderedScene(image, planes, image_labels, concepts, placed, spec)
+    present = {int(v) for p in planes.values() for v in np.flatnonzero(np.bincount(p.ravel())) if v}
+    present.update(n for labs in image_labels.values() for n in labs)
+    names = concept_vocabulary().names
+    concepts = frozenset(names[n] for n in present)
+    return RenderedScene(image, {c: (p,) for c, p in planes.items()}, image_labels, concepts, placed, spec)
 
 
 def downsample_labels(labels: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -732,9 +498,8 @@ def source_scene(seed: int, index: int, size: int, split: str = "train") -> Rend
     stream = {"train": _STREAM_SOURCE_TRAIN, "heldout": _STREAM_SOURCE_HELDOUT}[split]
     rng = np.random.default_rng([seed, stream, index])
     scene = SCENES[rng.integers(len(SCENES))]
-    # dominant object radius 0.28-0.40 of the side (was 0.22-0.34): shapes are learnt faster
-    objects = [_random_object(rng, (0.28, 0.40))]
-    objects += [_random_object(rng, (0.1, 0.18)) for _ in range(int(rng.integers(0, 3)))]
+    objects = [_random_object(rng, _SOURCE_MAIN_SCALE)]
+    objects += [_random_object(rng, (0.1, 0.2)) for _ in range(int(rng.integers(0, 3)))]
     order = rng.permutation(len(objects))
     spec = SceneSpec(scene, _random_texture(rng), tuple(objects[i] for i in order))
     return render_scene(rng, spec, size)
@@ -762,6 +527,7 @@ class WorldInfo:
     classes : tuple of str — target classes in actions.txt order.
     concepts : tuple of str — every label name in label.csv order.
     source_accuracy : dict head → held-out accuracy of the source model, or None.
+    model_note : str or None — where the model came from (shipped or trained here).
     timings : dict stage → seconds.
     """
 
@@ -779,6 +545,7 @@ class WorldInfo:
     classes: tuple[str, ...]
     concepts: tuple[str, ...]
     source_accuracy: Mapping[str, float] | None = None
+    model_note: str | None = None
     timings: Mapping[str, float] = field(default_factory=dict)
 
     def summary(self) -> str:
@@ -793,9 +560,9 @@ class WorldInfo:
         ]
         if self.model_dir is not None:
             acc = ", ".join(f"{k} {v:.3f}" for k, v in (self.source_accuracy or {}).items())
-            lines.append(f"  model:  {self.model_dir}  (conceptnet; held-out source accuracy: {acc})")
+            lines.append(f"  model:  {self.model_dir}  ({self.model_note or 'worldnet'}; held-out source accuracy: {acc})")
         else:
-            lines.append("  model:  not trained (--no-model)")
+            lines.append("  model:  none (--no-model)")
         if self.timings:
             lines.append("  time:   " + ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items()))
         return "\n".join(lines)
@@ -814,7 +581,7 @@ def _check_params(seed, size, probe_images, images_per_class) -> None:
     if size < 32 or size % 16:
         raise ConceptrankError(
             f"size must be a multiple of 16 and at least 32 (masks are size/2 and the model's layer4 "
-            f"is size/8), got {size}"
+            f"is size/4 or size/8), got {size}"
         )
     if probe_images < 1:
         raise ConceptrankError(f"probe_images must be at least 1, got {probe_images}")
@@ -925,13 +692,12 @@ def generate_world(
     size: int = 64,
     probe_images: int = 1200,
     images_per_class: int = 80,
-    train_model: bool = True,
     progress: bool = True,
-    _train_images: int | None = None,
-    _train_epochs: int | None = None,
-    _heldout_images: int | None = None,
 ) -> WorldInfo:
-    """Write the synthetic concept world into ``out``.
+    """Write the synthetic concept world's probe set, target set and truth into ``out``.
+
+    The source model is not part of this: :func:`conceptrank.synthetic.build.build_world` writes the
+    world and then adds the model.
 
     Parameters
     ----------
@@ -946,16 +712,13 @@ def generate_world(
         Images in the Broden-format probe set.
     images_per_class : int
         Target images per class (at least 10; half train, half test).
-    train_model : bool
-        Train the source model and save its card in ``out/model``.
     progress : bool
         Report progress on stderr.
-    _train_images, _train_epochs, _heldout_images : int, optional
-        Private knobs that shrink the source-model training (tests).
 
     Returns
     -------
     WorldInfo
+        With ``model_dir`` None.
 
     Raises
     ------
@@ -985,24 +748,6 @@ def generate_world(
     }
     (out / "truth.json").write_text(json.dumps(truth, indent=1) + "\n")
     timings["target"] = time.perf_counter() - t0
-
-    accuracy = None
-    model_dir = None
-    if train_model:
-        from conceptrank.synthetic.train import train_source_model
-
-        t0 = time.perf_counter()
-        kwargs = {}
-        if _train_images is not None:
-            kwargs["train_images"] = _train_images
-        if _train_epochs is not None:
-            kwargs["epochs"] = _train_epochs
-        if _heldout_images is not None:
-            kwargs["heldout_images"] = _heldout_images
-        res = train_source_model(out / "model", seed=seed, size=size, progress=progress, **kwargs)
-        model_dir = res.model_dir
-        accuracy = dict(res.heldout_accuracy)
-        timings["model"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_all
 
     return WorldInfo(
@@ -1010,7 +755,7 @@ def generate_world(
         probe_dir=out / "probe",
         target_dir=out / "target",
         truth_path=out / "truth.json",
-        model_dir=model_dir,
+        model_dir=None,
         seed=seed,
         size=size,
         probe_images=probe_images,
@@ -1019,6 +764,5 @@ def generate_world(
         test_images=n_test,
         classes=tuple(c for c, _ in TARGET_CLASSES),
         concepts=tuple(vocab.names[1:]),
-        source_accuracy=accuracy,
         timings=timings,
     )

@@ -19,6 +19,7 @@ __all__ = [
     "ModelError",
     "UnknownLayerError",
     "DownloadError",
+    "StaleInputError",
     "user_error_types",
 ]
 
@@ -91,6 +92,28 @@ class DownloadError(ConceptrankError):
         self.url = url
         self.reason = reason
         self.dest = dest
+
+
+class StaleInputError(ConceptrankError):
+    """A stage's input is not the file its upstream manifest recorded (a re-run stage changed it).
+
+    Attributes
+    ----------
+    path : the input file found now.
+    manifest : the manifest that recorded a different SHA-256 for it.
+    """
+
+    def __init__(self, message: str, *, path: Path, manifest: Path):
+        super().__init__(message)
+        self.path = Path(path)
+        self.manifest = Path(manifest)
+
+    def __reduce__(self):
+        return (_stale_input_error, (str(self), str(self.path), str(self.manifest)))
+
+
+def _stale_input_error(message: str, path: str, manifest: str) -> "StaleInputError":
+    return StaleInputError(message, path=Path(path), manifest=Path(manifest))
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:

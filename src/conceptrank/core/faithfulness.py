@@ -2,18 +2,20 @@
 
 The global ranker is linear: for an image with mean activations x (U,) the score of class c is
 
-``s_c(x) = Σ_u z_u · w_cu + b_c``  with  ``z = (x − scaler_mean) / scaler_scale``
+``s_c(x) = Σ_u z_u · w_cu + b'_c``  with  ``z = (x − train_mean) / scaler_scale``
 
-(``svm.npz``; for the paper protocol mean 0 and scale 1). Grouping the units by the concept
-Network Dissection gave them splits the score **exactly** into per-concept contributions
-``Σ_{u of concept k} z_u w_cu``, a remainder from the unlabelled units and the bias
-(:func:`concept_contributions`). A unit's contribution is positive when it is above its training
-mean on a positively weighted unit (or below it on a negatively weighted one).
+and ``b'_c`` the score of an image at the training mean (``svm.npz`` stores ``train_mean`` beside
+the scaler; under the standard protocol they coincide, under the paper protocol the scaler is the
+identity — mean 0, scale 1 — while ``train_mean`` is the mean of the kept fold model's training
+images). Grouping the units by the concept Network Dissection gave them splits the score **exactly**
+into per-concept contributions ``Σ_{u of concept k} z_u w_cu``, a remainder from the unlabelled
+units and that bias (:func:`concept_contributions`). A unit's contribution is positive when it is
+above its training mean on a positively weighted unit (or below it on a negatively weighted one).
 
 Deletion test (:func:`deletion_test`)
     For class c, the units listed for its top-G global concepts (the best-weighted unit of each
-    concept, as written in ``global_concepts.csv``) are set to their *training mean* — 0 in the
-    standardized space, so their contribution vanishes — and the drop of the class's score (mean
+    concept, as written in ``global_concepts.csv``) are set to their *training mean* — z = 0 in
+    the centered space of :meth:`SVMParams.centered`, so their contribution vanishes — and the drop of the class's score (mean
     over the class's evaluated images) and of its recall is measured. The same is done for
     ``n_random`` random sets of as many labelled units (uniformly, without replacement). The ratio
     ``drop_top / mean drop_random`` is > 1 when the global concepts matter more to the decision
@@ -61,10 +63,13 @@ class SVMParams:
 
     Attributes
     ----------
-    coef : (C, U) float64 weights in the standardized space.
+    coef : (C, U) float64 weights in the scaled space.
     intercept : (C,) float64.
     mean, scale : (U,) float64 scaler parameters (zeros / ones when not standardized).
     classes : tuple of C class names.
+    train_mean : (U,) float64 mean of the features the model was fit on (None: ``mean``, which
+        is the training mean whenever the features were standardized).
+    standardized : whether ``mean`` / ``scale`` come from a StandardScaler (the standard protocol).
     """
 
     coef: np.ndarray
@@ -72,10 +77,30 @@ class SVMParams:
     mean: np.ndarray
     scale: np.ndarray
     classes: tuple[str, ...]
+    train_mean: np.ndarray | None = None
+    standardized: bool = True
+
+    @property
+    def reference(self) -> np.ndarray:
+        """(U,) the training mean: what "removing" a unit sets it to."""
+        return self.mean if self.train_mean is None else self.train_mean
 
     def standardize(self, X: np.ndarray) -> np.ndarray:
         """(N, U) → (N, U) float64 ``(X − mean) / scale``."""
         return (np.asarray(X, dtype=np.float64) - self.mean) / self.scale
+
+    def centered(self, X: np.ndarray) -> np.ndarray:
+        """(N, U) → (N, U) float64 ``(X − train mean) / scale``: 0 for a unit at its training mean."""
+        return (np.asarray(X, dtype=np.float64) - self.reference) / self.scale
+
+    @property
+    def centered_intercept(self) -> np.ndarray:
+        """(C,) the scores of an image at the training mean, so that
+        ``centered(X) @ coef.T + centered_intercept == decision(X)``."""
+        if self.train_mean is None:
+            return self.intercept.copy()
+        shift = (self.reference - self.mean) / self.scale
+        return self.intercept + self.coef @ shift
 
     def decision(self, X: np.ndarray) -> np.ndarray:
         """(N, U) → (N, C) scores."""
@@ -134,7 +159,7 @@ def concept_contributions(X: np.ndarray, svm: SVMParams, unit_ids: np.ndarray, c
     U = svm.coef.shape[1]
     if X.shape[1] != U or unit_ids.shape != (U,):
         raise ValueError(f"X must be (N, {U}) and unit_ids ({U},); got {X.shape} and {unit_ids.shape}")
-    Z = svm.standardize(X)
+    Z = svm.centered(X)
     per_unit = Z[:, None, :] * svm.coef[None, :, :]  # (N, C, U)
     V = len(concepts)
     onehot = np.zeros((U, V))
@@ -142,8 +167,8 @@ def concept_contributions(X: np.ndarray, svm: SVMParams, unit_ids: np.ndarray, c
     onehot[lab, unit_ids[lab]] = 1.0
     per_concept = per_unit @ onehot
     remainder = per_unit[:, :, unit_ids < 0].sum(axis=-1)
-    decision = Z @ svm.coef.T + svm.intercept
-    return Contributions(tuple(concepts), per_unit, per_concept, remainder, svm.intercept.copy(), decision)
+    decision = svm.decision(X)
+    return Contributions(tuple(concepts), per_unit, per_concept, remainder, svm.centered_intercept, decision)
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,10 +237,11 @@ def deletion_test(
 
     Parameters
     ----------
-    Z : (N, U) standardized features of the evaluated images (a unit set to its training mean
-        has z = 0).
+    Z : (N, U) centered features of the evaluated images, :meth:`SVMParams.centered` (a unit set
+        to its training mean has z = 0).
     y : (N,) class ids into the rows of ``coef``.
-    coef, intercept : (C, U), (C,) the linear model.
+    coef, intercept : (C, U), (C,) the linear model in the centered space (the intercept is
+        :attr:`SVMParams.centered_intercept`).
     top_units : per class (length C), the unit indices to remove.
     candidates : (L,) unit indices random sets are drawn from (the labelled units).
     n_random : random sets per class (R).
@@ -294,7 +320,7 @@ def fit_linear_svm(
         warnings.simplefilter("ignore", ConvergenceWarning)
         model = _svm(C, seed, max_iter).fit((X - mean) / scale, y)
     coef, icpt, _ = _full_params(model, np.asarray(classes))
-    return SVMParams(coef, icpt, mean, scale, tuple(classes))
+    return SVMParams(coef, icpt, mean, scale, tuple(classes), mean if standardize else X.mean(axis=0), standardize)
 
 
 def top_concept_sets(coef: np.ndarray, unit_concepts, g: int, pool: int | None = None) -> list[frozenset]:
@@ -385,7 +411,7 @@ def seed_stability(
     unit_concepts,
     protocol: str = "standard",
     seeds: Sequence[int] = (0, 1, 2),
-    c_grid: Sequence[float] = (0.0001, 0.001, 0.01, 0.1, 1.0, 10.0),
+    c_grid: Sequence[float] | None = None,
     folds: int = 5,
     fixed_C: float | None = None,
     max_iter: int = 20000,
@@ -398,12 +424,16 @@ def seed_stability(
     Parameters
     ----------
     X, y : the data the ranker is fit on (train split for the standard protocol).
+    c_grid : candidate C values (None: :data:`conceptrank.core.ranking.DEFAULT_C_GRID`).
     known : optional seed → (coef (C, U), best C) already fitted (the ranking's own model), reused.
 
     Returns
     -------
     (g → (C,) mean pairwise Jaccard per class, seed → chosen C).
     """
+    from conceptrank.core.ranking import DEFAULT_C_GRID
+
+    c_grid = DEFAULT_C_GRID if c_grid is None else c_grid
     known = dict(known or {})
     todo = [s for s in seeds if s not in known]
     fitted = _parallel(_ranker_coef, [(X, y, protocol, fixed_C, c_grid, folds, s, max_iter) for s in todo], n_jobs)

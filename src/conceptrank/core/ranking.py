@@ -7,7 +7,8 @@ See :mod:`conceptrank.stages.rank` for the two protocols (``standard`` and ``pap
 from __future__ import annotations
 
 import warnings
-from typing import Any, NamedTuple, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple, Sequence
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
@@ -19,13 +20,31 @@ from sklearn.svm import LinearSVC
 
 from conceptrank.errors import ConceptrankError
 
-PROTOCOLS = ("standard", "paper")
-PAPER_C = 0.001
-PAPER_LOCAL_POOL = 20
-PAPER_GLOBAL_POOL = 10
-DEFAULT_MIN_IOU = {"standard": 0.04, "paper": 0.0}
+Protocol = Literal["standard", "paper"]
+Sign = Literal["+", "-"]
+PROTOCOLS: tuple[Protocol, ...] = ("standard", "paper")
+# the published code's choices (the ``paper`` protocol), in one place
+PAPER_C = 0.001  # the SVM's C without grid search
+PAPER_LOCAL_POOL = 20  # only an image's 20 most activated units make its local ranking
+PAPER_GLOBAL_POOL = 10  # only a class's 10 most weighted units make its global ranking
+DEFAULT_MIN_IOU: dict[str, float] = {"standard": 0.04, "paper": 0.0}  # IoU from which a unit carries a concept
 DEFAULT_C_GRID = (0.0001, 0.001, 0.01, 0.1, 1.0, 10.0)
 SPLITS = ("train", "test", "all")
+
+
+def protocol_min_iou(protocol: str, min_iou: float | None = None) -> float:
+    """The IoU from which a unit carries a concept: ``min_iou``, else the protocol's default."""
+    return DEFAULT_MIN_IOU[protocol] if min_iou is None else float(min_iou)
+
+
+def protocol_fixed_C(protocol: str, grid: bool) -> float | None:
+    """The C used without search (the paper protocol without ``grid``), else None."""
+    return PAPER_C if (protocol == "paper" and not grid) else None
+
+
+def protocol_pools(protocol: str) -> tuple[int | None, int | None]:
+    """(local pool, global pool) of a protocol: (20, 10) for the paper's, (None, None) otherwise."""
+    return (PAPER_LOCAL_POOL, PAPER_GLOBAL_POOL) if protocol == "paper" else (None, None)
 
 UnitConcepts = Sequence["tuple[str, str, float] | None"]
 
@@ -133,7 +152,7 @@ def local_rankings(
 
 
 def global_rankings(
-    coef: np.ndarray, unit_concepts: UnitConcepts, g: int, pool: int | None = None, sign: str = "+"
+    coef: np.ndarray, unit_concepts: UnitConcepts, g: int, pool: int | None = None, sign: Sign = "+"
 ) -> list[list[RankedConcept]]:
     """Top-G concepts of every class from the SVM weights.
 
@@ -236,6 +255,8 @@ class GlobalRanker(ClassifierMixin, BaseEstimator):
     cv_scores_ : dict C → list of per-fold macro F1.
     scaler_mean_, scaler_scale_ : (U,) — decision = ((X - mean) / scale) @ coef_.T + intercept_;
         zeros / ones when not standardized.
+    train_mean_ : (U,) mean of the features the kept model was fit on (= ``scaler_mean_`` when
+        standardized; the kept fold's training part for 'paper').
     best_fold_ : paper protocol: index of the kept fold model (None for standard).
     eval_index_ : paper protocol: indices (into the fitted X) of the kept fold's held-out part.
     missing_classes_ : classes the kept model never saw (paper protocol only; usually empty).
@@ -245,7 +266,7 @@ class GlobalRanker(ClassifierMixin, BaseEstimator):
 
     def __init__(
         self,
-        protocol: str = "standard",
+        protocol: Protocol = "standard",
         C: float | None = None,
         c_grid: Sequence[float] = DEFAULT_C_GRID,
         folds: int = 5,
@@ -332,6 +353,7 @@ class GlobalRanker(ClassifierMixin, BaseEstimator):
         self.coef_, self.intercept_, self.missing_classes_ = _full_params(model, self.classes_)
         self.scaler_mean_ = np.asarray(sc.mean_, dtype=np.float64)
         self.scaler_scale_ = np.asarray(sc.scale_, dtype=np.float64)
+        self.train_mean_ = self.scaler_mean_
         self.n_iter_ = int(model.n_iter_)
         self.best_fold_ = None
         self.eval_index_ = None
@@ -364,6 +386,7 @@ class GlobalRanker(ClassifierMixin, BaseEstimator):
         U = X.shape[1]
         self.scaler_mean_ = np.zeros(U)
         self.scaler_scale_ = np.ones(U)
+        self.train_mean_ = X[splits[fold][0]].mean(axis=0)
         self.n_iter_ = int(model.n_iter_)
         self.best_fold_ = fold
         self.eval_index_ = splits[fold][1]
@@ -388,7 +411,28 @@ def _argmax_C(cv_scores: dict[float, list[float]]) -> float:
     return float(best)
 
 
-def classification_metrics(y_true: Sequence[str], y_pred: Sequence[str], classes: Sequence[str]) -> dict:
+@dataclass(frozen=True)
+class ClassificationMetrics:
+    """How well the linear ranker classifies the evaluated images.
+
+    Attributes
+    ----------
+    accuracy, macro_precision, macro_recall, macro_f1 : macro averages run over the classes present
+        in the true or predicted labels (sklearn's default).
+    per_class : class → {"precision", "recall", "f1", "support"}.
+    confusion_matrix : (C, C) counts as nested lists; rows = true class, columns = predicted, in
+        the order of the ``classes`` given.
+    """
+
+    accuracy: float
+    macro_precision: float
+    macro_recall: float
+    macro_f1: float
+    per_class: dict
+    confusion_matrix: list
+
+
+def classification_metrics(y_true: Sequence[str], y_pred: Sequence[str], classes: Sequence[str]) -> ClassificationMetrics:
     """Accuracy, macro and per-class precision/recall/F1, confusion matrix (rows = true class).
 
     Macro averages run over the classes present in ``y_true`` or ``y_pred`` (sklearn's default),
@@ -405,14 +449,14 @@ def classification_metrics(y_true: Sequence[str], y_pred: Sequence[str], classes
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=classes, zero_division=0)
     present = [c for c in classes if c in set(y_true.tolist()) | set(y_pred.tolist())]
     mp, mr, mf, _ = precision_recall_fscore_support(y_true, y_pred, labels=present, average="macro", zero_division=0)
-    return {
-        "accuracy": float(np.mean(y_true == y_pred)) if len(y_true) else float("nan"),
-        "macro_precision": float(mp),
-        "macro_recall": float(mr),
-        "macro_f1": float(mf),
-        "per_class": {
+    return ClassificationMetrics(
+        accuracy=float(np.mean(y_true == y_pred)) if len(y_true) else float("nan"),
+        macro_precision=float(mp),
+        macro_recall=float(mr),
+        macro_f1=float(mf),
+        per_class={
             str(c): {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
             for i, c in enumerate(classes)
         },
-        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=classes).astype(int).tolist(),
-    }
+        confusion_matrix=confusion_matrix(y_true, y_pred, labels=classes).astype(int).tolist(),
+    )

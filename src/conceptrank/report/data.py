@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from conceptrank.errors import ConceptrankError
+from conceptrank.io.rankings import run_folder_mismatches
 from conceptrank.io.svm import load_svm
 
 __all__ = ["UnitLabel", "RankedConcept", "ImageRecord", "RunData", "load_run", "extra_summary_keys", "KNOWN_SUMMARY_KEYS"]
@@ -23,7 +24,7 @@ __all__ = ["UnitLabel", "RankedConcept", "ImageRecord", "RunData", "load_run", "
 # summary.json keys that the overview shows in its own tables; any other key is an "extra score".
 KNOWN_SUMMARY_KEYS = frozenset({
     "ranking", "protocol", "split", "n_images", "n_classes", "images_per_class", "omitted_classes", "configs",
-    "std_ddof", "agreement", "details",
+    "std_ddof", "agreement", "details", "inputs",
 })
 
 
@@ -212,6 +213,7 @@ def load_run(run: str | Path) -> RunData:
     stage_dirs = [root / d for d in ("dissect", "extract", "rank")]
     if not rj and not any(d.is_dir() for d in stage_dirs):
         raise ConceptrankError(f"{root} is not a run folder (no run.json, dissect/, extract/ or rank/)")
+    warnings += [f"PARTS OF DIFFERENT RUNS: {m}" for m in run_folder_mismatches(root)]
 
     # dissect: a single layer writes dissect/, several write dissect/<layer>/
     ddir = root / "dissect"

@@ -53,7 +53,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from conceptrank.errors import ConceptrankError
-from conceptrank.io.cache import atomic_write_json, atomic_write_text, read_json
+from conceptrank.io.cache import atomic_write_json, atomic_write_text, file_sha256, read_json
+from conceptrank.io.rankings import Ranking, check_ranking_inputs, ranking_input_paths, read_ranking
 
 __all__ = [
     "DEFAULT_CONFIGS",
@@ -586,103 +587,6 @@ def truth_scores(
 
 
 @dataclass(frozen=True)
-class Ranking:
-    """A ``rank`` output folder, read back.
-
-    Attributes
-    ----------
-    path : the folder.
-    meta : rank.json.
-    classes : class order (classifier.json / rank.json).
-    images : image → (class, split), for every image ranked.
-    local : image → local concepts in rank order.
-    global_pos : class → supporting global concepts in rank order.
-    global_units : class → 0-based unit of each supporting global concept (aligned with
-        ``global_pos``; empty when global_concepts.csv has no ``unit`` column).
-    categories : concept → category, as the CSV files give it.
-    """
-
-    path: Path
-    meta: dict
-    classes: tuple[str, ...]
-    images: dict
-    local: dict
-    global_pos: dict
-    global_units: dict = field(default_factory=dict)
-    categories: dict = field(default_factory=dict)
-
-    @property
-    def protocol(self) -> str:
-        return str(self.meta.get("protocol", "standard"))
-
-
-def _read_csv(path: Path, required: Sequence[str]) -> list[dict]:
-    if not path.exists():
-        raise ConceptrankError(f"{path} not found (is {path.parent} an output folder of `conceptrank rank`?)")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in required if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ConceptrankError(f"{path}: missing column(s) {', '.join(missing)}")
-        return list(reader)
-
-
-def _int(v: str, path: Path, what: str) -> int:
-    try:
-        return int(v)
-    except ValueError:
-        raise ConceptrankError(f"{path}: {what} {v!r} is not an integer") from None
-
-
-def read_ranking(ranking: str | Path) -> Ranking:
-    """Read rank.json, local_concepts.csv, global_concepts.csv and images.csv of a rank folder."""
-    path = Path(ranking)
-    if path.is_file():
-        path = path.parent
-    meta_path = path / "rank.json"
-    if not meta_path.exists():
-        raise ConceptrankError(f"{meta_path} not found (is {path} an output folder of `conceptrank rank`?)")
-    meta = read_json(meta_path)
-
-    categories: dict[str, str] = {}
-    local_file = path / "local_concepts.csv"
-    rows = _read_csv(local_file, ["image", "class", "split", "rank", "concept"])
-    images: dict[str, tuple[str, str]] = {}
-    ranked: dict[str, list[tuple[int, str]]] = {}
-    for r in rows:
-        images.setdefault(r["image"], (r["class"], r["split"]))
-        ranked.setdefault(r["image"], []).append((_int(r["rank"], local_file, "rank"), r["concept"]))
-        if r.get("category"):
-            categories.setdefault(r["concept"], r["category"])
-    images_file = path / "images.csv"
-    if images_file.exists():  # lists images without any local concept too
-        for r in _read_csv(images_file, ["image", "class", "split"]):
-            images.setdefault(r["image"], (r["class"], r["split"]))
-    local = {img: [c for _, c in sorted(v)] for img, v in ranked.items()}
-
-    global_file = path / "global_concepts.csv"
-    grows = _read_csv(global_file, ["class", "rank", "concept", "sign"])
-    gpos: dict[str, list[tuple[int, str, int]]] = {}
-    has_unit = bool(grows) and "unit" in grows[0]
-    for r in grows:
-        if r.get("category"):
-            categories.setdefault(r["concept"], r["category"])
-        if r["sign"] == "+":
-            unit = _int(r["unit"], global_file, "unit") - 1 if has_unit and r["unit"] != "" else -1
-            gpos.setdefault(r["class"], []).append((_int(r["rank"], global_file, "rank"), r["concept"], unit))
-    global_pos = {c: [x for _, x, _ in sorted(v)] for c, v in gpos.items()}
-    global_units = {c: [u for _, _, u in sorted(v)] for c, v in gpos.items()} if has_unit else {}
-
-    classes = meta.get("classes")
-    if not classes:
-        cj = path / "classifier.json"
-        classes = read_json(cj).get("classes") if cj.exists() else None
-    if not classes:
-        classes = sorted({c for c, _ in images.values()})
-    return Ranking(path, meta, tuple(classes), images, local, global_pos, global_units, categories)
-
-
-@dataclass(frozen=True)
 class _Inputs:
     """What the extra scores need beyond the CSVs (each None when it cannot be found)."""
 
@@ -695,35 +599,40 @@ class _Inputs:
     notes: tuple[str, ...]
 
 
-def _first_existing(*cands: Any) -> Path | None:
-    for c in cands:
-        if c and Path(c).exists():
-            return Path(c)
-    return None
+def _read_unit_concepts(rk: Ranking, tally: Path, notes: list[str]) -> list | None:
+    from conceptrank.io.tally_csv import TallyError, read_tally
+
+    try:
+        return read_tally(tally).concepts(rk.min_iou, rk.label_categories)
+    except (TallyError, OSError, ValueError) as e:
+        notes.append(f"cannot read the tally {tally}: {e}")
+        return None
+
+
+def _read_optional_json(path: Path | None) -> dict | None:
+    if path is None or not path.is_file():
+        return None
+    try:
+        data = read_json(path)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _load_inputs(rk: Ranking) -> _Inputs:
-    """Find the ranking's tally, activations, svm.npz, classifier.json and dissect.json."""
-    from conceptrank.io.tally_csv import TallyError, read_tally
-    from conceptrank.stages.rank import load_activations
+    """Find the ranking's tally, activations, svm.npz, classifier.json and dissect.json.
+
+    Raises :class:`~conceptrank.errors.StaleInputError` when the activations or the tally found are
+    not the bytes ``rank.json`` recorded (a stage was re-run after ``rank``).
+    """
+    from conceptrank.io.activations import load_activations
+    from conceptrank.io.svm import load_svm
 
     notes: list[str] = []
-    inputs = rk.meta.get("inputs") or {}
-    run = rk.path.parent
-    tally = _first_existing(inputs.get("tally"), run / "dissect" / "tally.csv")
-    unit_concepts = None
-    if tally is not None:
-        try:
-            cats = rk.meta.get("categories")
-            min_iou = rk.meta.get("min_iou")
-            if min_iou is None:
-                min_iou = 0.0 if rk.protocol == "paper" else 0.04
-            unit_concepts = read_tally(tally).concepts(float(min_iou), tuple(cats) if cats else None)
-        except (TallyError, OSError, ValueError) as e:
-            notes.append(f"cannot read the tally {tally}: {e}")
-            unit_concepts = None
+    act_path, tally = ranking_input_paths(rk.path, rk.meta)
+    check_ranking_inputs(rk.path, rk.meta, act_path, tally)
+    unit_concepts = _read_unit_concepts(rk, tally, notes) if tally is not None else None
     act = None
-    act_path = _first_existing(inputs.get("activations"), run / "extract" / "activations.npz")
     if act_path is not None:
         try:
             act = load_activations(act_path)
@@ -731,25 +640,14 @@ def _load_inputs(rk: Ranking) -> _Inputs:
             notes.append(str(e))
     svm = None
     if (rk.path / "svm.npz").exists():
-        from conceptrank.io.svm import load_svm
-
         try:
             svm = load_svm(rk.path / "svm.npz")
         except (ConceptrankError, OSError, ValueError) as e:
             notes.append(f"cannot read {rk.path / 'svm.npz'}: {e}")
-    classifier = None
-    if (rk.path / "classifier.json").exists():
-        try:
-            classifier = read_json(rk.path / "classifier.json")
-        except (OSError, ValueError):
-            classifier = None
-    dissect_meta = None
-    dj = _first_existing(tally.parent / "dissect.json" if tally is not None else None, run / "dissect" / "dissect.json")
-    if dj is not None:
-        try:
-            dissect_meta = read_json(dj)
-        except (OSError, ValueError):
-            dissect_meta = None
+    classifier = _read_optional_json(rk.path / "classifier.json")
+    run = rk.path.parent
+    dissect_json = tally.parent / "dissect.json" if tally is not None else run / "dissect" / "dissect.json"
+    dissect_meta = _read_optional_json(dissect_json)
     if unit_concepts is not None and act is not None and len(unit_concepts) != act.mean.shape[1]:
         notes.append(f"the tally {tally} has {len(unit_concepts)} units but the activations are {act.mean.shape[1]} wide")
         act = None
@@ -787,7 +685,7 @@ def _faithfulness(
         fold_stability,
         seed_stability,
     )
-    from conceptrank.stages.rank import DEFAULT_C_GRID, unit_concept_table
+    from conceptrank.core.ranking import DEFAULT_C_GRID, protocol_fixed_C, unit_concept_table
 
     gs = sorted({g for _, g in configs})
     deletion: dict = {}
@@ -819,15 +717,15 @@ def _faithfulness(
         deletion = {"skipped": "global_concepts.csv has no unit column"}
     else:
         ev = [i for i in image_class if image_class[i] in cidx]
-        Z = svm.standardize(act.mean[[row[i] for i in ev]])
+        Z = svm.centered(act.mean[[row[i] for i in ev]])
         y = np.array([cidx[image_class[i]] for i in ev])
         deletion = {"n_random": cfg.n_random,
                     "note": "per class, the units of its top-G global concepts (one per concept, as listed) are set "
-                            "to their training mean (0 after standardization); drops are means over the class's "
+                            "to their training mean (svm.npz train_mean, under both protocols); drops are means over the class's "
                             "evaluated images; ratio = mean top drop / mean random drop over classes"}
         for g in gs:
             top = [[u for u in rk.global_units.get(c, [])[:g] if u >= 0] for c in svm.classes]
-            res = deletion_test(Z, y, svm.coef, svm.intercept, top, labelled, cfg.n_random,
+            res = deletion_test(Z, y, svm.coef, svm.centered_intercept, top, labelled, cfg.n_random,
                                 np.random.default_rng([cfg.seed, _S_DELETION, g]))
             deletion[f"G={g}"] = {
                 "ratio": _num(res.ratio_overall),
@@ -854,7 +752,7 @@ def _faithfulness(
     max_iter = int(rcfg.get("max_iter", 20000))
     c_grid = tuple(rcfg.get("c_grid") or DEFAULT_C_GRID)
     pool = rk.meta.get("global_pool")
-    fixed_C = 0.001 if (protocol == "paper" and not rcfg.get("grid")) else None
+    fixed_C = protocol_fixed_C(protocol, bool(rcfg.get("grid")))
     fit_imgs = [i for i, (c, sp) in rk.images.items() if (protocol == "paper" or sp == "train") and i in row]
     if best_C is None:
         stability = {"skipped": "classifier.json has no best_C"}
@@ -947,6 +845,7 @@ def run_evaluate(ranking: Path, out: Path | None, cfg: EvaluateConfig) -> Evalua
         n_per_class[c] += 1
     summary: dict = {
         "ranking": str(rk.path),
+        "inputs": {"rank.json_sha256": file_sha256(rk.path / "rank.json")},
         "protocol": rk.protocol,
         "split": split,
         "n_images": len(image_class),

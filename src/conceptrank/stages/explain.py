@@ -4,13 +4,16 @@ For an image with mean activations x, the score of class c is split exactly (see
 :mod:`conceptrank.core.faithfulness`) into
 
 ``s_c = Σ_k contribution_k + remainder (unlabelled units) + bias``,
-``contribution_k = Σ_{units u labelled k} (x_u − mean_u) / scale_u · w_cu``.
+``contribution_k = Σ_{units u labelled k} (x_u − train_mean_u) / scale_u · w_cu``
+
+(the training mean of ``svm.npz`` under both protocols; ``bias`` is then the score of an image at
+the training mean).
 
 :func:`explain_vector` (pure) gives, for the predicted class, its score, the margin over the
 runner-up class, the concepts that pushed the score up ("for") and down ("against") with their
 contributions and units, and the decomposition of the margin ``s_pred − s_runner-up`` in the same
 way. :func:`contribution_maps` turns a layer's activation maps into per-concept *contribution maps*
-``Σ_u (A_u(p) − mean_u) / scale_u · w_cu`` whose spatial mean is exactly the concept's
+``Σ_u (A_u(p) − train_mean_u) / scale_u · w_cu`` whose spatial mean is exactly the concept's
 contribution when A is the map the mean activation came from (the upsampled maps shown in the PNG
 keep that mean only approximately: bilinear upsampling is not exactly mean-preserving at the edges).
 
@@ -28,8 +31,10 @@ from typing import Sequence
 import numpy as np
 
 from conceptrank.core.faithfulness import SVMParams, concept_contributions
+from conceptrank.core.ranking import protocol_min_iou, unit_concept_table
 from conceptrank.errors import ConceptrankError
 from conceptrank.io.cache import atomic_write_json, read_json
+from conceptrank.io.rankings import check_ranking_inputs, check_ranking_outputs, ranking_input_paths
 from conceptrank.io.svm import load_svm
 from conceptrank.stages.maps import layer_maps
 
@@ -129,8 +134,6 @@ def explain_vector(
     klass : explain this class's score instead of the predicted one's (the margin is then taken
         against the best other class).
     """
-    from conceptrank.stages.rank import unit_concept_table
-
     ids, names = unit_concept_table(unit_concepts)
     cat = {}
     for uc in unit_concepts:
@@ -191,7 +194,7 @@ def contribution_maps(maps: np.ndarray, svm: SVMParams, klass: int, unit_groups:
 
     Returns
     -------
-    (P, h, w) float64 — ``Σ_{u in group} (maps[u] − mean_u) / scale_u · coef[klass, u]``; the spatial
+    (P, h, w) float64 — ``Σ_{u in group} (maps[u] − train_mean_u) / scale_u · coef[klass, u]``; the spatial
     mean of a group's map equals its contribution computed from the spatially averaged activations.
     """
     maps = np.asarray(maps, dtype=np.float64)
@@ -199,7 +202,7 @@ def contribution_maps(maps: np.ndarray, svm: SVMParams, klass: int, unit_groups:
     for i, units in enumerate(unit_groups):
         u = np.asarray(list(units), dtype=np.int64)
         if u.size:
-            z = (maps[u] - svm.mean[u, None, None]) / svm.scale[u, None, None]
+            z = (maps[u] - svm.reference[u, None, None]) / svm.scale[u, None, None]
             out[i] = np.tensordot(svm.coef[klass, u], z, axes=1)
     return out
 
@@ -329,8 +332,8 @@ def run_explain(run: str | Path, images: Sequence[str], top: int = 5, heatmaps: 
     heatmaps : contribution maps drawn for the top concepts for (and as many against, at most 2).
     """
     from conceptrank.core.upsample import upsample_bilinear
+    from conceptrank.io.activations import load_activations
     from conceptrank.io.tally_csv import read_tally
-    from conceptrank.stages.rank import load_activations
 
     run = Path(run)
     if not images:
@@ -341,21 +344,18 @@ def run_explain(run: str | Path, images: Sequence[str], top: int = 5, heatmaps: 
     run_meta = read_json(run / "run.json") if (run / "run.json").exists() else {}
     run_cfg = run_meta.get("config") or {}
     rank_meta = read_json(rank_dir / "rank.json")
-    inputs = rank_meta.get("inputs") or {}
-    act_path = next((Path(p) for p in (inputs.get("activations"), run / "extract" / "activations.npz")
-                     if p and Path(p).exists()), None)
-    tally = next((Path(p) for p in (inputs.get("tally"), run / "dissect" / "tally.csv") if p and Path(p).exists()), None)
+    act_path, tally = ranking_input_paths(rank_dir, rank_meta)
     if act_path is None or tally is None:
         raise ConceptrankError(f"cannot find the activations or the tally of {run}")
+    check_ranking_inputs(rank_dir, rank_meta, act_path, tally)
+    check_ranking_outputs(rank_dir)
     act = load_activations(act_path)
     extract_json = act.path.parent / "extract.json"
     extract_meta = read_json(extract_json) if extract_json.exists() else {}
     svm = load_svm(rank_dir / "svm.npz")
+    min_iou = protocol_min_iou(rank_meta.get("protocol", "standard"), rank_meta.get("min_iou"))
     cats = rank_meta.get("categories")
-    min_iou = rank_meta.get("min_iou")
-    if min_iou is None:
-        min_iou = 0.0 if rank_meta.get("protocol") == "paper" else 0.04
-    unit_concepts = read_tally(tally).concepts(float(min_iou), tuple(cats) if cats else None)
+    unit_concepts = read_tally(tally).concepts(min_iou, tuple(cats) if cats else None)
     if len(unit_concepts) != act.mean.shape[1] or svm.coef.shape[1] != act.mean.shape[1]:
         raise ConceptrankError("tally, activations and svm.npz disagree on the number of units")
 
@@ -384,7 +384,7 @@ def run_explain(run: str | Path, images: Sequence[str], top: int = 5, heatmaps: 
             "image": rel, "class": str(act.classes[r]), "split": str(act.splits[r]),
             **exp.to_dict(),
             "decomposition": "score = Σ concept contributions + unlabelled units + bias, with contribution = "
-                             "Σ over the concept's units of (x_u − train mean_u) / train std_u × w_u (svm.npz)",
+                             "Σ over the concept's units of (x_u − train mean_u) / scale_u × w_u (svm.npz; scale = train std, or 1 under the paper protocol)",
         }
         if maps is not None:
             m = maps[j]
@@ -411,7 +411,7 @@ def run_explain(run: str | Path, images: Sequence[str], top: int = 5, heatmaps: 
                 "png": png.name,
                 "concepts": [c.concept for c in chosen],
                 "map_means": [float(cm[i].mean()) for i in range(len(chosen))],
-                "note": "per concept, Σ over its units of (A_u − train mean_u) / train std_u × w_u at every position "
+                "note": "per concept, Σ over its units of (A_u − train mean_u) / scale_u × w_u at every position "
                         "of the layer's map (red raises the predicted class's score); the spatial mean equals "
                         "the contribution",
             }

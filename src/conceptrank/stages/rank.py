@@ -30,22 +30,22 @@ Two protocols:
 Concepts are identified by their name (as the published code deduplicates on ``label``); the
 category reported is the one of the first unit that brought the concept in.
 
-Pure computation (:func:`unit_concept_table`, :func:`local_rankings`, :func:`global_rankings`,
-:class:`GlobalRanker`, :func:`classification_metrics`) is separate from the I/O edge
-(:func:`run_rank`).
+:func:`rank_concepts` is the stage over in-memory objects (activations, unit labels, a
+:class:`RankConfig`) returning a :class:`RankResult` that holds the rankings, the fitted SVM and its
+scores; its parts live in :mod:`conceptrank.core.ranking`. :func:`run_rank` reads the files, calls
+it and writes the outputs (formats in :mod:`conceptrank.io.rankings`, :mod:`conceptrank.io.svm`).
+Whenever it recomputes, it first removes what ``evaluate`` wrote into the same folder, so scores of
+an old ranking never sit beside a new one.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
+from conceptrank.core.faithfulness import SVMParams
 from conceptrank.core.ranking import (
     DEFAULT_C_GRID,
     DEFAULT_MIN_IOU,
@@ -53,11 +53,16 @@ from conceptrank.core.ranking import (
     PAPER_GLOBAL_POOL,
     PAPER_LOCAL_POOL,
     PROTOCOLS,
+    ClassificationMetrics,
     GlobalRanker,
+    Protocol,
     RankedConcept,
     classification_metrics,
     global_rankings,
     local_rankings,
+    protocol_fixed_C,
+    protocol_min_iou,
+    protocol_pools,
     unit_concept_table,
 )
 from conceptrank.errors import ConceptrankError
@@ -72,10 +77,19 @@ from conceptrank.io.cache import (
     manifest_section,
     package_versions,
     read_json,
-    save_npz,
     stage_key,
 )
-from conceptrank.io.tally_csv import read_tally
+from conceptrank.io.rankings import (
+    EVALUATE_OUTPUTS,
+    RANK_OUTPUTS,
+    global_concepts_text,
+    images_text,
+    local_concepts_text,
+    rankings_document,
+    read_ranked_lists,
+)
+from conceptrank.io.svm import load_svm, save_svm
+from conceptrank.io.tally_csv import UnitLabels, read_tally
 
 __all__ = [
     "PROTOCOLS",
@@ -91,15 +105,12 @@ __all__ = [
     "local_rankings",
     "global_rankings",
     "classification_metrics",
-    "load_activations",
     "check_compatible",
+    "rank_concepts",
     "run_rank",
-    "rank",
 ]
 
-RANK_FORMAT = 1  # bump when an output's bytes change for the same inputs
-RANK_OUTPUTS = ("local_concepts.csv", "global_concepts.csv", "images.csv", "rankings.json", "classifier.json", "svm.npz")
-
+RANK_FORMAT = 2  # bump when an output's bytes change for the same inputs (2: svm.npz train_mean, standardized)
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,7 +136,7 @@ class RankConfig:
     max_iter : liblinear iteration cap.
     """
 
-    protocol: str = "standard"
+    protocol: Protocol = "standard"
     top_local: int = 10
     top_global: int = 10
     min_iou: float | None = None
@@ -153,57 +164,93 @@ class RankConfig:
 
     @property
     def effective_min_iou(self) -> float:
-        return DEFAULT_MIN_IOU[self.protocol] if self.min_iou is None else float(self.min_iou)
+        return protocol_min_iou(self.protocol, self.min_iou)
 
     @property
     def local_pool(self) -> int | None:
-        return PAPER_LOCAL_POOL if self.protocol == "paper" else None
+        return protocol_pools(self.protocol)[0]
 
     @property
     def global_pool(self) -> int | None:
-        return PAPER_GLOBAL_POOL if self.protocol == "paper" else None
+        return protocol_pools(self.protocol)[1]
 
     @property
     def fixed_C(self) -> float | None:
         """The C used without search (paper protocol without ``grid``), else None."""
-        return PAPER_C if (self.protocol == "paper" and not self.grid) else None
+        return protocol_fixed_C(self.protocol, self.grid)
+
+    def as_json(self) -> dict:
+        d = asdict(self)
+        d["categories"] = list(self.categories) if self.categories is not None else None
+        d["c_grid"] = list(self.c_grid)
+        return d
 
 
 @dataclass(frozen=True)
 class RankResult:
-    """What :func:`run_rank` produced.
+    """What :func:`rank_concepts` computed (and :func:`run_rank` wrote, or reused).
 
     Attributes
     ----------
-    out : output folder.
     protocol : 'standard' or 'paper'.
-    best_C : the C of the kept model.
-    cv_scores : C → mean macro F1 over the CV folds.
-    test_accuracy, macro_f1 : on the evaluated split (``evaluated_split``).
-    n_units : U, width of the layer.
-    n_labelled_units : units that carry a concept.
-    n_concepts : distinct concepts over the labelled units.
-    evaluated_split : 'test', 'test (50/50 fallback)' or 'paper best fold'.
+    classes : (C,) class names in model order.
+    images, image_classes, splits : (N,) per ranked image, in activations order; ``splits`` are
+        the ones used (the 50/50 fallback assigns train/test).
+    local : N tuples of at most K :class:`RankedConcept` (score = mean activation).
+    global_for, global_against : C tuples of at most G :class:`RankedConcept` (score = weight).
+    svm : the kept linear model with its scaler and training mean.
+    best_C : the C of the kept model; ``cv_fold_scores`` C → per-fold macro F1.
+    metrics : classification scores on the evaluated part (``evaluated_split``).
+    split_fallback : the standard protocol made a 50/50 split (every image was ``all``).
+    best_fold : paper protocol: the kept fold model (None for standard).
     n_train, n_test : images the final model was fit on / scored on.
-    classes : class names in model order.
+    n_units, n_labelled_units, n_concepts : U, units that carry a concept, distinct concepts.
+    n_iter : liblinear iterations of the kept model; ``missing_classes`` classes it never saw.
+    cv_description : how C was chosen, in words.
     warnings : notes worth reading (convergence, classes missing from a paper fold model, ...).
+    out : the output folder (:func:`run_rank` only); ``reused`` True when an earlier run's
+        outputs for the same inputs were reused.
     """
 
-    out: Path
-    protocol: str
+    protocol: Protocol
+    classes: tuple[str, ...]
+    images: tuple[str, ...]
+    image_classes: tuple[str, ...]
+    splits: tuple[str, ...]
+    local: tuple[tuple[RankedConcept, ...], ...]
+    global_for: tuple[tuple[RankedConcept, ...], ...]
+    global_against: tuple[tuple[RankedConcept, ...], ...]
+    svm: SVMParams
     best_C: float
-    cv_scores: dict
-    test_accuracy: float
-    macro_f1: float
+    cv_fold_scores: dict
+    metrics: ClassificationMetrics
+    evaluated_split: str
+    split_fallback: bool
+    best_fold: int | None
+    n_train: int
+    n_test: int
     n_units: int
     n_labelled_units: int
     n_concepts: int
-    evaluated_split: str = "test"
-    n_train: int = 0
-    n_test: int = 0
-    classes: tuple[str, ...] = ()
+    n_iter: int = 0
+    missing_classes: tuple[str, ...] = ()
+    cv_description: str = ""
     warnings: tuple[str, ...] = field(default_factory=tuple)
-    reused: bool = False  # True when the outputs of an earlier run with the same inputs were reused
+    out: Path | None = None
+    reused: bool = False
+
+    @property
+    def cv_scores(self) -> dict:
+        """C → mean macro F1 over the CV folds."""
+        return {C: float(np.mean(s)) for C, s in sorted(self.cv_fold_scores.items())}
+
+    @property
+    def test_accuracy(self) -> float:
+        return self.metrics.accuracy
+
+    @property
+    def macro_f1(self) -> float:
+        return self.metrics.macro_f1
 
     def summary(self) -> str:
         lines = [
@@ -212,10 +259,171 @@ class RankResult:
             + (" (reused cached result)" if self.reused else ""),
             f"  best C {self.best_C:g}; {self.evaluated_split} accuracy {self.test_accuracy:.3f}, "
             f"macro F1 {self.macro_f1:.3f} (train {self.n_train}, evaluated {self.n_test} images)",
-            f"  → {self.out}",
         ]
+        if self.out is not None:
+            lines.append(f"  → {self.out}")
         lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# the stage: in-memory objects → RankResult
+# --------------------------------------------------------------------------------------------
+
+
+def _assign_splits(act: Activations, seed: int) -> tuple[np.ndarray, bool]:
+    """Splits used by the standard protocol: as given, or a stratified 50/50 fallback.
+
+    Refuses a mix of ``all`` with ``train`` / ``test`` (which images would ``all`` be?) and a
+    file that has only one of train and test.
+    """
+    from sklearn.model_selection import train_test_split
+
+    splits = act.splits.astype("<U5")  # room for 'train' when the file only holds 'all'
+    n_all = int((splits == "all").sum())
+    has_test = bool((splits == "test").any())
+    has_train = bool((splits == "train").any())
+    if (has_test or has_train) and n_all:
+        raise ConceptrankError(
+            f"{act.path}: {n_all} image(s) have split 'all' beside train/test images; the standard protocol "
+            "will not guess which part they belong to: give every image train or test (or map 'all' "
+            "explicitly when extracting)"
+        )
+    if has_test and has_train:
+        return splits, False
+    if not has_train and not has_test:
+        idx = np.arange(len(splits))
+        try:
+            tr, te = train_test_split(idx, test_size=0.5, stratify=act.classes, random_state=seed)
+        except ValueError as e:
+            raise ConceptrankError(f"no train/test split in {act.path} and the 50/50 stratified fallback failed: {e}") from None
+        splits[tr] = "train"
+        splits[te] = "test"
+        return splits, True
+    missing = "test" if has_train else "train"
+    raise ConceptrankError(
+        f"{act.path} has no '{missing}' images; the standard protocol needs both train and test "
+        "splits (or none at all: then a stratified 50/50 split is made)"
+    )
+
+
+@dataclass(frozen=True)
+class _Fit:
+    """The fitted classifier and which images it was fit and scored on."""
+
+    model: GlobalRanker
+    splits: np.ndarray
+    fallback: bool
+    eval_index: np.ndarray
+    evaluated: str
+    n_train: int
+    cv_description: str
+    notes: tuple[str, ...]
+
+
+def _fit_standard(act: Activations, X: np.ndarray, cfg: RankConfig) -> _Fit:
+    """StandardScaler + C by stratified CV on train, refit on train, scored on test."""
+    splits, fallback = _assign_splits(act, cfg.seed)
+    tr = np.flatnonzero(splits == "train")
+    te = np.flatnonzero(splits == "test")
+    y = act.classes
+    counts = dict(zip(*(a.tolist() for a in np.unique(y[tr], return_counts=True))))
+    small = [(c, counts.get(c, 0)) for c in np.unique(y).tolist() if counts.get(c, 0) < cfg.folds]
+    if small:
+        desc = ", ".join(f"{c!r} has {n}" for c, n in small)
+        raise ConceptrankError(
+            f"{len(small)} class(es) have fewer training images than the {cfg.folds} CV folds ({desc})"
+        )
+    model = GlobalRanker("standard", None, cfg.c_grid, cfg.folds, cfg.seed, cfg.max_iter).fit(X[tr], y[tr])
+    desc = f"StratifiedKFold(n_splits={cfg.folds}, shuffle=True, random_state={cfg.seed}) on train; scaler fit on train"
+    return _Fit(model, splits, fallback, te, "test (50/50 fallback)" if fallback else "test", len(tr), desc, ())
+
+
+def _fit_paper(act: Activations, X: np.ndarray, cfg: RankConfig) -> _Fit:
+    """The published code's KFold over all images, best fold model kept, no scaling."""
+    model = GlobalRanker("paper", cfg.fixed_C, cfg.c_grid, cfg.folds, cfg.seed, cfg.max_iter).fit(X, act.classes)
+    notes = []
+    if model.missing_classes_:
+        notes.append(
+            f"the kept fold model never saw class(es) {model.missing_classes_} (KFold without "
+            "shuffling over class-ordered images); they get no global concepts"
+        )
+    desc = (f"KFold(n_splits={cfg.folds}) without shuffling over all images in a seeded random order "
+            f"(seed {cfg.seed}, standing in for the published code's os.listdir order); best fold model kept; no scaling")
+    eval_idx = model.eval_index_
+    return _Fit(model, act.splits, False, eval_idx, "paper best fold", X.shape[0] - len(eval_idx), desc, tuple(notes))
+
+
+def _fit_classifier(act: Activations, cfg: RankConfig) -> _Fit:
+    X = act.mean.astype(np.float64)
+    fit = (_fit_standard if cfg.protocol == "standard" else _fit_paper)(act, X, cfg)
+    if fit.model.convergence_warnings_:
+        note = f"{fit.model.convergence_warnings_} SVM fit(s) reached max_iter={cfg.max_iter} without converging"
+        fit = replace(fit, notes=fit.notes + (note,))
+    return fit
+
+
+def _labelled_concepts(labels: UnitLabels, n_units: int, cfg: RankConfig, source: str) -> list:
+    """Per unit its (concept, category, iou) or None; refuses a width mismatch or no labelled unit."""
+    if labels.num_units != n_units:
+        raise ConceptrankError(
+            f"the tally {labels.source or 'given'} has {labels.num_units} units but the activations {source} are "
+            f"{n_units} units wide: they come from different layers"
+        )
+    unit_concepts = labels.concepts(cfg.effective_min_iou, cfg.categories)
+    if not any(uc is not None and uc[0] for uc in unit_concepts):
+        cats = f" in categories {list(cfg.categories)}" if cfg.categories else ""
+        raise ConceptrankError(
+            f"no unit of {labels.source or 'the tally'} has a concept{cats} with IoU ≥ {cfg.effective_min_iou:g}; "
+            "lower --min-iou or widen --categories"
+        )
+    return unit_concepts
+
+
+def _svm_params(model: GlobalRanker, classes: list[str]) -> SVMParams:
+    return SVMParams(
+        coef=model.coef_.astype(np.float64), intercept=model.intercept_.astype(np.float64),
+        mean=model.scaler_mean_, scale=model.scaler_scale_, classes=tuple(classes),
+        train_mean=np.asarray(model.train_mean_, dtype=np.float64), standardized=model.protocol == "standard",
+    )
+
+
+def rank_concepts(act: Activations, labels: UnitLabels, cfg: RankConfig) -> RankResult:
+    """Rank concepts locally (per image) and globally (per class, from a linear SVM).
+
+    Parameters
+    ----------
+    act : per-image mean activations (N, U) with images, classes and splits (N,).
+    labels : Network Dissection labels of the U units (``tally.csv``).
+    cfg : :class:`RankConfig`.
+
+    Returns
+    -------
+    :class:`RankResult` with the rankings, the SVM and its scores (``out`` None).
+    """
+    cfg.validate()
+    N, U = act.mean.shape
+    unit_concepts = _labelled_concepts(labels, U, cfg, str(act.path))
+    ids, names = unit_concept_table(unit_concepts)
+    fit = _fit_classifier(act, cfg)
+    model, X = fit.model, act.mean.astype(np.float64)
+    y = act.classes
+    metrics = classification_metrics(y[fit.eval_index], model.predict(X[fit.eval_index]), model.classes_)
+    classes = [str(c) for c in model.classes_]
+    local = local_rankings(act.mean, unit_concepts, cfg.top_local, cfg.local_pool)
+    pos = global_rankings(model.coef_, unit_concepts, cfg.top_global, cfg.global_pool, "+")
+    neg = global_rankings(model.coef_, unit_concepts, cfg.top_global, cfg.global_pool, "-")
+    return RankResult(
+        protocol=cfg.protocol, classes=tuple(classes),
+        images=tuple(act.images.tolist()), image_classes=tuple(y.tolist()), splits=tuple(fit.splits.tolist()),
+        local=tuple(tuple(r) for r in local), global_for=tuple(tuple(r) for r in pos),
+        global_against=tuple(tuple(r) for r in neg), svm=_svm_params(model, classes),
+        best_C=model.best_C_, cv_fold_scores={C: tuple(s) for C, s in sorted(model.cv_scores_.items())},
+        metrics=metrics, evaluated_split=fit.evaluated, split_fallback=fit.fallback, best_fold=model.best_fold_,
+        n_train=int(fit.n_train), n_test=int(len(fit.eval_index)), n_units=int(U),
+        n_labelled_units=int((ids >= 0).sum()), n_concepts=len(names), n_iter=model.n_iter_,
+        missing_classes=tuple(model.missing_classes_), cv_description=fit.cv_description, warnings=fit.notes,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,72 +464,27 @@ def check_compatible(extract_meta: dict | None, dissect_meta: dict | None, extra
         )
 
 
-def _fmt(x: float) -> str:
-    return repr(float(x))
+@dataclass(frozen=True)
+class _RankInputs:
+    """The files a rank run reads and what identifies them (the cache key)."""
+
+    act_path: Path
+    tally: Path
+    extract_json: Path
+    dissect_json: Path
+    extract_meta: dict | None
+    dissect_meta: dict | None
+    fingerprints: dict | None
+    key: str | None
+    params: dict
 
 
-def _csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    w.writerows(rows)
-    return buf.getvalue()
-
-
-def _save_npz(path: Path, **arrays: np.ndarray) -> None:
-    """np.savez-compatible archive with fixed timestamps, so equal arrays give equal bytes."""
-    save_npz(path, **arrays)
-
-
-def _assign_splits(act: Activations, seed: int) -> tuple[np.ndarray, bool]:
-    """Splits used by the standard protocol: as given, or a stratified 50/50 fallback."""
-    splits = act.splits.astype("<U5")  # room for 'train' when the file only holds 'all'
-    has_test = bool((splits == "test").any())
-    has_train = bool((splits == "train").any())
-    if has_test and has_train:
-        return splits, False
-    if not has_train and not has_test:
-        idx = np.arange(len(splits))
-        try:
-            tr, te = train_test_split(idx, test_size=0.5, stratify=act.classes, random_state=seed)
-        except ValueError as e:
-            raise ConceptrankError(f"no train/test split in {act.path} and the 50/50 stratified fallback failed: {e}") from None
-        splits[tr] = "train"
-        splits[te] = "test"
-        return splits, True
-    missing = "test" if has_train else "train"
-    raise ConceptrankError(
-        f"{act.path} has no '{missing}' images; the standard protocol needs both train and test "
-        "splits (or none at all: then a stratified 50/50 split is made)"
-    )
-
-
-def run_rank(activations: Path, tally: Path, out: Path, cfg: RankConfig) -> RankResult:
-    """Rank concepts locally and globally; write the outputs into ``out``.
-
-    Parameters
-    ----------
-    activations : the extract folder or its ``activations.npz``.
-    tally : a NetDissect-Lite ``tally.csv`` with as many units as the activations are wide.
-    out : output folder (created).
-    cfg : :class:`RankConfig`.
-
-    Writes ``local_concepts.csv``, ``global_concepts.csv``, ``images.csv``, ``classifier.json``,
-    ``svm.npz`` and ``rank.json`` (atomically, ``rank.json`` last). When ``rank.json`` was written
-    for the same activations and tally bytes, configuration and package versions, and the outputs
-    are intact, they are reused (``RankResult.reused``).
-    """
-    cfg.validate()
-    out = Path(out)
-    tally = Path(tally)
+def _rank_inputs(activations: Path, tally: Path, cfg: RankConfig) -> _RankInputs:
     act_path = npz_path(Path(activations))
-    extract_json = act_path.parent / "extract.json"
-    dissect_json = tally.parent / "dissect.json"
-    extract_meta = _read_json_if(extract_json)
-    dissect_meta = _read_json_if(dissect_json)
-    cfg_dict = asdict(cfg)
-    cfg_dict["categories"] = list(cfg.categories) if cfg.categories is not None else None
-    cfg_dict["c_grid"] = list(cfg.c_grid)
+    tally = Path(tally)
+    extract_json, dissect_json = act_path.parent / "extract.json", tally.parent / "dissect.json"
+    extract_meta, dissect_meta = _read_json_if(extract_json), _read_json_if(dissect_json)
+    params = {"format": RANK_FORMAT, "config": cfg.as_json(), "inputs": [str(act_path), str(tally)]}
     key = fingerprints = None
     if act_path.is_file() and tally.is_file():
         fingerprints = {
@@ -330,227 +493,146 @@ def run_rank(activations: Path, tally: Path, out: Path, cfg: RankConfig) -> Rank
             "extract": (extract_meta or {}).get("fingerprints"),
             "dissect": (dissect_meta or {}).get("fingerprints"),
         }
-        key = stage_key("rank", fingerprints, {"format": RANK_FORMAT, "config": cfg_dict,
-                                               "inputs": [str(act_path), str(tally)]})
-        manifest = lookup(out / "rank.json", key)
-        if manifest is not None:
-            reused = _reused_result(out, manifest)
-            if reused is not None:
-                return reused
-    (out / "rank.json").unlink(missing_ok=True)  # never leave a previous run's manifest vouching for new outputs
+        key = stage_key("rank", fingerprints, params)
+    return _RankInputs(act_path, tally, extract_json, dissect_json, extract_meta, dissect_meta, fingerprints, key, params)
+
+
+def _invalidate(out: Path) -> None:
+    """Remove the manifest and what ``evaluate`` wrote: none of it belongs to the new ranking."""
+    (out / "rank.json").unlink(missing_ok=True)
+    for name in EVALUATE_OUTPUTS:
+        (out / name).unlink(missing_ok=True)
     cache.remove_temps(out, RANK_OUTPUTS + ("rank.json",))
 
-    act = load_activations(activations)
-    labels = read_tally(tally)
-    check_compatible(extract_meta, dissect_meta, str(extract_json), str(dissect_json))
 
-    N, U = act.mean.shape
-    if labels.num_units != U:
-        raise ConceptrankError(
-            f"the tally {tally} has {labels.num_units} units but the activations {act.path} are "
-            f"{U} units wide: they come from different layers"
-        )
-    unit_concepts = labels.concepts(cfg.effective_min_iou, cfg.categories)
-    ids, names = unit_concept_table(unit_concepts)
-    n_labelled = int((ids >= 0).sum())
-    if n_labelled == 0:
-        cats = f" in categories {list(cfg.categories)}" if cfg.categories else ""
-        raise ConceptrankError(
-            f"no unit of {tally} has a concept{cats} with IoU ≥ {cfg.effective_min_iou:g}; "
-            "lower --min-iou or widen --categories"
-        )
-
-    # ---- classifier ----
-    X = act.mean.astype(np.float64)
-    y = act.classes
-    notes: list[str] = []
-    if cfg.protocol == "standard":
-        splits, fallback = _assign_splits(act, cfg.seed)
-        tr = np.flatnonzero(splits == "train")
-        te = np.flatnonzero(splits == "test")
-        all_classes = np.unique(y)
-        tr_classes, tr_counts = np.unique(y[tr], return_counts=True)
-        counts = dict(zip(tr_classes.tolist(), tr_counts.tolist()))
-        small = [(c, counts.get(c, 0)) for c in all_classes.tolist() if counts.get(c, 0) < cfg.folds]
-        if small:
-            desc = ", ".join(f"{c!r} has {n}" for c, n in small)
-            raise ConceptrankError(
-                f"{len(small)} class(es) have fewer training images than the {cfg.folds} CV folds ({desc})"
-            )
-        model = GlobalRanker("standard", None, cfg.c_grid, cfg.folds, cfg.seed, cfg.max_iter).fit(X[tr], y[tr])
-        eval_idx = te
-        evaluated = "test (50/50 fallback)" if fallback else "test"
-        n_train = len(tr)
-        cv_desc = f"StratifiedKFold(n_splits={cfg.folds}, shuffle=True, random_state={cfg.seed}) on train; scaler fit on train"
-    else:
-        splits, fallback = act.splits, False
-        model = GlobalRanker("paper", cfg.fixed_C, cfg.c_grid, cfg.folds, cfg.seed, cfg.max_iter).fit(X, y)
-        eval_idx = model.eval_index_
-        evaluated = "paper best fold"
-        n_train = N - len(eval_idx)
-        cv_desc = (f"KFold(n_splits={cfg.folds}) without shuffling over all images in a seeded random order "
-                   f"(seed {cfg.seed}, standing in for the published code's os.listdir order); best fold model kept; no scaling")
-        if model.missing_classes_:
-            notes.append(
-                f"the kept fold model never saw class(es) {model.missing_classes_} (KFold without "
-                "shuffling over class-ordered images); they get no global concepts"
-            )
-    if model.convergence_warnings_:
-        notes.append(f"{model.convergence_warnings_} SVM fit(s) reached max_iter={cfg.max_iter} without converging")
-    metrics = classification_metrics(y[eval_idx], model.predict(X[eval_idx]), model.classes_)
-    classes = [str(c) for c in model.classes_]
-
-    # ---- rankings ----
-    local = local_rankings(act.mean, unit_concepts, cfg.top_local, cfg.local_pool)
-    pos = global_rankings(model.coef_, unit_concepts, cfg.top_global, cfg.global_pool, "+")
-    neg = global_rankings(model.coef_, unit_concepts, cfg.top_global, cfg.global_pool, "-")
-
-    # ---- outputs ----
-    out.mkdir(parents=True, exist_ok=True)
-    local_rows = [
-        [act.images[i], act.classes[i], splits[i], r + 1, rc.concept, rc.category, rc.unit + 1, _fmt(rc.score)]
-        for i, ranking in enumerate(local)
-        for r, rc in enumerate(ranking)
-    ]
-    atomic_write_text(
-        out / "local_concepts.csv",
-        _csv_text(["image", "class", "split", "rank", "concept", "category", "unit", "score"], local_rows),
-    )
-    atomic_write_text(
-        out / "images.csv",
-        _csv_text(
-            ["image", "class", "split", "n_concepts"],
-            [[act.images[i], act.classes[i], splits[i], len(local[i])] for i in range(N)],
-        ),
-    )
-    global_rows = []
-    for ci, c in enumerate(classes):
-        for sign, lists in (("+", pos), ("-", neg)):
-            for r, rc in enumerate(lists[ci]):
-                global_rows.append([c, r + 1, rc.concept, rc.category, rc.unit + 1, _fmt(rc.score), sign])
-    atomic_write_text(
-        out / "global_concepts.csv",
-        _csv_text(["class", "rank", "concept", "category", "unit", "weight", "sign"], global_rows),
-    )
-    # the same rankings as one JSON document, for tools that prefer it to the two CSVs
-    def _item(rc: RankedConcept, key: str) -> dict:
-        return {"concept": rc.concept, "category": rc.category, "unit": rc.unit + 1, key: float(rc.score)}
-
-    atomic_write_json(out / "rankings.json", {
-        "protocol": cfg.protocol,
-        "global": {c: {"for": [_item(rc, "weight") for rc in pos[ci]],
-                       "against": [_item(rc, "weight") for rc in neg[ci]]} for ci, c in enumerate(classes)},
-        "local": [{"image": act.images[i], "class": act.classes[i], "split": splits[i],
-                   "concepts": [_item(rc, "score") for rc in local[i]]} for i in range(N)],
-    })
-    cv_scores = [
-        {"C": C, "fold_macro_f1": scores, "mean_macro_f1": float(np.mean(scores))}
-        for C, scores in sorted(model.cv_scores_.items())
-    ]
-    classifier = {
-        "protocol": cfg.protocol,
-        "classes": classes,
-        "best_C": model.best_C_,
-        "c_grid": sorted(model.cv_scores_),
-        "cv": cv_desc,
-        "cv_scores": cv_scores,
-        "best_fold": model.best_fold_,
-        "evaluated_split": evaluated,
-        "split_fallback": fallback,
-        "n_train": int(n_train),
-        "n_test": int(len(eval_idx)),
-        "test_accuracy": metrics["accuracy"],
-        "macro_precision": metrics["macro_precision"],
-        "macro_recall": metrics["macro_recall"],
-        "macro_f1": metrics["macro_f1"],
-        "per_class": metrics["per_class"],
-        "confusion_matrix": metrics["confusion_matrix"],
+def _classifier_json(res: RankResult, cfg: RankConfig) -> dict:
+    m = res.metrics
+    return {
+        "protocol": res.protocol,
+        "classes": list(res.classes),
+        "best_C": res.best_C,
+        "c_grid": sorted(res.cv_fold_scores),
+        "cv": res.cv_description,
+        "cv_scores": [{"C": C, "fold_macro_f1": list(s), "mean_macro_f1": float(np.mean(s))}
+                      for C, s in sorted(res.cv_fold_scores.items())],
+        "best_fold": res.best_fold,
+        "evaluated_split": res.evaluated_split,
+        "split_fallback": res.split_fallback,
+        "n_train": res.n_train,
+        "n_test": res.n_test,
+        "test_accuracy": m.accuracy,
+        "macro_precision": m.macro_precision,
+        "macro_recall": m.macro_recall,
+        "macro_f1": m.macro_f1,
+        "per_class": m.per_class,
+        "confusion_matrix": m.confusion_matrix,
         "confusion_matrix_axes": "rows = true class, columns = predicted class, in 'classes' order",
-        "standardized": cfg.protocol == "standard",
+        "standardized": res.svm.standardized,
         "svm": {
             "multi_class": "crammer_singer", "loss": "hinge", "dual": True, "class_weight": "balanced",
-            "random_state": cfg.seed, "max_iter": cfg.max_iter, "n_iter": model.n_iter_,
+            "random_state": cfg.seed, "max_iter": cfg.max_iter, "n_iter": res.n_iter,
         },
-        "missing_classes": model.missing_classes_,
-        "warnings": notes,
+        "missing_classes": list(res.missing_classes),
+        "warnings": list(res.warnings),
     }
-    atomic_write_json(out / "classifier.json", classifier)
-    _save_npz(
-        out / "svm.npz",
-        coef=model.coef_.astype(np.float64),
-        intercept=model.intercept_.astype(np.float64),
-        scaler_mean=model.scaler_mean_,
-        scaler_scale=model.scaler_scale_,
-        classes=np.array(classes, dtype=str),
-    )
-    rank_meta = {
+
+
+def _write_rank_outputs(out: Path, res: RankResult, cfg: RankConfig) -> None:
+    """Every output but the manifest, each atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "local_concepts.csv", local_concepts_text(res.images, res.image_classes, res.splits, res.local))
+    atomic_write_text(out / "images.csv", images_text(res.images, res.image_classes, res.splits, res.local))
+    atomic_write_text(out / "global_concepts.csv", global_concepts_text(res.classes, res.global_for, res.global_against))
+    atomic_write_json(out / "rankings.json", rankings_document(
+        res.protocol, res.classes, res.images, res.image_classes, res.splits, res.local, res.global_for,
+        res.global_against))
+    atomic_write_json(out / "classifier.json", _classifier_json(res, cfg))
+    save_svm(out / "svm.npz", res.svm)
+
+
+def _write_rank_manifest(out: Path, res: RankResult, cfg: RankConfig, inp: _RankInputs) -> None:
+    """rank.json, written last: it vouches for the outputs above."""
+    atomic_write_json(out / "rank.json", {
         "stage": "rank",
-        "config": cfg_dict,
+        "config": inp.params["config"],
         "protocol": cfg.protocol,
         "top_local": cfg.top_local,
         "top_global": cfg.top_global,
         "min_iou": cfg.effective_min_iou,
-        "categories": cfg_dict["categories"],
+        "categories": inp.params["config"]["categories"],
         "local_pool": cfg.local_pool,
         "global_pool": cfg.global_pool,
-        "inputs": {"activations": str(act.path), "tally": str(tally)},
-        "fingerprints": fingerprints,
-        "layer": (extract_meta or {}).get("layer") or (dissect_meta or {}).get("layer"),
-        "n_images": int(N),
-        "n_units": int(U),
-        "n_labelled_units": n_labelled,
-        "n_concepts": len(names),
-        "classes": classes,
+        "inputs": {"activations": str(inp.act_path), "tally": str(inp.tally)},
+        "fingerprints": inp.fingerprints,
+        "layer": (inp.extract_meta or {}).get("layer") or (inp.dissect_meta or {}).get("layer"),
+        "n_images": len(res.images),
+        "n_units": res.n_units,
+        "n_labelled_units": res.n_labelled_units,
+        "n_concepts": res.n_concepts,
+        "classes": list(res.classes),
         "packages": package_versions(),
-        "cache": manifest_section("rank", key, fingerprints,
-                                  {"format": RANK_FORMAT, "config": cfg_dict, "inputs": [str(act_path), str(tally)]},
-                                  out, RANK_OUTPUTS),
-    }
-    atomic_write_json(out / "rank.json", rank_meta)  # last: it vouches for the outputs above
+        "cache": manifest_section("rank", inp.key, inp.fingerprints, inp.params, out, RANK_OUTPUTS),
+    })
 
-    return RankResult(
-        out=out,
-        protocol=cfg.protocol,
-        best_C=model.best_C_,
-        cv_scores={C: float(np.mean(s)) for C, s in sorted(model.cv_scores_.items())},
-        test_accuracy=metrics["accuracy"],
-        macro_f1=metrics["macro_f1"],
-        n_units=int(U),
-        n_labelled_units=n_labelled,
-        n_concepts=len(names),
-        evaluated_split=evaluated,
-        n_train=int(n_train),
-        n_test=int(len(eval_idx)),
-        classes=tuple(classes),
-        warnings=tuple(notes),
-    )
+
+def run_rank(activations: Path, tally: Path, out: Path, cfg: RankConfig) -> RankResult:
+    """Read activations and tally, :func:`rank_concepts`, write the outputs into ``out``.
+
+    Parameters
+    ----------
+    activations : the extract folder or its ``activations.npz``.
+    tally : a NetDissect-Lite ``tally.csv`` with as many units as the activations are wide.
+    out : output folder (created).
+    cfg : :class:`RankConfig`.
+
+    Writes ``local_concepts.csv``, ``global_concepts.csv``, ``images.csv``, ``rankings.json``,
+    ``classifier.json``, ``svm.npz`` and ``rank.json`` (atomically, ``rank.json`` last). When
+    ``rank.json`` was written for the same activations and tally bytes, configuration and package
+    versions, and the outputs are intact, they are reused (``RankResult.reused``). When it
+    recomputes, the previous ``evaluate`` outputs in ``out`` are removed.
+    """
+    cfg.validate()
+    out = Path(out)
+    inp = _rank_inputs(activations, tally, cfg)
+    if inp.key is not None:
+        manifest = lookup(out / "rank.json", inp.key)
+        reused = _reused_result(out, manifest) if manifest is not None else None
+        if reused is not None:
+            return reused
+    act = load_activations(inp.act_path)
+    labels = read_tally(inp.tally)
+    check_compatible(inp.extract_meta, inp.dissect_meta, str(inp.extract_json), str(inp.dissect_json))
+    res = rank_concepts(act, labels, cfg)
+    _invalidate(out)
+    _write_rank_outputs(out, res, cfg)
+    _write_rank_manifest(out, res, cfg, inp)
+    return replace(res, out=out)
 
 
 def _reused_result(out: Path, manifest: Manifest) -> RankResult | None:
-    """The result of an earlier run whose manifest matched, read back from rank.json and classifier.json."""
+    """The result of an earlier run whose manifest matched, read back from its outputs."""
     meta = manifest.data
     try:
         clf = read_json(out / "classifier.json")
+        lists = read_ranked_lists(out)
+        classes = tuple(str(c) for c in clf["classes"])
+        metrics = ClassificationMetrics(
+            accuracy=float(clf["test_accuracy"]), macro_precision=float(clf["macro_precision"]),
+            macro_recall=float(clf["macro_recall"]), macro_f1=float(clf["macro_f1"]),
+            per_class=clf["per_class"], confusion_matrix=clf["confusion_matrix"])
         return RankResult(
-            out=out,
-            protocol=str(meta["protocol"]),
-            best_C=float(clf["best_C"]),
-            cv_scores={float(r["C"]): float(r["mean_macro_f1"]) for r in clf["cv_scores"]},
-            test_accuracy=float(clf["test_accuracy"]),
-            macro_f1=float(clf["macro_f1"]),
-            n_units=int(meta["n_units"]),
-            n_labelled_units=int(meta["n_labelled_units"]),
-            n_concepts=int(meta["n_concepts"]),
-            evaluated_split=str(clf["evaluated_split"]),
-            n_train=int(clf["n_train"]),
-            n_test=int(clf["n_test"]),
-            classes=tuple(str(c) for c in clf["classes"]),
-            warnings=tuple(str(w) for w in clf.get("warnings", ())),
-            reused=True,
+            protocol=meta["protocol"], classes=classes, images=lists.images, image_classes=lists.image_classes,
+            splits=lists.splits, local=lists.local,
+            global_for=tuple(lists.global_for.get(c, ()) for c in classes),
+            global_against=tuple(lists.global_against.get(c, ()) for c in classes),
+            svm=load_svm(out / "svm.npz"), best_C=float(clf["best_C"]),
+            cv_fold_scores={float(r["C"]): tuple(float(x) for x in r["fold_macro_f1"]) for r in clf["cv_scores"]},
+            metrics=metrics, evaluated_split=str(clf["evaluated_split"]), split_fallback=bool(clf["split_fallback"]),
+            best_fold=clf.get("best_fold"), n_train=int(clf["n_train"]), n_test=int(clf["n_test"]),
+            n_units=int(meta["n_units"]), n_labelled_units=int(meta["n_labelled_units"]),
+            n_concepts=int(meta["n_concepts"]), n_iter=int((clf.get("svm") or {}).get("n_iter", 0)),
+            missing_classes=tuple(clf.get("missing_classes") or ()), cv_description=str(clf.get("cv", "")),
+            warnings=tuple(str(w) for w in clf.get("warnings", ())), out=out, reused=True,
         )
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, ConceptrankError):
         return None
-
-
-# ``conceptrank.stages.rank`` (lazy export in __init__) resolves to this function.
-rank = run_rank

@@ -156,3 +156,35 @@ def test_rank_refuses_all_beside_train_and_test(tmp_path):
     run = run_folder(tmp_path, splits=("train",) * 8 + ("test",) * 5 + ("all",) * 3)
     with pytest.raises(ConceptrankError, match=r"9 image\(s\) have split 'all' beside train/test"):
         rank(run)
+
+
+def _manifest(tmp: Path, splits: list[str]) -> Path:
+    from PIL import Image
+
+    rows = ["path,label,split"]
+    for i, s in enumerate(splits):
+        Image.new("RGB", (8, 8), (i * 20, 0, 0)).save(tmp / f"im{i}.png")
+        rows.append(f"im{i}.png,{'ab'[i % 2]},{s}")
+    (tmp / "m.csv").write_text("\n".join(rows) + "\n")
+    return tmp / "m.csv"
+
+
+def test_target_split_names_are_validated_when_read(tmp_path):
+    from conceptrank.errors import TargetError
+    from conceptrank.io.targets import load_targets
+
+    m = _manifest(tmp_path, ["train", "train", "test", "test", "val", "val", "val"])
+    with pytest.raises(TargetError, match=r"m\.csv: split 'val' \(3 image\(s\), first 'im4\.png'\).*val=train"):
+        load_targets(m)
+    ts = load_targets(m, split_map="val=drop")
+    assert len(ts) == 4 and ts.dropped == {"val": 3}
+    ts = load_targets(m, split_map={"val": "train"})
+    assert [it.split for it in ts.items].count("train") == 5 and ts.dropped == {}
+    with pytest.raises(TargetError, match="bad split map item val=validation"):
+        load_targets(m, split_map="val=validation")
+    # 'all' (an empty cell) beside train/test rows: which part would it be? refused unless mapped
+    m = _manifest(tmp_path, ["train", "test", "", "train"])
+    with pytest.raises(TargetError, match=r"1 image\(s\) have no train/test split \(first 'im2\.png'\)"):
+        load_targets(m)
+    assert load_targets(m, split_map="all=test").items[2].split in ("test", "train")
+    assert {it.split for it in load_targets(_manifest(tmp_path, ["", "", ""])).items} == {"all"}

@@ -8,7 +8,9 @@ Their tables are hand-written text, not conceptrank's writer output.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib.util
+import json
 import shutil
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from torch import nn
 
 from conceptrank.io.broden import BrodenDataset, WriterRow, decode_mask, write_broden
 from conceptrank.io.images import load_rgb
+from conceptrank.errors import TargetError
 from conceptrank.io.targets import TargetItem, load_targets
 from conceptrank.nn.hooks import record_layers
 from conceptrank.nn.models import LoadedModel
@@ -345,15 +348,20 @@ def test_imagefolder_layout_extract(tmp_path):
 
 
 def test_manifest_layout_extract(tmp_path):
-    res = run_extract(_feat_model(), None, "feat", S40_ROOT / "manifest.csv", tmp_path / "o", CFG)
-    assert (res.n_images, res.n_skipped) == (6, 0)
+    # 'val' and an empty split cell beside train/test rows are refused unless mapped explicitly
+    with pytest.raises(TargetError, match=r"manifest\.csv: split 'val' \(1 image\(s\), first 'imagefolder/riding_a_bike/bike 2\.jpg'\)"):
+        run_extract(_feat_model(), None, "feat", S40_ROOT / "manifest.csv", tmp_path / "bad", CFG)
+    cfg = dataclasses.replace(CFG, split_map="val=test,all=drop")
+    res = run_extract(_feat_model(), None, "feat", S40_ROOT / "manifest.csv", tmp_path / "o", cfg)
+    assert (res.n_images, res.n_skipped) == (5, 0)
+    meta = json.loads((tmp_path / "o" / "extract.json").read_text())
+    assert meta["dataset"]["dropped_by_split_map"] == {"all": 1}
     z = read_activations(tmp_path / "o")
     got = list(zip(z["images"], z["classes"], z["splits"]))
     assert got == [
         ("Stanford40/JPEGImages/applauding_001.jpg", "applauding", "train"),
         ("Stanford40/JPEGImages/applauding_003.jpg", "applauding", "test"),
         ("imagefolder/applauding/clap, close.jpg", "applauding", "test"),
-        ("imagefolder/applauding/a2.png", "applauding", "all"),  # empty split cell
         ("Stanford40/JPEGImages/riding_a_bike_002.jpg", "riding_a_bike", "train"),
-        ("imagefolder/riding_a_bike/bike 2.jpg", "riding_a_bike", "val"),
+        ("imagefolder/riding_a_bike/bike 2.jpg", "riding_a_bike", "test"),
     ]

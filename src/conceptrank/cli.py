@@ -126,11 +126,13 @@ def extract(
     batch_size: int = typer.Option(32, "--batch-size"),
     workers: int = typer.Option(2, "--workers"),
     device: str = typer.Option("auto", "--device"),
+    split_map: str = typer.Option("", "--split-map", help="Map other split names explicitly: e.g. 'val=train,all=drop' (targets: train, test, all, drop)."),
 ) -> None:
     """Per image and unit: mean and max of the layer's activation map (activations.npz)."""
     from conceptrank.stages.extract import ExtractConfig, run_extract
 
-    cfg = ExtractConfig(layout=layout, resize=resize, crop=crop, batch_size=batch_size, workers=workers, device=device)
+    cfg = ExtractConfig(layout=layout, resize=resize, crop=crop, batch_size=batch_size, workers=workers, device=device,
+                        split_map=split_map)
     res = _run(run_extract, model, weights, layer, dataset, out, cfg)
     typer.echo(res.summary())
 

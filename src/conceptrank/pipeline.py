@@ -31,7 +31,7 @@ class RunConfig:
         out = "runs/resnet152"
         [model]    name = "resnet152"; weights = "IMAGENET1K_V1"; layer = "layer4"
         [probe]    path = "data/broden1_224"; categories = ["object", "part", "material", "color"]
-        [target]   path = "data/Stanford40"; layout = "stanford40"; resize = 224
+        [target]   path = "data/Stanford40"; layout = "stanford40"; resize = 224; split_map = "val=train"
         [rank]     protocol = "standard"; top_local = 10; top_global = 10
         [evaluate] configs = "5:1,5:5,5:10,10:10"
         [run]      device = "auto"; batch_size = 64; workers = 4; seed = 0; report = true
@@ -50,6 +50,7 @@ class RunConfig:
     layout: str = "auto"
     resize: int | None = None
     crop: str = "none"
+    split_map: str = ""
     protocol: str = "standard"
     top_local: int = 10
     top_global: int = 10
@@ -71,7 +72,7 @@ _SECTIONS = {
     "probe": {"path": "probe", "categories": "categories", "quantile": "quantile", "preprocess": "preprocess",
               "stability_quantile": "stability_quantile",
               "tally": "tally"},
-    "target": {"path": "target", "layout": "layout", "resize": "resize", "crop": "crop"},
+    "target": {"path": "target", "layout": "layout", "resize": "resize", "crop": "crop", "split_map": "split_map"},
     "rank": {"protocol": "protocol", "top_local": "top_local", "top_global": "top_global", "min_iou": "min_iou",
              "grid": "grid"},
     "evaluate": {"configs": "configs", "truth": "truth"},
@@ -166,7 +167,7 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> Pipelin
 
     t0 = time.perf_counter()
     ecfg = ExtractConfig(layout=cfg.layout, resize=cfg.resize, crop=cfg.crop, batch_size=cfg.batch_size,
-                         workers=cfg.workers, device=cfg.device)
+                         workers=cfg.workers, device=cfg.device, split_map=cfg.split_map)
     eres = run_extract(model, cfg.weights, cfg.layer, cfg.target, out / "extract", ecfg)
     echo(eres.summary())
     timings["extract"] = time.perf_counter() - t0

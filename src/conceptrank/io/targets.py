@@ -14,7 +14,9 @@ Layouts
     files and folders ignored; folders without images are not classes). Split ``all``.
 ``manifest``
     ``root`` is a CSV file with a header holding ``path`` and ``label`` (and optionally ``split``,
-    default ``all``); paths are relative to the CSV file's folder.
+    default ``all``); paths are relative to the CSV file's folder. Split values other than
+    ``train``, ``test`` and ``all``, and ``all`` beside train/test rows, are refused unless mapped
+    explicitly (``split_map``, e.g. ``val=train`` or ``val=drop``; dropped rows are counted).
 ``auto``
     ``stanford40`` if ``root/ImageSplits/actions.txt`` exists, ``manifest`` if ``root`` is a
     ``.csv`` file, else ``imagefolder``.
@@ -36,8 +38,9 @@ import json
 import os
 import re
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Mapping
 
 from conceptrank.errors import TargetError
 from conceptrank.io.images import IMAGE_EXTENSIONS
@@ -47,12 +50,17 @@ __all__ = [
     "TargetItem",
     "TargetSet",
     "LAYOUTS",
+    "SPLITS",
+    "SPLIT_TARGETS",
+    "parse_split_map",
     "load_targets",
     "person_box",
     "class_of_stanford_name",
 ]
 
 LAYOUTS = ("auto", "stanford40", "imagefolder", "manifest")
+SPLITS = ("train", "test", "all")  # the split names every stage understands
+SPLIT_TARGETS = SPLITS + ("drop",)  # what another split name may be mapped to
 _SPLIT_RANK = {"train": 0, "val": 1, "test": 2}
 _STANFORD_NAME = re.compile(r"^(?P<cls>.+)_(?P<num>\d+)\.[A-Za-z0-9]+$")
 
@@ -68,7 +76,7 @@ class TargetItem:
     cls : str
         Class name.
     split : str
-        ``train``, ``test``, ``all`` or a manifest's split value.
+        ``train``, ``test`` or ``all`` (other split values must be mapped, see :func:`load_targets`).
     """
 
     rel: str
@@ -90,12 +98,15 @@ class TargetSet:
         In deterministic order (class, split, path).
     classes : tuple of str
         Class names in order (``actions.txt`` order, or alphabetical).
+    dropped : dict
+        split name → images left out because the split map sends that split to ``drop``.
     """
 
     root: Path
     layout: str
     items: tuple[TargetItem, ...]
     classes: tuple[str, ...]
+    dropped: dict = field(default_factory=dict)
 
     @property
     def image_root(self) -> Path:
@@ -340,10 +351,60 @@ def _restrict(ts: TargetSet, split_file: str | os.PathLike) -> TargetSet:
     return TargetSet(ts.root, ts.layout, items, classes)
 
 
+def parse_split_map(text: str | Mapping[str, str] | None) -> dict[str, str]:
+    """``"val=train,extra=drop"`` (or a mapping) → ``{"val": "train", "extra": "drop"}``, validated.
+
+    Every target must be one of :data:`SPLIT_TARGETS`; errors name the bad item.
+    """
+    if not text:
+        return {}
+    pairs = list(text.items()) if isinstance(text, Mapping) else [
+        tuple(p.strip() for p in item.split("=", 1)) if "=" in item else (item.strip(), "")
+        for item in str(text).split(",") if item.strip()]
+    out: dict[str, str] = {}
+    for src, dst in pairs:
+        if not src or dst not in SPLIT_TARGETS:
+            raise TargetError(
+                f"bad split map item {src}={dst}: expected NAME=TARGET with TARGET one of {', '.join(SPLIT_TARGETS)}"
+            )
+        out[str(src)] = str(dst)
+    return out
+
+
+def _apply_split_map(ts: TargetSet, split_map: Mapping[str, str], where: Path) -> TargetSet:
+    """Rename or drop splits as mapped; refuse unknown split names and ``all`` beside train/test."""
+    items: list[TargetItem] = []
+    dropped: dict[str, int] = {}
+    unknown: dict[str, list[str]] = {}
+    for it in ts.items:
+        split = split_map.get(it.split, it.split)
+        if split == "drop":
+            dropped[it.split] = dropped.get(it.split, 0) + 1
+        elif split not in SPLITS:
+            unknown.setdefault(it.split, []).append(it.rel)
+        else:
+            items.append(it if split == it.split else TargetItem(it.rel, it.cls, split))
+    if unknown:
+        name, rels = next(iter(unknown.items()))
+        raise TargetError(
+            f"{where}: split {name!r} ({len(rels)} image(s), first {rels[0]!r}) is not one of {', '.join(SPLITS)}; "
+            f"map it explicitly, e.g. split map {name}=train, {name}=test or {name}=drop"
+        )
+    n_all = [it.rel for it in items if it.split == "all"]
+    if n_all and len(n_all) < len(items):
+        raise TargetError(
+            f"{where}: {len(n_all)} image(s) have no train/test split (first {n_all[0]!r}) beside images that "
+            "have one; give them a split or map them explicitly, e.g. split map all=train or all=drop"
+        )
+    classes = tuple(c for c in ts.classes if any(it.cls == c for it in items)) if dropped else ts.classes
+    return replace(ts, items=_sorted_items(items, classes), classes=classes, dropped=dropped)
+
+
 def load_targets(
     root: str | os.PathLike,
     layout: str = "auto",
     split_file: str | os.PathLike | None = None,
+    split_map: str | Mapping[str, str] | None = None,
 ) -> TargetSet:
     """Index a target set.
 
@@ -357,6 +418,10 @@ def load_targets(
         Keep only the images listed in this text file, one path per line (relative to the dataset
         root; for Stanford 40 also relative to ``JPEGImages/``, so ``ImageSplits/test.txt`` works). A
         relative path that does not exist is also looked up under the root and ``root/ImageSplits``.
+    split_map : mapping or ``"val=train,extra=drop"``, optional
+        Split names other than ``train``, ``test`` and ``all`` are refused unless mapped here to
+        one of those or to ``drop`` (left out, counted in :attr:`TargetSet.dropped`). ``all`` beside
+        train/test images is refused too unless mapped (e.g. ``all=train``).
 
     Returns
     -------
@@ -387,6 +452,7 @@ def load_targets(
         ts = _load_imagefolder(root)
     if split_file is not None:
         ts = _restrict(ts, split_file)
+    ts = _apply_split_map(ts, parse_split_map(split_map), root)
     if not ts.items:
         hint = {
             "imagefolder": f" (expected {root}/<class>/*.{{{','.join(e[1:] for e in IMAGE_EXTENSIONS)}}})",

@@ -80,6 +80,9 @@ class ExtractConfig:
         ``auto`` (a running cluster), ``local`` (start one here) or a cluster address.
     ray_workers : int, optional
         Actors to start (default: one per GPU, else one per 2 CPUs of the cluster).
+    split_map : str
+        Maps split names other than train/test/all (and ``all`` beside train/test) explicitly,
+        e.g. ``"val=train,extra=drop"`` (see :func:`~conceptrank.io.targets.load_targets`).
     """
 
     layout: str = "auto"
@@ -91,6 +94,7 @@ class ExtractConfig:
     engine: Literal["local", "ray"] = "local"
     ray_address: str = "auto"
     ray_workers: int | None = None
+    split_map: str = ""
 
     def validate(self) -> None:
         """Raise ConceptrankError for invalid values (called by :func:`extract`, not at construction,
@@ -528,7 +532,7 @@ def run_extract(
     out = Path(out)
     loaded = model if isinstance(model, LoadedModel) else load_model(str(model), weights)
     resolve_layer(loaded.module, layer)
-    targets = load_targets(dataset, cfg.layout)
+    targets = load_targets(dataset, cfg.layout, split_map=cfg.split_map)
     key, fingerprints, params, cache_params = _extract_key(loaded, layer, targets, cfg)
     manifest = cache.lookup(out / "extract.json", key)
     if manifest is not None:
@@ -620,6 +624,7 @@ def _extract_manifest(loaded, layer, targets, cfg, acts: Activations, fingerprin
             "layout": targets.layout,
             "classes": list(targets.classes),
             "items": len(targets.items),
+            "dropped_by_split_map": dict(targets.dropped),
         },
         "fingerprints": fingerprints,
         "params": params,

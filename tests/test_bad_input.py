@@ -97,6 +97,7 @@ from typer.testing import CliRunner
 
 from conceptrank.cli import app
 from conceptrank.errors import ConceptrankError
+from conceptrank.io.activations import load_activations
 from conceptrank.io.broden import BrodenDataset, BrodenError, encode_mask
 from conceptrank.io.images import load_rgb
 from conceptrank.io.targets import TargetError, load_targets
@@ -106,7 +107,6 @@ from conceptrank.stages.dissect import DissectConfig, run_dissect
 from conceptrank.stages.extract import (
     ExtractConfig,
     extract_activations,
-    read_activations,
     run_extract,
 )
 
@@ -309,12 +309,12 @@ def test_stanford40_non_utf8_and_space_names(s40, tmp_path):
     assert ts.classes[-2:] == (latin, spaced) and ts.counts()[latin] == 1
     res = run_extract(_loaded(Feat()), None, "feat", s40, tmp_path / "o", ExtractConfig(workers=0, device="cpu"))
     assert res.n_images == 13 and res.n_skipped == 0
-    z = read_activations(tmp_path / "o")
-    names = list(z["images"])
+    z = load_activations(tmp_path / "o")
+    names = list(z.images)
     assert names[-2:] == [f"JPEGImages/{latin}_001.jpg", f"JPEGImages/{spaced}_001.jpg"]
-    assert list(z["class_names"][-2:]) == [latin, spaced]
+    assert list(z.class_names[-2:]) == [latin, spaced]
     a, b = names.index("JPEGImages/applauding_001.jpg"), names.index(f"JPEGImages/{latin}_001.jpg")
-    np.testing.assert_array_equal(z["mean"][a], z["mean"][b])  # the same bytes were read
+    np.testing.assert_array_equal(z.mean[a], z.mean[b])  # the same bytes were read
 
 
 @pytest.mark.skipif(os.name != "posix", reason="non-UTF-8 file names need a POSIX file system")

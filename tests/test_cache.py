@@ -283,30 +283,31 @@ def test_rank_reuses_and_recomputes(tmp_path):
         tmp_path / "r" / "local_concepts.csv").read_text()
 
 
-def test_pipeline_evaluate_and_world_reuse(tmp_path):
-    from conceptrank import pipeline
-    from conceptrank.stages.evaluate import EvaluateConfig
+def test_evaluate_reuses_and_recomputes(tmp_path):
+    from test_rank import FAST, make_world
 
+    from conceptrank.stages.evaluate import EvaluateConfig, run_evaluate
+    from conceptrank.stages.rank import RankConfig, run_rank
+
+    act, tally, *_ = make_world(tmp_path)
     rank_dir = tmp_path / "rank"
-    rank_dir.mkdir()
-    for n in ("rank.json", "classifier.json", "local_concepts.csv", "global_concepts.csv", "images.csv"):
-        (rank_dir / n).write_text("{}" if n.endswith(".json") else "x\n")
-    calls = []
+    run_rank(act, tally, rank_dir, RankConfig(**FAST))
+    vcfg = EvaluateConfig(configs="1:1", n_perm=20, n_draw=20, n_boot=20, stability_seeds=())
+    files = ("precision.csv", "summary.json", "evaluation.json", "evaluate.json")
+    a = run_evaluate(rank_dir, None, vcfg)
+    before = _bytes(rank_dir, files)
+    b = run_evaluate(rank_dir, None, vcfg)
+    assert b.reused and not a.reused and "reused" in b.table()
+    assert (b.per_class, b.summary, b.details) == (a.per_class, a.summary, a.details)
+    assert _bytes(rank_dir, files) == before
+    assert not run_evaluate(rank_dir, None, EvaluateConfig(**{**vars(vcfg), "seed": 1})).reused
+    assert not run_evaluate(rank_dir, tmp_path / "elsewhere", vcfg).reused  # another folder, its own manifest
+    run_rank(act, tally, rank_dir, RankConfig(**{**FAST, "top_local": 2}))  # a new ranking: recomputed
+    assert not run_evaluate(rank_dir, None, vcfg).reused
 
-    def fake_evaluate(ranking, out, cfg):
-        calls.append(cfg)
-        (out / "precision.csv").write_text("class,5L-1G\na,0.5\n")
-        (out / "summary.json").write_text(json.dumps({"split": "test", "agreement": {}}))
-        return "computed"
 
-    vcfg = EvaluateConfig(configs="5:1")
-    assert pipeline._evaluate_cached(rank_dir, vcfg, fake_evaluate) == ("computed", False)
-    res, reused = pipeline._evaluate_cached(rank_dir, vcfg, fake_evaluate)
-    assert reused and len(calls) == 1 and res.per_class == {"a": {"5L-1G": 0.5}} and res.split == "test"
-    assert not pipeline._evaluate_cached(rank_dir, EvaluateConfig(configs="5:1", seed=1), fake_evaluate)[1]
-    (rank_dir / "local_concepts.csv").write_text("y\n")
-    assert not pipeline._evaluate_cached(rank_dir, EvaluateConfig(configs="5:1", seed=1), fake_evaluate)[1]
-    assert len(calls) == 3
+def test_world_reuse(tmp_path):
+    from conceptrank import pipeline
 
     # the synthetic world: reused only for the same parameters and untouched files
     params = dict(seed=0, size=32, probe_images=160, images_per_class=20)

@@ -11,14 +11,10 @@ import pytest
 from typer.testing import CliRunner
 
 from conceptrank.cli import app
+from conceptrank.core.evaluation import agreement, parse_configs
 from conceptrank.errors import ConceptrankError
 from conceptrank.io.tally_csv import format_tally
-from conceptrank.stages.evaluate import (
-    EvaluateConfig,
-    agreement,
-    parse_configs,
-    run_evaluate,
-)
+from conceptrank.stages.evaluate import EvaluateConfig, run_evaluate
 from conceptrank.stages.rank import RankConfig, run_rank
 
 

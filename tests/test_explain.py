@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from conceptrank.cli import app
 from conceptrank.errors import ConceptrankError
+from conceptrank.io.activations import load_activations
 from conceptrank.io.svm import load_svm
 from conceptrank.io.tally_csv import format_tally, read_tally
 from conceptrank.nn.models import IMAGENET_MEAN, IMAGENET_STD, save_model_card
@@ -23,7 +24,7 @@ from conceptrank.stages.explain import (
     run_explain,
 )
 from conceptrank.stages.extract import ExtractConfig, run_extract
-from conceptrank.stages.rank import RankConfig, load_activations, run_rank
+from conceptrank.stages.rank import RankConfig, run_rank
 
 CONCEPTS = ["red-c", "blue-c", "circle", "ring", "wavy", "sky-s"]
 

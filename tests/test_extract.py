@@ -15,6 +15,7 @@ from PIL import Image
 from torch import nn
 
 from conceptrank.errors import ConceptrankError
+from conceptrank.io.activations import load_activations
 from conceptrank.io.targets import load_targets
 from conceptrank.nn.hooks import UnknownLayerError
 from conceptrank.nn.models import LoadedModel, load_model, save_model_card
@@ -23,7 +24,6 @@ from conceptrank.stages.extract import (
     ExtractConfig,
     ExtractResult,
     extract_activations,
-    read_activations,
     run_extract,
 )
 
@@ -201,14 +201,14 @@ def test_run_extract_skips_and_converts(tmp_path, capsys):
         rows = list(csv.reader(f))
     assert rows[0] == ["image", "reason"] and dict(rows[1:]) == reasons
 
-    z = read_activations(tmp_path / "out")
-    assert set(z) >= {"mean", "max", "images", "classes", "splits"}
-    assert list(z["images"]) == sorted(expect) and z["images"].dtype.kind == "U"
-    assert list(z["classes"]) == ["things"] * 5 and list(z["splits"]) == ["all"] * 5
-    for n, rel in enumerate(z["images"]):
+    z = load_activations(tmp_path / "out")
+    assert z.max is not None and z.mean.shape == z.max.shape
+    assert list(z.images) == sorted(expect) and z.images.dtype.kind == "U"
+    assert list(z.classes) == ["things"] * 5 and list(z.splits) == ["all"] * 5
+    for n, rel in enumerate(z.images):
         em, ex = _expected(expect[rel])
-        np.testing.assert_allclose(z["mean"][n], em, atol=1e-6, err_msg=rel)
-        np.testing.assert_allclose(z["max"][n], ex, atol=1e-6, err_msg=rel)
+        np.testing.assert_allclose(z.mean[n], em, atol=1e-6, err_msg=rel)
+        np.testing.assert_allclose(z.max[n], ex, atol=1e-6, err_msg=rel)
 
     meta = json.loads((tmp_path / "out" / "extract.json").read_text())
     assert meta["layer"] == "feat" and meta["model"]["fingerprint"] == "fp-test"
@@ -241,10 +241,10 @@ def test_deterministic_and_workers_agree(tmp_path):
     a = run_extract(model, None, "layer2", tmp_path / "data", tmp_path / "o1", ExtractConfig(workers=0, batch_size=3, device="cpu"))
     run_extract(model, None, "layer2", tmp_path / "data", tmp_path / "o2", ExtractConfig(workers=0, batch_size=3, device="cpu"))
     c = run_extract(model, None, "layer2", tmp_path / "data", tmp_path / "o3", ExtractConfig(workers=2, batch_size=3, device="cpu"))
-    z1, z2, z3 = (read_activations(tmp_path / o) for o in ("o1", "o2", "o3"))
+    z1, z2, z3 = (load_activations(tmp_path / o) for o in ("o1", "o2", "o3"))
     for k in ("mean", "max", "images", "classes", "splits"):
-        np.testing.assert_array_equal(z1[k], z2[k])
-        np.testing.assert_array_equal(z1[k], z3[k])
+        np.testing.assert_array_equal(getattr(z1, k), getattr(z2, k))
+        np.testing.assert_array_equal(getattr(z1, k), getattr(z3, k))
     assert a.skipped == c.skipped and a.n_skipped == 5
     assert (tmp_path / "o1" / "skipped.csv").read_bytes() == (tmp_path / "o3" / "skipped.csv").read_bytes()
 
@@ -257,15 +257,15 @@ def test_model_card_by_path_matches_direct_forward(tmp_path):
                     arch_kwargs={"width": 8})
     res = run_extract(str(tmp_path / "card"), None, "layer3", tmp_path / "data", tmp_path / "out", CFG0)
     assert (res.n_images, res.n_units) == (5, 32)
-    z = read_activations(tmp_path / "out" / "activations.npz")
+    z = load_activations(tmp_path / "out" / "activations.npz")
     loaded = load_model(str(tmp_path / "card"))
     feats = {}
     loaded.module.layer3.register_forward_hook(lambda m, i, o: feats.__setitem__("a", o))
-    x = torch.stack([loaded.to_tensor(Image.fromarray(pix[r]), (H * 2, W * 2)) for r in z["images"]])
+    x = torch.stack([loaded.to_tensor(Image.fromarray(pix[r]), (H * 2, W * 2)) for r in z.images])
     with torch.no_grad():
         loaded.module(x)
-    np.testing.assert_allclose(z["mean"], feats["a"].mean(dim=(2, 3)).numpy(), atol=1e-5)
-    np.testing.assert_allclose(z["max"], feats["a"].amax(dim=(2, 3)).numpy(), atol=1e-5)
+    np.testing.assert_allclose(z.mean, feats["a"].mean(dim=(2, 3)).numpy(), atol=1e-5)
+    np.testing.assert_allclose(z.max, feats["a"].amax(dim=(2, 3)).numpy(), atol=1e-5)
     meta = json.loads((tmp_path / "out" / "extract.json").read_text())
     assert meta["fingerprints"]["model"] == loaded.fingerprint and meta["input_size"] == [H * 2, W * 2]
 
@@ -278,7 +278,7 @@ def test_non_utf8_names_round_trip(tmp_path):
     (d / b"bad \xff.png".decode("utf-8", "surrogateescape")).write_bytes(b"")
     res = run_extract(_loaded(KnownNet()), None, "feat", tmp_path / "data", tmp_path / "out", CFG0)
     assert res.n_images == 1 and res.skipped == (("cls/bad \udcff.png", "empty file"),)
-    assert read_activations(tmp_path / "out")["images"][0] == "cls/" + name
+    assert load_activations(tmp_path / "out").images[0] == "cls/" + name
     assert (tmp_path / "out" / "skipped.csv").read_bytes() == b"image,reason\ncls/bad \xff.png,empty file\n"
     json.loads((tmp_path / "out" / "extract.json").read_text())
 

@@ -20,6 +20,7 @@ from conceptrank.core.baselines import (
     permutation_test,
     weighted_sample_sets,
 )
+from conceptrank.core.evaluation import agreement, chance_scores
 from conceptrank.core.faithfulness import (
     concept_contributions,
     deletion_test,
@@ -37,23 +38,14 @@ from conceptrank.core.groundtruth import (
     random_global_scores,
     random_local_precision,
 )
+from conceptrank.core.ranking import global_rankings, unit_concept_table
 from conceptrank.core.rankmetrics import aggregate_local, jaccard_at, ndcg_at, rbo
+from conceptrank.io.activations import load_activations
 from conceptrank.io.svm import load_svm
 from conceptrank.io.tally_csv import format_tally, read_tally
-from conceptrank.stages.evaluate import (
-    EvaluateConfig,
-    agreement,
-    chance_scores,
-    run_evaluate,
-)
+from conceptrank.stages.evaluate import EvaluateConfig, run_evaluate
 from conceptrank.stages.explain import explain_vector
-from conceptrank.stages.rank import (
-    RankConfig,
-    global_rankings,
-    load_activations,
-    run_rank,
-    unit_concept_table,
-)
+from conceptrank.stages.rank import RankConfig, run_rank
 
 # --------------------------------------------------------------------------------------------
 # hand-made rankings: a planted world and null worlds

@@ -10,15 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conceptrank.errors import ConceptrankError
-from conceptrank.stages.rank import (
+from conceptrank.core.ranking import (
     GlobalRanker,
-    RankConfig,
     RankedConcept,
     global_rankings,
     local_rankings,
-    run_rank,
 )
+from conceptrank.errors import ConceptrankError
+from conceptrank.stages.rank import RankConfig, run_rank
 
 rank_mod = importlib.import_module("conceptrank.core.ranking")  # where GlobalRanker builds its LinearSVC
 from conceptrank.io.tally_csv import format_tally

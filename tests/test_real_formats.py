@@ -20,16 +20,17 @@ import torch
 from PIL import Image
 from torch import nn
 
+from conceptrank.core.tally import label_category_matrix
+from conceptrank.errors import TargetError
+from conceptrank.io.activations import load_activations
 from conceptrank.io.broden import BrodenDataset, WriterRow, decode_mask, write_broden
 from conceptrank.io.images import load_rgb
-from conceptrank.errors import TargetError
 from conceptrank.io.targets import TargetItem, load_targets
 from conceptrank.nn.hooks import record_layers
 from conceptrank.nn.models import LoadedModel
 from conceptrank.nn.nets import ConceptNet
-from conceptrank.core.tally import label_category_matrix
 from conceptrank.stages.dissect import DissectConfig, run_dissect
-from conceptrank.stages.extract import ExtractConfig, read_activations, run_extract
+from conceptrank.stages.extract import ExtractConfig, run_extract
 from conceptrank.testing.reference import naive_tally
 
 FIX = Path(__file__).resolve().parent / "fixtures"
@@ -303,15 +304,15 @@ def test_stanford40_extract_mixed_modes_and_sizes(tmp_path):
     assert {m for m, _ in modes.values()} == {"RGB", "L", "CMYK"} and len({s for _, s in modes.values()}) >= 8
     res = run_extract(_feat_model(), None, "feat", S40, tmp_path / "o", CFG)
     assert (res.n_images, res.n_units, res.n_skipped) == (11, 3, 0)
-    z = read_activations(tmp_path / "o")
-    assert tuple(z["class_names"]) == ACTIONS
-    assert list(z["classes"]) == ["applauding"] * 4 + ["riding_a_bike"] * 4 + ["writing_on_a_book"] * 3
-    assert list(z["splits"][:4]) == ["train", "train", "test", "test"]
-    assert np.isfinite(z["mean"]).all() and (z["mean"] >= 0).all() and (z["max"] <= 1).all()
+    z = load_activations(tmp_path / "o")
+    assert tuple(z.class_names) == ACTIONS
+    assert list(z.classes) == ["applauding"] * 4 + ["riding_a_bike"] * 4 + ["writing_on_a_book"] * 3
+    assert list(z.splits[:4]) == ["train", "train", "test", "test"]
+    assert np.isfinite(z.mean).all() and (z.mean >= 0).all() and (z.max <= 1).all()
     gray = [n for n, (m, _) in modes.items() if m == "L"]
     for n in gray:  # grayscale images give three equal channels
-        row = list(z["images"]).index(f"JPEGImages/{n}")
-        assert np.ptp(z["mean"][row]) < 1e-6
+        row = list(z.images).index(f"JPEGImages/{n}")
+        assert np.ptp(z.mean[row]) < 1e-6
 
 
 def test_stanford40_crop_person(tmp_path):
@@ -319,15 +320,15 @@ def test_stanford40_crop_person(tmp_path):
                                                                                           device="cpu"))
     assert res.n_images == 10 and res.skipped == (("JPEGImages/writing_on_a_book_003.jpg", "no person box"),)
     run_extract(_feat_model(), None, "feat", S40, tmp_path / "whole", CFG)
-    crop, whole = read_activations(tmp_path / "crop"), read_activations(tmp_path / "whole")
-    wrow = {r: i for i, r in enumerate(whole["images"])}
-    for i, rel in enumerate(crop["images"]):
+    crop, whole = load_activations(tmp_path / "crop"), load_activations(tmp_path / "whole")
+    wrow = {r: i for i, r in enumerate(whole.images)}
+    for i, rel in enumerate(crop.images):
         pix = np.asarray(load_rgb(S40 / rel), np.float64) / 255.0
         box = _xml_box(S40 / "XMLAnnotations" / (Path(rel).stem + ".xml"))
         x0, y0, x1, y1 = box[0], box[1], min(box[2], pix.shape[1]), min(box[3], pix.shape[0])  # clipped
         person = pix[y0:y1, x0:x1].mean(axis=(0, 1))
-        np.testing.assert_allclose(crop["mean"][i], person, atol=0.02, err_msg=rel)  # the crop is the person
-        assert np.abs(whole["mean"][wrow[rel]] - person).max() > 0.05, rel  # the whole image is not
+        np.testing.assert_allclose(crop.mean[i], person, atol=0.02, err_msg=rel)  # the crop is the person
+        assert np.abs(whole.mean[wrow[rel]] - person).max() > 0.05, rel  # the whole image is not
 
 
 def _xml_box(path: Path) -> tuple[int, ...]:
@@ -341,10 +342,10 @@ def test_imagefolder_layout_extract(tmp_path):
     root = S40_ROOT / "imagefolder"
     res = run_extract(_feat_model(), None, "feat", root, tmp_path / "o", CFG)
     assert (res.n_images, res.n_skipped) == (5, 0)
-    z = read_activations(tmp_path / "o")
-    assert list(z["images"]) == ["applauding/a1.jpg", "applauding/a2.png", "applauding/clap, close.jpg",
+    z = load_activations(tmp_path / "o")
+    assert list(z.images) == ["applauding/a1.jpg", "applauding/a2.png", "applauding/clap, close.jpg",
                                  "riding_a_bike/B3.JPG", "riding_a_bike/bike 2.jpg"]  # notes.txt, .hidden.jpg ignored
-    assert tuple(z["class_names"]) == ("applauding", "riding_a_bike") and set(z["splits"]) == {"all"}
+    assert tuple(z.class_names) == ("applauding", "riding_a_bike") and set(z.splits) == {"all"}
 
 
 def test_manifest_layout_extract(tmp_path):
@@ -356,8 +357,8 @@ def test_manifest_layout_extract(tmp_path):
     assert (res.n_images, res.n_skipped) == (5, 0)
     meta = json.loads((tmp_path / "o" / "extract.json").read_text())
     assert meta["dataset"]["dropped_by_split_map"] == {"all": 1}
-    z = read_activations(tmp_path / "o")
-    got = list(zip(z["images"], z["classes"], z["splits"]))
+    z = load_activations(tmp_path / "o")
+    got = list(zip(z.images, z.classes, z.splits))
     assert got == [
         ("Stanford40/JPEGImages/applauding_001.jpg", "applauding", "train"),
         ("Stanford40/JPEGImages/applauding_003.jpg", "applauding", "test"),

@@ -10,7 +10,6 @@ parameters, the package versions or any of its files changed (``DIR/.world.json`
 
 from __future__ import annotations
 
-import csv
 import time
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -181,8 +180,8 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> Pipelin
 
     t0 = time.perf_counter()
     vcfg = EvaluateConfig(configs=cfg.configs, truth=cfg.truth, seed=cfg.seed)
-    vres, reused = _evaluate_cached(out / "rank", vcfg, run_evaluate)
-    echo(vres.table() + ("\n(evaluate: reused cached result)" if reused else ""))
+    vres = run_evaluate(out / "rank", out / "rank", vcfg)
+    echo(vres.table())
     timings["evaluate"] = time.perf_counter() - t0
 
     report = None
@@ -194,63 +193,6 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> Pipelin
         timings["report"] = time.perf_counter() - t0
         echo(f"report: {Path(report).resolve()}")
     return PipelineResult(out, dres, eres, rres, vres, report, timings)
-
-
-EVALUATE_OUTPUTS = ("precision.csv", "summary.json", "evaluation.json")
-_RANK_FILES = ("rank.json", "classifier.json", "local_concepts.csv", "global_concepts.csv", "images.csv", "svm.npz")
-
-
-def _evaluate_cached(rank_dir: Path, vcfg, run_evaluate):
-    """``run_evaluate(rank_dir, rank_dir, vcfg)``, or its earlier outputs when ``rank_dir/evaluate.json``
-    was written for the same ranking files (``rank.json`` carries the activations' and tally's
-    hashes), ``dissect.json``, truth file, configuration and package versions.
-
-    Returns ``(EvaluateResult, reused)``.
-    """
-    import dataclasses
-
-    from conceptrank.io import cache
-    from conceptrank.stages.evaluate import EvaluateResult, parse_configs
-
-    rank_dir = Path(rank_dir)
-
-    def digest(p: Path | None) -> str | None:
-        return cache.file_sha256(p) if p is not None and p.is_file() else None
-
-    configs = parse_configs(vcfg.configs)
-    fingerprints = {name: digest(rank_dir / name) for name in _RANK_FILES}
-    try:
-        tally = (cache.read_json(rank_dir / "rank.json").get("inputs") or {}).get("tally")
-    except (OSError, ValueError, AttributeError):
-        tally = None
-    fingerprints["dissect.json"] = digest(Path(tally).parent / "dissect.json") if tally else None
-    fingerprints["truth"] = digest(Path(vcfg.truth)) if vcfg.truth is not None else None
-    params = {"config": dataclasses.asdict(vcfg), "out": str(rank_dir)}
-    key = cache.stage_key("evaluate", fingerprints, params)
-    manifest = cache.lookup(rank_dir / "evaluate.json", key)
-    if manifest is not None:
-        try:
-            summary = cache.read_json(rank_dir / "summary.json")
-            with open(rank_dir / "precision.csv", newline="", encoding="utf-8") as f:
-                rows = list(csv.DictReader(f))
-            per_class = {r["class"]: {k: float(v) for k, v in r.items() if k != "class"} for r in rows}
-            kw = {}
-            if "details" in {f.name for f in dataclasses.fields(EvaluateResult)} and (rank_dir / "evaluation.json").is_file():
-                kw["details"] = cache.read_json(rank_dir / "evaluation.json")
-            return EvaluateResult(out=rank_dir, split=str(summary["split"]), configs=configs, per_class=per_class,
-                                  summary=summary, **kw), True
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-    (rank_dir / "evaluate.json").unlink(missing_ok=True)
-    res = run_evaluate(rank_dir, rank_dir, vcfg)
-    outputs = [n for n in EVALUATE_OUTPUTS if (rank_dir / n).is_file()]
-    cache.atomic_write_json(rank_dir / "evaluate.json", {
-        "stage": "evaluate",
-        "ranking": str(rank_dir),
-        "outputs": outputs,
-        "cache": cache.manifest_section("evaluate", key, fingerprints, params, rank_dir, outputs),
-    })
-    return res, False
 
 
 def run_from_config(path: str | Path, echo: Callable[[str], None] = print) -> PipelineResult:

@@ -1,4 +1,9 @@
-"""``activations.npz``, the output of ``extract``: per image (N) and unit (U), mean activations."""
+"""``activations.npz``, the output of ``extract``: per image (N) and unit (U), mean (and max) activations.
+
+Arrays: ``mean`` (N, U) float32, ``max`` (N, U) float32 (optional), ``images`` / ``classes`` /
+``splits`` (N,) str, ``class_names`` (C,) str (optional: the target set's class order). No
+pickles. :func:`load_activations` is the one reader of this format.
+"""
 
 from __future__ import annotations
 
@@ -14,11 +19,17 @@ from conceptrank.errors import ConceptrankError
 
 @dataclass(frozen=True)
 class Activations:
-    """Contents of ``activations.npz``: mean (N, U), images/classes/splits (N,) str.
+    """Per-image mean activations of a layer, with the images' names, classes and splits.
 
-    ``path`` is None for activations computed in memory (``extract_activations``), which also fill
-    ``max`` (N, U), ``layer``, ``class_names`` (the target set's class order) and ``skipped``
-    ((image, reason) of the images that could not be used).
+    Attributes
+    ----------
+    path : the file read; None for activations computed in memory (``extract_activations``).
+    mean : (N, U) per image and unit, the spatial mean of the activation map.
+    images, classes, splits : (N,) str; splits are train, test or all.
+    max : (N, U) spatial maxima, or None when not known.
+    layer : the layer the activations come from, when known.
+    class_names : (C,) str, the target set's class order, or None when not known.
+    skipped : (image, reason) of the images that could not be used (in memory only).
     """
 
     path: Path | None
@@ -48,6 +59,8 @@ def load_activations(activations: str | Path) -> Activations:
             if missing:
                 raise ConceptrankError(f"{path}: missing array(s) {', '.join(missing)}")
             mean, images, classes, splits = (z[k] for k in ("mean", "images", "classes", "splits"))
+            mx = z["max"] if "max" in z.files else None
+            class_names = np.asarray(z["class_names"]).astype(str) if "class_names" in z.files else None
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         if isinstance(e, ConceptrankError):
             raise
@@ -60,6 +73,8 @@ def load_activations(activations: str | Path) -> Activations:
             raise ConceptrankError(f"{path}: '{name}' has shape {arr.shape}, expected ({n},) like 'mean'")
     if n == 0:
         raise ConceptrankError(f"{path}: no images")
+    if mx is not None and mx.shape != mean.shape:
+        raise ConceptrankError(f"{path}: 'max' has shape {mx.shape}, expected {mean.shape} like 'mean'")
     bad = ~np.all(np.isfinite(mean), axis=1)
     if bad.any():
         raise ConceptrankError(f"{path}: {int(bad.sum())} image(s) have NaN or infinite activations (first: {images[bad][0]})")
@@ -67,4 +82,4 @@ def load_activations(activations: str | Path) -> Activations:
     unknown = sorted(set(splits.tolist()) - set(SPLITS))
     if unknown:
         raise ConceptrankError(f"{path}: unknown split value(s) {unknown}; expected train, test or all")
-    return Activations(path, mean, images, classes, splits)
+    return Activations(path, mean, images, classes, splits, mx, None, class_names)

@@ -71,6 +71,7 @@ class Ranking:
     global_units : class → 0-based unit of each supporting global concept (aligned with
         ``global_pos``; empty when global_concepts.csv has no ``unit`` column).
     categories : concept → category, as the CSV files give it.
+    manifest_sha256 : SHA-256 of rank.json (identifies the whole ranking: it holds the outputs' digests).
     """
 
     path: Path
@@ -81,6 +82,7 @@ class Ranking:
     global_pos: dict
     global_units: dict = field(default_factory=dict)
     categories: dict = field(default_factory=dict)
+    manifest_sha256: str | None = None
 
     @property
     def protocol(self) -> str:
@@ -173,7 +175,8 @@ def read_ranking(ranking: str | Path) -> Ranking:
         classes = read_json(cj).get("classes") if cj.exists() else None
     if not classes:
         classes = sorted({c for c, _ in images.values()})
-    return Ranking(path, meta, tuple(classes), images, local, global_pos, global_units, categories)
+    return Ranking(path, meta, tuple(classes), images, local, global_pos, global_units, categories,
+                   file_sha256(meta_path))
 
 
 # --------------------------------------------------------------------------------------------

@@ -34,7 +34,11 @@ from conceptrank.core.faithfulness import SVMParams, concept_contributions
 from conceptrank.core.ranking import protocol_min_iou, unit_concept_table
 from conceptrank.errors import ConceptrankError
 from conceptrank.io.cache import atomic_write_json, read_json
-from conceptrank.io.rankings import check_ranking_inputs, check_ranking_outputs, ranking_input_paths
+from conceptrank.io.rankings import (
+    check_ranking_inputs,
+    check_ranking_outputs,
+    ranking_input_paths,
+)
 from conceptrank.io.svm import load_svm
 from conceptrank.stages.maps import layer_maps
 

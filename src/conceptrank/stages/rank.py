@@ -48,10 +48,6 @@ import numpy as np
 from conceptrank.core.faithfulness import SVMParams
 from conceptrank.core.ranking import (
     DEFAULT_C_GRID,
-    DEFAULT_MIN_IOU,
-    PAPER_C,
-    PAPER_GLOBAL_POOL,
-    PAPER_LOCAL_POOL,
     PROTOCOLS,
     ClassificationMetrics,
     GlobalRanker,
@@ -91,24 +87,7 @@ from conceptrank.io.rankings import (
 from conceptrank.io.svm import load_svm, save_svm
 from conceptrank.io.tally_csv import UnitLabels, read_tally
 
-__all__ = [
-    "PROTOCOLS",
-    "PAPER_C",
-    "PAPER_LOCAL_POOL",
-    "PAPER_GLOBAL_POOL",
-    "DEFAULT_MIN_IOU",
-    "RankConfig",
-    "RankResult",
-    "RankedConcept",
-    "GlobalRanker",
-    "unit_concept_table",
-    "local_rankings",
-    "global_rankings",
-    "classification_metrics",
-    "check_compatible",
-    "rank_concepts",
-    "run_rank",
-]
+__all__ = ["RankConfig", "RankResult", "rank_concepts", "run_rank", "check_compatible"]
 
 RANK_FORMAT = 2  # bump when an output's bytes change for the same inputs (2: svm.npz train_mean, standardized)
 

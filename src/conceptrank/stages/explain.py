@@ -324,6 +324,91 @@ def _render_png(path: Path, img: np.ndarray, title: str, panels: list[tuple[str,
     plt.close(fig)
 
 
+@dataclass(frozen=True)
+class _ExplainInputs:
+    """What run_explain reads from a run folder, checked to belong together."""
+
+    run_cfg: dict
+    extract_meta: dict
+    act: object  # conceptrank.io.activations.Activations
+    svm: SVMParams
+    unit_concepts: list
+    rank_sha256: str
+
+
+def _load_explain_inputs(run: Path) -> _ExplainInputs:
+    """run.json, the activations and tally rank.json vouches for (SHA-256 checked), svm.npz."""
+    from conceptrank.io.activations import load_activations
+    from conceptrank.io.cache import file_sha256
+    from conceptrank.io.tally_csv import read_tally
+
+    rank_dir = run / "rank"
+    if not (rank_dir / "svm.npz").exists():
+        raise ConceptrankError(f"{rank_dir / 'svm.npz'} not found (is {run} a run folder made by `demo` or `run`?)")
+    run_meta = read_json(run / "run.json") if (run / "run.json").exists() else {}
+    rank_meta = read_json(rank_dir / "rank.json")
+    act_path, tally = ranking_input_paths(rank_dir, rank_meta)
+    if act_path is None or tally is None:
+        raise ConceptrankError(f"cannot find the activations or the tally of {run}")
+    check_ranking_inputs(rank_dir, rank_meta, act_path, tally)
+    check_ranking_outputs(rank_dir)
+    act = load_activations(act_path)
+    extract_json = act.path.parent / "extract.json"
+    svm = load_svm(rank_dir / "svm.npz")
+    min_iou = protocol_min_iou(rank_meta.get("protocol", "standard"), rank_meta.get("min_iou"))
+    cats = rank_meta.get("categories")
+    unit_concepts = read_tally(tally).concepts(min_iou, tuple(cats) if cats else None)
+    if len(unit_concepts) != act.mean.shape[1] or svm.coef.shape[1] != act.mean.shape[1]:
+        raise ConceptrankError("tally, activations and svm.npz disagree on the number of units")
+    return _ExplainInputs(run_meta.get("config") or {}, read_json(extract_json) if extract_json.exists() else {},
+                          act, svm, unit_concepts, file_sha256(rank_dir / "rank.json"))
+
+
+def _maps_or_note(inp: _ExplainInputs, rels: list[str]) -> tuple[list | None, list, str | None]:
+    """The layer's activation maps and pictures of the images, or why there are none."""
+    try:
+        maps, pics, _ = layer_maps(inp.run_cfg, inp.extract_meta, rels)
+        return maps, pics, None
+    except Exception as e:  # noqa: BLE001 - heatmaps are optional; the explanation stands without them
+        return None, [], f"no heatmaps: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def _activation_check(m: np.ndarray, x: np.ndarray) -> tuple[float, str | None]:
+    """max |spatial mean of the recomputed maps − stored mean activation|, and a note when too large."""
+    recomputed = m.reshape(m.shape[0], -1).mean(axis=1)
+    check = float(np.max(np.abs(recomputed - x.astype(np.float64))))
+    if check > 1e-3 * max(1.0, float(np.abs(x).max())):
+        return check, (f"recomputed activations differ from activations.npz by up to {check:.3g}: "
+                       "the heatmaps may not match the stored numbers")
+    return check, None
+
+
+def _draw_heatmaps(png: Path, rel: str, exp: Explanation, svm: SVMParams, m: np.ndarray, pic: np.ndarray,
+                   heatmaps: int) -> dict:
+    """Contribution maps of the top concepts for (and against) into ``png``; returns their record."""
+    import torch
+
+    from conceptrank.core.upsample import upsample_bilinear
+
+    ids_by_concept = {c.concept: [u for u, _ in c.units] for c in exp.contributions}
+    chosen = list(exp.for_[:heatmaps]) + list(exp.against[: min(2, heatmaps)])
+    cm = contribution_maps(m, svm, svm.classes.index(exp.predicted), [ids_by_concept[c.concept] for c in chosen])
+    H, W = pic.shape[:2]
+    up = upsample_bilinear(torch.from_numpy(cm.astype(np.float32)), (H, W)).numpy() if len(chosen) else cm
+    _render_png(
+        png, pic, f"{rel}: predicted {exp.predicted} (margin {exp.margin:+.2f} over {exp.runner_up})",
+        [(f"{c.concept} {c.contribution:+.2f}", up[i]) for i, c in enumerate(chosen)],
+    )
+    return {
+        "png": png.name,
+        "concepts": [c.concept for c in chosen],
+        "map_means": [float(cm[i].mean()) for i in range(len(chosen))],
+        "note": "per concept, Σ over its units of (A_u − train mean_u) / scale_u × w_u at every position "
+                "of the layer's map (red raises the predicted class's score); the spatial mean equals "
+                "the contribution",
+    }
+
+
 def run_explain(run: str | Path, images: Sequence[str], top: int = 5, heatmaps: int = 3) -> ExplainResult:
     """Explain the ranker's decisions for images of a run; write JSON and PNG under ``run/explain``.
 
@@ -334,91 +419,39 @@ def run_explain(run: str | Path, images: Sequence[str], top: int = 5, heatmaps: 
         names that match exactly one of them.
     top : concepts listed for and against.
     heatmaps : contribution maps drawn for the top concepts for (and as many against, at most 2).
-    """
-    from conceptrank.core.upsample import upsample_bilinear
-    from conceptrank.io.activations import load_activations
-    from conceptrank.io.tally_csv import read_tally
 
+    Refuses (:class:`~conceptrank.errors.StaleInputError`) activations, a tally or rank outputs
+    that are not the bytes ``rank.json`` recorded.
+    """
     run = Path(run)
     if not images:
         raise ConceptrankError("no images given")
-    rank_dir = run / "rank"
-    if not (rank_dir / "svm.npz").exists():
-        raise ConceptrankError(f"{rank_dir / 'svm.npz'} not found (is {run} a run folder made by `demo` or `run`?)")
-    run_meta = read_json(run / "run.json") if (run / "run.json").exists() else {}
-    run_cfg = run_meta.get("config") or {}
-    rank_meta = read_json(rank_dir / "rank.json")
-    act_path, tally = ranking_input_paths(rank_dir, rank_meta)
-    if act_path is None or tally is None:
-        raise ConceptrankError(f"cannot find the activations or the tally of {run}")
-    check_ranking_inputs(rank_dir, rank_meta, act_path, tally)
-    check_ranking_outputs(rank_dir)
-    act = load_activations(act_path)
-    extract_json = act.path.parent / "extract.json"
-    extract_meta = read_json(extract_json) if extract_json.exists() else {}
-    svm = load_svm(rank_dir / "svm.npz")
-    min_iou = protocol_min_iou(rank_meta.get("protocol", "standard"), rank_meta.get("min_iou"))
-    cats = rank_meta.get("categories")
-    unit_concepts = read_tally(tally).concepts(min_iou, tuple(cats) if cats else None)
-    if len(unit_concepts) != act.mean.shape[1] or svm.coef.shape[1] != act.mean.shape[1]:
-        raise ConceptrankError("tally, activations and svm.npz disagree on the number of units")
-
+    inp = _load_explain_inputs(run)
+    act = inp.act
     rows = [resolve_image(q, act.images.tolist()) for q in images]
     rels = [str(act.images[r]) for r in rows]
     out = run / "explain"
     out.mkdir(parents=True, exist_ok=True)
-
-    maps: list | None = None
-    pics: list = []
-    map_note = None
-    try:
-        maps, pics, _ = layer_maps(run_cfg, extract_meta, rels)
-    except Exception as e:  # noqa: BLE001 - heatmaps are optional; the explanation stands without them
-        map_note = f"no heatmaps: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        maps = None
-
+    maps, pics, map_note = _maps_or_note(inp, rels)
     results = []
     for j, (r, rel) in enumerate(zip(rows, rels)):
-        exp = explain_vector(act.mean[r], svm, unit_concepts, top)
+        exp = explain_vector(act.mean[r], inp.svm, inp.unit_concepts, top)
         name = _safe_name(rel)
         notes: list[str] = [map_note] if map_note else []
-        check = None
-        png = None
+        check = png = None
         record = {
             "image": rel, "class": str(act.classes[r]), "split": str(act.splits[r]),
             **exp.to_dict(),
             "decomposition": "score = Σ concept contributions + unlabelled units + bias, with contribution = "
-                             "Σ over the concept's units of (x_u − train mean_u) / scale_u × w_u (svm.npz; scale = train std, or 1 under the paper protocol)",
+                             "Σ over the concept's units of (x_u − train mean_u) / scale_u × w_u (svm.npz; "
+                             "scale = train std, or 1 under the paper protocol)",
+            "inputs": {"rank.json_sha256": inp.rank_sha256},
         }
         if maps is not None:
-            m = maps[j]
-            recomputed = m.reshape(m.shape[0], -1).mean(axis=1)
-            check = float(np.max(np.abs(recomputed - act.mean[r].astype(np.float64))))
-            if check > 1e-3 * max(1.0, float(np.abs(act.mean[r]).max())):
-                notes.append(f"recomputed activations differ from activations.npz by up to {check:.3g}: "
-                             "the heatmaps may not match the stored numbers")
-            ids_by_concept = {c.concept: [u for u, _ in c.units] for c in exp.contributions}
-            chosen = list(exp.for_[:heatmaps]) + list(exp.against[: min(2, heatmaps)])
-            p = svm.classes.index(exp.predicted)
-            cm = contribution_maps(m, svm, p, [ids_by_concept[c.concept] for c in chosen])
-            H, W = pics[j].shape[:2]
-            import torch
-
-            up = upsample_bilinear(torch.from_numpy(cm.astype(np.float32)), (H, W)).numpy() if len(chosen) else cm
+            check, note = _activation_check(maps[j], act.mean[r])
+            notes += [note] if note else []
             png = out / f"{name}.png"
-            _render_png(
-                png, pics[j],
-                f"{rel}: predicted {exp.predicted} (margin {exp.margin:+.2f} over {exp.runner_up})",
-                [(f"{c.concept} {c.contribution:+.2f}", up[i]) for i, c in enumerate(chosen)],
-            )
-            record["heatmaps"] = {
-                "png": png.name,
-                "concepts": [c.concept for c in chosen],
-                "map_means": [float(cm[i].mean()) for i in range(len(chosen))],
-                "note": "per concept, Σ over its units of (A_u − train mean_u) / scale_u × w_u at every position "
-                        "of the layer's map (red raises the predicted class's score); the spatial mean equals "
-                        "the contribution",
-            }
+            record["heatmaps"] = _draw_heatmaps(png, rel, exp, inp.svm, maps[j], pics[j], heatmaps)
             record["activation_check_max_abs_diff"] = check
         if notes:
             record["notes"] = notes

@@ -99,6 +99,9 @@ def test_evaluate_after_redissect_refuses_naming_both_files(tmp_path):
     assert str(run / "dissect" / "tally.csv") in msg and str(run / "rank" / "rank.json") in msg
     assert not (run / "rank" / "summary.json").exists()
     assert any("tally.csv changed after the ranking" in p for p in run_folder_mismatches(run))
+    from conceptrank.report.data import load_run
+
+    assert any(w.startswith("PARTS OF DIFFERENT RUNS") and "tally.csv" in w for w in load_run(run).warnings)
 
 
 def test_evaluate_and_explain_after_reextract_refuse(tmp_path):

@@ -29,7 +29,7 @@ PAPER_LOCAL_POOL = 20  # only an image's 20 most activated units make its local 
 PAPER_GLOBAL_POOL = 10  # only a class's 10 most weighted units make its global ranking
 DEFAULT_MIN_IOU: dict[str, float] = {"standard": 0.04, "paper": 0.0}  # IoU from which a unit carries a concept
 DEFAULT_C_GRID = (0.0001, 0.001, 0.01, 0.1, 1.0, 10.0)
-SPLITS = ("train", "test", "all")
+SPLITS = ("train", "test", "all")  # the split names every stage understands (io.targets maps any other)
 
 
 def protocol_min_iou(protocol: str, min_iou: float | None = None) -> float:

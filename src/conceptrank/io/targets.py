@@ -42,6 +42,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Mapping
 
+from conceptrank.core.ranking import SPLITS  # the split names every stage understands
 from conceptrank.errors import TargetError
 from conceptrank.io.images import IMAGE_EXTENSIONS
 
@@ -59,7 +60,6 @@ __all__ = [
 ]
 
 LAYOUTS = ("auto", "stanford40", "imagefolder", "manifest")
-SPLITS = ("train", "test", "all")  # the split names every stage understands
 SPLIT_TARGETS = SPLITS + ("drop",)  # what another split name may be mapped to
 _SPLIT_RANK = {"train": 0, "val": 1, "test": 2}
 _STANFORD_NAME = re.compile(r"^(?P<cls>.+)_(?P<num>\d+)\.[A-Za-z0-9]+$")

@@ -306,7 +306,8 @@ def _fit_standard(act: Activations, X: np.ndarray, cfg: RankConfig) -> _Fit:
     tr = np.flatnonzero(splits == "train")
     te = np.flatnonzero(splits == "test")
     y = act.classes
-    counts = dict(zip(*(a.tolist() for a in np.unique(y[tr], return_counts=True))))
+    labels, n = np.unique(y[tr], return_counts=True)
+    counts = dict(zip(labels.tolist(), n.tolist()))  # a class without training images is missing here
     small = [(c, counts.get(c, 0)) for c in np.unique(y).tolist() if counts.get(c, 0) < cfg.folds]
     if small:
         desc = ", ".join(f"{c!r} has {n}" for c, n in small)

@@ -238,3 +238,21 @@ def test_cli_rank_then_evaluate(tmp_path):
     r = runner.invoke(app, ["rank", "--activations", str(ex), "--tally", str(tally), "--out", str(out5),
                             "--protocol", "bogus"])
     assert r.exit_code == 2 and "unknown protocol 'bogus'" in r.output
+
+
+def test_evaluate_ranking_in_memory(tmp_path):
+    from conceptrank.io.rankings import read_ranking
+    from conceptrank.stages.evaluate import AgreementSummary, evaluate_ranking, load_evaluation_inputs
+
+    ex, tally = tiny_world(tmp_path)
+    run_rank(ex, tally, tmp_path / "rank", RankConfig(top_local=5, top_global=5, c_grid=(0.01, 1.0), folds=4))
+    cfg = EvaluateConfig(configs="1:1,5:5", n_perm=50, n_draw=50, n_boot=50, stability_seeds=())
+    rk = read_ranking(tmp_path / "rank")
+    bare = evaluate_ranking(rk, cfg)  # no activations, tally or SVM given: those scores say why they are missing
+    assert bare.out is None and bare.deletion == {"skipped": "the tally was not found"}
+    full = evaluate_ranking(rk, cfg, load_evaluation_inputs(rk))
+    written = run_evaluate(tmp_path / "rank", None, cfg)
+    assert bare.per_class == full.per_class == written.per_class
+    assert isinstance(full.agreement["1L-1G"], AgreementSummary) and full.agreement == written.agreement
+    assert full.deletion == written.deletion and "G=1" in full.deletion
+    assert written.summary == json.loads((tmp_path / "rank" / "summary.json").read_text())

@@ -474,3 +474,28 @@ def test_error_no_labelled_units_and_bad_splits(tmp_path):
         run_rank(act2, tally2, tmp_path / "o", RankConfig(protocol="nope"))
     with pytest.raises(ConceptrankError, match="not found"):
         run_rank(tmp_path / "missing", tally2, tmp_path / "o", RankConfig())
+
+
+def test_rank_concepts_in_memory_is_what_run_rank_writes(tmp_path):
+    from conceptrank.io.activations import Activations
+    from conceptrank.io.rankings import read_ranked_lists
+    from conceptrank.io.svm import load_svm
+    from conceptrank.io.tally_csv import read_tally
+    from conceptrank.stages.rank import rank_concepts
+
+    mean, cls, spl = planted()
+    act = Activations(None, mean, np.array([f"{c}/{i:03d}.jpg" for i, c in enumerate(cls)]), np.array(cls),
+                      np.array(spl))
+    tally = write_tally(tmp_path / "tally.csv", PLANTED_LABELS)
+    cfg = RankConfig(top_local=3, top_global=3, **FAST)
+    res = rank_concepts(act, read_tally(tally), cfg)
+    assert res.out is None and not res.reused and len(res.local) == len(cls) and res.classes == ("a", "b", "c")
+    assert [rc.concept for rc in res.global_for[0]][:1] == ["sky"]  # class a lifts unit 0 (sky)
+    written = run_rank(write_activations(tmp_path / "ex", mean, cls, spl), tally, tmp_path / "r", cfg)
+    lists = read_ranked_lists(tmp_path / "r")
+    assert lists.local == res.local == written.local
+    assert tuple(lists.global_for[c] for c in res.classes) == res.global_for
+    assert np.array_equal(load_svm(tmp_path / "r").coef, res.svm.coef)
+    reused = run_rank(tmp_path / "ex", tally, tmp_path / "r", cfg)
+    assert reused.reused and reused.local == res.local and reused.global_against == res.global_against
+    assert reused.metrics == res.metrics and np.array_equal(reused.svm.train_mean, res.svm.train_mean)

@@ -258,13 +258,14 @@ def _assign_splits(act: Activations, seed: int) -> tuple[np.ndarray, bool]:
     """
     from sklearn.model_selection import train_test_split
 
+    where = act.path if act.path is not None else "the activations"
     splits = act.splits.astype("<U5")  # room for 'train' when the file only holds 'all'
     n_all = int((splits == "all").sum())
     has_test = bool((splits == "test").any())
     has_train = bool((splits == "train").any())
     if (has_test or has_train) and n_all:
         raise ConceptrankError(
-            f"{act.path}: {n_all} image(s) have split 'all' beside train/test images; the standard protocol "
+            f"{where}: {n_all} image(s) have split 'all' beside train/test images; the standard protocol "
             "will not guess which part they belong to: give every image train or test (or map 'all' "
             "explicitly when extracting)"
         )
@@ -275,13 +276,13 @@ def _assign_splits(act: Activations, seed: int) -> tuple[np.ndarray, bool]:
         try:
             tr, te = train_test_split(idx, test_size=0.5, stratify=act.classes, random_state=seed)
         except ValueError as e:
-            raise ConceptrankError(f"no train/test split in {act.path} and the 50/50 stratified fallback failed: {e}") from None
+            raise ConceptrankError(f"no train/test split in {where} and the 50/50 stratified fallback failed: {e}") from None
         splits[tr] = "train"
         splits[te] = "test"
         return splits, True
     missing = "test" if has_train else "train"
     raise ConceptrankError(
-        f"{act.path} has no '{missing}' images; the standard protocol needs both train and test "
+        f"{where} has no '{missing}' images; the standard protocol needs both train and test "
         "splits (or none at all: then a stratified 50/50 split is made)"
     )
 
@@ -383,7 +384,7 @@ def rank_concepts(act: Activations, labels: UnitLabels, cfg: RankConfig) -> Rank
     """
     cfg.validate()
     N, U = act.mean.shape
-    unit_concepts = _labelled_concepts(labels, U, cfg, str(act.path))
+    unit_concepts = _labelled_concepts(labels, U, cfg, str(act.path or "given"))
     ids, names = unit_concept_table(unit_concepts)
     fit = _fit_classifier(act, cfg)
     model, X = fit.model, act.mean.astype(np.float64)

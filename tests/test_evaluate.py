@@ -242,7 +242,11 @@ def test_cli_rank_then_evaluate(tmp_path):
 
 def test_evaluate_ranking_in_memory(tmp_path):
     from conceptrank.io.rankings import read_ranking
-    from conceptrank.stages.evaluate import AgreementSummary, evaluate_ranking, load_evaluation_inputs
+    from conceptrank.stages.evaluate import (
+        AgreementSummary,
+        evaluate_ranking,
+        load_evaluation_inputs,
+    )
 
     ex, tally = tiny_world(tmp_path)
     run_rank(ex, tally, tmp_path / "rank", RankConfig(top_local=5, top_global=5, c_grid=(0.01, 1.0), folds=4))

@@ -222,8 +222,8 @@ def resolve_image(query: str, images: Sequence[str]) -> int:
     if not hits:
         import difflib
 
-        close = difflib.get_close_matches(q, images, n=3, cutoff=0.4) or difflib.get_close_matches(
-            name, [PurePosixPath(im).name for im in images], n=3, cutoff=0.4)
+        by_name = {PurePosixPath(im).name: im for im in images}  # near-misses of the name only (typos)
+        close = [by_name[n] for n in difflib.get_close_matches(name, list(by_name), n=3, cutoff=0.85)]
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ConceptrankError(f"image {query!r} is not among the {len(images)} extracted images{hint}")
     shown = ", ".join(images[i] for i in hits[:5])

@@ -83,6 +83,10 @@ class RunData:
     configs : agreement configurations in order.
     predictions : image path → predicted class (from svm.npz and the mean activations).
     warnings : what could not be read.
+    planted : class → its planted concepts, from truth.json when the run has one (else empty).
+    visible : image file name → concepts drawn in it (truth.json), else empty.
+    model_card : the model card (model.json) when the model is one, else {}.
+    class_chance : config → class → {'permutation_mean', 'ci_low', 'ci_high', …} from evaluation.json.
     """
 
     root: Path
@@ -109,6 +113,10 @@ class RunData:
     configs: tuple[str, ...]
     predictions: Mapping[str, str] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
+    planted: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    visible: Mapping[str, frozenset] = field(default_factory=dict)
+    model_card: Mapping[str, Any] = field(default_factory=dict)
+    class_chance: Mapping[str, Mapping[str, Mapping[str, float]]] = field(default_factory=dict)
 
     def labelled_units(self) -> list[UnitLabel]:
         """Units with a concept and IoU ≥ :attr:`iou_threshold`, by IoU descending (ties: unit number)."""
@@ -198,6 +206,43 @@ def _predictions(rank_dir: Path, mean: np.ndarray | None, names: list[str], warn
     classes = svm.classes
     pred = np.argmax(scores, axis=1)
     return {names[i]: classes[int(pred[i])] for i in range(len(names))}
+
+
+def _truth(config: Mapping, summary: Mapping | None, warnings: list[str]):
+    """truth.json of the run (config, then summary.json), or None."""
+    from conceptrank.io.truth import read_truth
+
+    s = summary or {}
+    gt = s.get("ground_truth") if isinstance(s.get("ground_truth"), Mapping) else {}
+    path = _existing(config.get("truth"), s.get("truth") if isinstance(s.get("truth"), str) else None, gt.get("path"))
+    if path is None:
+        return None
+    try:
+        return read_truth(path)
+    except ConceptrankError as e:
+        warnings.append(f"planted concepts not shown: {e}")
+        return None
+
+
+def _model_card(config: Mapping, model: Mapping) -> dict:
+    for spec in (model.get("model"), config.get("model")):
+        if not spec:
+            continue
+        p = Path(str(spec))
+        card = p if p.suffix == ".json" else p / "model.json"
+        if card.is_file():
+            got = _json(card, [])
+            if isinstance(got, dict):
+                return got
+    return {}
+
+
+def _class_chance(details: Mapping | None) -> dict:
+    chance = (details or {}).get("chance")
+    if not isinstance(chance, Mapping):
+        return {}
+    return {str(cfg): {str(c): dict(v) for c, v in per.items() if isinstance(v, Mapping)}
+            for cfg, per in chance.items() if isinstance(per, Mapping)}
 
 
 def load_run(run: str | Path) -> RunData:
@@ -290,12 +335,17 @@ def load_run(run: str | Path) -> RunData:
     if not classes:
         classes = list(dict.fromkeys([im.cls for im in images] + list(precision) + list(glob)))
     predictions = _predictions(rdir, mean, act_images, warnings)
+    truth = _truth(config, summary, warnings)
+    details_name = (summary or {}).get("details")
+    details = _json(rdir / details_name, warnings) if isinstance(details_name, str) and details_name else None
     return RunData(
         root=root, config=config, model=model, dissect=dissect, extract=extract, rank=rank, classifier=classifier,
         summary=summary, layer=layer, units=units, categories=tuple(categories), iou_threshold=float(iou_threshold),
         thresholds=thresholds, top_images=top_images, probe_root=probe_root, target_root=target_root,
         classes=tuple(str(c) for c in classes), images=images, local=local, global_concepts=glob,
         precision=precision, configs=configs, predictions=predictions, warnings=tuple(warnings),
+        planted=dict(truth.classes) if truth else {}, visible=dict(truth.images) if truth else {},
+        model_card=_model_card(config, model), class_chance=_class_chance(details),
     )
 
 

@@ -412,10 +412,9 @@ def _class_sections(data: RunData, panels: dict[str, list[dict]], unit_ids: set[
                     "weight": _fmt(g.value, 3), "width": round(100 * min(1.0, abs(g.value) / wmax), 1)
                     if math.isfinite(g.value) else 0, "linked": g.unit in unit_ids, "planted": g.concept in planted}
 
-        rank_of = {}
-        for g in glob:
-            if g.sign == "+":
-                rank_of.setdefault(g.concept, g.rank)
+        rank_of: dict[str, str] = {}
+        for g in glob:  # '+' rows come first
+            rank_of.setdefault(g.concept, f"{'global' if g.sign == '+' else 'against'} #{g.rank}")
 
         confusion = []
         if cm is not None and np.shape(cm) == (len(data.classes), len(data.classes)):

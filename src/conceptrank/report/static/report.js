@@ -71,7 +71,8 @@
       .map(function (i) { return i.getAttribute("src"); });
     var anchors = $$('a[href^="#"]').map(function (a) { return a.getAttribute("href").slice(1); })
       .filter(function (id) { return id && !document.getElementById(decodeURIComponent(id)); });
-    var keys = ["#overview", "#figures", "#units", "#classes", ".unit-card", ".class-section", ".image-panel"];
+    var keys = ["#overview", "#figures", "#units", "#classes", ".unit-card", ".class-section", ".image-panel",
+                "#agreement td.lift", "#agreement td.pval", ".badge.chance", ".chip.planted", ".fig img"];
     var elements = {};
     keys.forEach(function (k) { elements[k] = { present: !!$(k), visible: visible($(k)), count: $$(k).length }; });
     // Page-coordinate boxes of the main parts: the browser test crops its screenshots with them.

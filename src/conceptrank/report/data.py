@@ -245,6 +245,38 @@ def _class_chance(details: Mapping | None) -> dict:
             for cfg, per in chance.items() if isinstance(per, Mapping)}
 
 
+def _dissect_arrays(ddir: Path, warnings: list[str]) -> tuple[np.ndarray | None, dict | None]:
+    """thresholds.npy and top_images.npz of a dissection folder (None for what is missing or unreadable)."""
+    thresholds = None
+    if (ddir / "thresholds.npy").is_file():
+        try:
+            thresholds = np.load(ddir / "thresholds.npy", allow_pickle=False).astype(np.float64).reshape(-1)
+        except (OSError, ValueError) as e:
+            warnings.append(f"cannot read thresholds.npy: {e}")
+    top_images = None
+    if (ddir / "top_images.npz").is_file():
+        try:
+            with np.load(ddir / "top_images.npz", allow_pickle=False) as z:
+                top_images = {k: z[k] for k in ("index", "value", "images")}
+        except (OSError, ValueError, KeyError) as e:
+            warnings.append(f"cannot read top_images.npz: {e}")
+    return thresholds, top_images
+
+
+def _activations(npz: Path, warnings: list[str]) -> tuple[np.ndarray | None, list[str], list[str], list[str]]:
+    """activations.npz's (N, U) means, image names, classes and splits (None and empty lists when absent)."""
+    if not npz.is_file():
+        return None, [], [], []
+    try:
+        with np.load(npz, allow_pickle=False) as z:
+            images = [str(s) for s in z["images"]]
+            splits = [str(s) for s in z["splits"]] if "splits" in z.files else ["all"] * len(images)
+            return np.asarray(z["mean"], dtype=np.float64), images, [str(s) for s in z["classes"]], splits
+    except (OSError, ValueError, KeyError) as e:
+        warnings.append(f"cannot read activations.npz: {e}")
+        return None, [], [], []
+
+
 def load_run(run: str | Path) -> RunData:
     """Read a run folder; raises ConceptrankError only when it is not a run folder at all."""
     root = Path(run)
@@ -274,19 +306,7 @@ def load_run(run: str | Path) -> RunData:
     if math.isnan(iou_threshold):
         iou_threshold = _float((rank or {}).get("min_iou", thr_default))
         iou_threshold = thr_default if math.isnan(iou_threshold) else iou_threshold
-    thresholds = None
-    if (ddir / "thresholds.npy").is_file():
-        try:
-            thresholds = np.load(ddir / "thresholds.npy", allow_pickle=False).astype(np.float64).reshape(-1)
-        except (OSError, ValueError) as e:
-            warnings.append(f"cannot read thresholds.npy: {e}")
-    top_images = None
-    if (ddir / "top_images.npz").is_file():
-        try:
-            with np.load(ddir / "top_images.npz", allow_pickle=False) as z:
-                top_images = {k: z[k] for k in ("index", "value", "images")}
-        except (OSError, ValueError, KeyError) as e:
-            warnings.append(f"cannot read top_images.npz: {e}")
+    thresholds, top_images = _dissect_arrays(ddir, warnings)
     probe_root = _existing(config.get("probe"), (dissect or {}).get("probe"))
 
     # extract
@@ -294,21 +314,7 @@ def load_run(run: str | Path) -> RunData:
     dataset = (extract or {}).get("dataset") or {}
     troot = _existing(dataset.get("root"), config.get("target"))
     target_root = (troot.parent if troot.is_file() else troot) if troot else None
-    mean = None
-    act_images: list[str] = []
-    act_classes: list[str] = []
-    act_splits: list[str] = []
-    npz = root / "extract" / "activations.npz"
-    if npz.is_file():
-        try:
-            with np.load(npz, allow_pickle=False) as z:
-                mean = np.asarray(z["mean"], dtype=np.float64)
-                act_images = [str(s) for s in z["images"]]
-                act_classes = [str(s) for s in z["classes"]]
-                act_splits = [str(s) for s in z["splits"]] if "splits" in z.files else ["all"] * len(act_images)
-        except (OSError, ValueError, KeyError) as e:
-            warnings.append(f"cannot read activations.npz: {e}")
-            mean = None
+    mean, act_images, act_classes, act_splits = _activations(root / "extract" / "activations.npz", warnings)
 
     # rank / evaluate
     rdir = root / "rank"
@@ -337,7 +343,7 @@ def load_run(run: str | Path) -> RunData:
     predictions = _predictions(rdir, mean, act_images, warnings)
     truth = _truth(config, summary, warnings)
     details_name = (summary or {}).get("details")
-    details = _json(rdir / details_name, warnings) if isinstance(details_name, str) and details_name else None
+    details = _json(rdir / Path(details_name).name, warnings) if isinstance(details_name, str) and details_name else None
     return RunData(
         root=root, config=config, model=model, dissect=dissect, extract=extract, rank=rank, classifier=classifier,
         summary=summary, layer=layer, units=units, categories=tuple(categories), iou_threshold=float(iou_threshold),

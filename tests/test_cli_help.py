@@ -71,11 +71,11 @@ def test_python_dash_m_and_help_is_lazy():
 def test_quiet_silences_progress(monkeypatch):
     from conceptrank import progress
 
-    monkeypatch.delenv(progress.QUIET_ENV, raising=False)
+    monkeypatch.setenv(progress.QUIET_ENV, "")  # recorded first: the variable is removed again afterwards
     r = runner.invoke(app, ["--quiet", "report", "--run", "/nonexistent/run"])
     assert r.exit_code == 2 and "run folder not found" in r.output
     assert progress.is_quiet()
-    monkeypatch.delenv(progress.QUIET_ENV, raising=False)
+    monkeypatch.setenv(progress.QUIET_ENV, "")
     runner.invoke(app, ["report", "--run", "/nonexistent/run"])
     assert not progress.is_quiet()
 

@@ -1,6 +1,6 @@
 """The HTML report: pure figure functions, overlays, escaping, and write_report on a hand-made run folder.
 
-``make_tiny_run`` builds a complete run folder by hand (a tiny ConceptNet model card, a planted
+``make_tiny_run`` builds a complete run folder by hand (a tiny WorldNet model card, a planted
 Broden probe set, target images, and every stage's files) so these tests do not depend on the
 dissect / extract / rank / evaluate stages; test_report_browser.py reuses it.
 """
@@ -31,7 +31,7 @@ from conceptrank.nn.models import (
     load_model,
     save_model_card,
 )
-from conceptrank.nn.nets import ConceptNet
+from conceptrank.nn.nets import WorldNet
 from conceptrank.report import ReportOptions, write_report
 from conceptrank.report import figures as F
 from conceptrank.report import visuals as V
@@ -41,7 +41,7 @@ EVIL_CONCEPT = "<script>alert(1)</script>"
 EVIL_FILE = 'JPEGImages/we"ird & name.jpg'
 CLASSES = ["alpha", "b<i>&amp;", "c$d"]  # markup and a mathtext '$' in class names
 LABELS = ["", "red-c", EVIL_CONCEPT, "blue-c", "square", "circle"]  # label 0 = none
-U = 16  # ConceptNet(width=4): layer4 has 4*4 units
+U = 16  # WorldNet(width=4): layer4 has 4*4 units
 PLANTED = {CLASSES[0]: ["red-c", "square"], CLASSES[1]: ["blue-c"], CLASSES[2]: ["circle", "hexagon"]}  # truth.json
 
 
@@ -67,8 +67,8 @@ def make_tiny_run(root: Path, n_per_class: int = 4) -> Path:
     root = Path(root)
     run = root / "run"
     torch.manual_seed(0)
-    net = ConceptNet(num_classes=3, width=4).eval()
-    save_model_card(root / "model", net, "conceptnet", 3, (32, 32), IMAGENET_MEAN, IMAGENET_STD,
+    net = WorldNet(num_classes=3, width=4).eval()
+    save_model_card(root / "model", net, "worldnet", 3, (32, 32), IMAGENET_MEAN, IMAGENET_STD,
                     arch_kwargs={"width": 4})
     model = load_model(str(root / "model"))
     probe = make_planted_probe(root / "probe", n=12, size=32, seg=16)
@@ -545,7 +545,7 @@ def test_planted_concepts_are_starred(tiny_report):
 def test_title_names_architecture_and_weights(tiny_report):
     _, _, text = tiny_report
     title = text[text.index("<title>") + 7:text.index("</title>")]
-    assert title == "conceptrank report — conceptnet (width 4), weights.safetensors · layer4"
+    assert title == "conceptrank report — worldnet (width 4), weights.safetensors · layer4"
 
 
 def test_agreement_figures_draw_chance_and_clip_error_bars():
@@ -575,3 +575,16 @@ def test_confusion_matrix_text_is_at_least_9pt():
     ax = fig.axes[0]
     sizes = [t.get_fontsize() for t in ax.texts] + [t.get_fontsize() for t in ax.get_xticklabels()]
     assert sizes and min(sizes) >= 9
+
+
+def test_old_cards_architecture_shows_todays_name(tiny_report):
+    from dataclasses import replace
+
+    from conceptrank.report.html import _model_description
+
+    data = load_run(tiny_report[0])
+    assert _model_description(data) == ("worldnet (width 4)", "weights.safetensors")
+    old = replace(data, model_card={**data.model_card, "architecture": "conceptnet"})
+    assert _model_description(old)[0] == "worldnet (width 4)"
+    tv = replace(data, model_card={}, model={"model": "resnet18", "weights": "none"})
+    assert _model_description(tv) == ("resnet18", "random init")

@@ -442,13 +442,19 @@ def _class_sections(data: RunData, panels: dict[str, list[dict]], unit_ids: set[
     return sections
 
 
+# old card architecture names → today's (the synthetic world's CNN was once called "conceptnet",
+# the name of the ConceptNet knowledge graph)
+_ARCH_RENAMED = {"conceptnet": "worldnet"}
+
+
 def _model_description(data: RunData) -> tuple[str | None, str | None]:
     """(architecture, weights) in words: from the model card for a card, else the torchvision name and enum."""
     card, model, cfg = data.model_card, data.model or {}, data.config
     if card.get("architecture"):
         kw = card.get("arch_kwargs") or {}
         shown = [f"{k} {v}" for k, v in kw.items() if not isinstance(v, bool)]
-        arch = str(card["architecture"]) + (f" ({', '.join(shown)})" if shown else "")
+        name = _ARCH_RENAMED.get(str(card["architecture"]), str(card["architecture"]))
+        arch = name + (f" ({', '.join(shown)})" if shown else "")
         w = model.get("weights") or card.get("weights")
         return arch, (Path(str(w)).name if w else None)
     name = model.get("model") or cfg.get("model")

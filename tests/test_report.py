@@ -588,3 +588,19 @@ def test_old_cards_architecture_shows_todays_name(tiny_report):
     assert _model_description(old)[0] == "worldnet (width 4)"
     tv = replace(data, model_card={}, model={"model": "resnet18", "weights": "none"})
     assert _model_description(tv) == ("resnet18", "random init")
+
+
+def test_every_figure_text_is_at_least_9pt():
+    figs = [
+        F.confusion_matrix_figure(np.eye(40, dtype=int) + 1, [f"class_{i}" for i in range(40)]),
+        F.agreement_bars_figure([f"c{i}" for i in range(40)], np.linspace(0, 1, 40), "5L-1G", chance=0.3),
+        F.agreement_summary_figure(["a", "b"], [0.5, 0.99], [0.1, 0.1], chance=[0.2, 0.98], at_chance=[False, True]),
+        F.units_per_category_figure({"color": 5, "object": 2}, 16, {"color": 3, "object": 1}),
+        F.concept_frequency_figure([(f"k{i}", "color", i) for i in range(50)], ["color"]),
+    ]
+    for fig in figs:
+        fig.canvas.draw()
+        texts = [t for t in fig.findobj(lambda o: hasattr(o, "get_fontsize") and hasattr(o, "get_text"))
+                 if t.get_text().strip() and t.get_visible()]
+        assert texts and min(t.get_fontsize() for t in texts) >= 9, [
+            (t.get_text(), t.get_fontsize()) for t in texts if t.get_fontsize() < 9][:5]

@@ -91,7 +91,8 @@ def confusion_matrix_figure(confusion: np.ndarray | Sequence[Sequence[int]], cla
         raise ValueError(f"confusion matrix has shape {cm.shape}, expected ({n}, {n}) for {n} classes")
     norm = normalize_rows(cm)
     longest = max((len(str(c)) for c in classes), default=1)
-    side = float(np.clip(1.2 + 0.5 * n + 0.075 * longest, 4.5, 30.0))
+    per_class = 0.5 if n <= 20 else 0.3  # room for a 2-digit cell value, or for a 9 pt label alone
+    side = float(np.clip(1.2 + per_class * n + 0.075 * longest, 4.5, 30.0))
     fig = _new_figure(side + 1.3, side)
     ax = fig.add_subplot()
     im = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
@@ -99,8 +100,9 @@ def confusion_matrix_figure(confusion: np.ndarray | Sequence[Sequence[int]], cla
     cb.set_label("fraction of the true class's images", fontsize=10)
     cb.ax.tick_params(labelsize=9)
     labels = [mpl_text(c) for c in classes]
-    ax.set_xticks(range(n), labels, rotation=90, fontsize=10)
-    ax.set_yticks(range(n), labels, fontsize=10)
+    fs = 10 if n <= 20 else 9
+    ax.set_xticks(range(n), labels, rotation=90, fontsize=fs)
+    ax.set_yticks(range(n), labels, fontsize=fs)
     ax.set_xlabel("Predicted class", fontsize=11)
     ax.set_ylabel("True class", fontsize=11)
     ax.set_title(mpl_text(title), fontsize=12)
@@ -262,12 +264,12 @@ def units_per_category_figure(counts: Mapping[str, int], total_units: int | None
     off = width / 2 if concepts is not None else 0.0
     colors = [_category_color(cats, c) for c in cats]
     bars = ax.bar(x - off, [counts[c] for c in cats], width=width, color=colors, label="units")
-    ax.bar_label(bars, fontsize=8)
+    ax.bar_label(bars, fontsize=9)
     if concepts is not None:
         cb = ax.bar(x + off, [concepts.get(c, 0) for c in cats], width=width, color=colors, alpha=0.45,
                     hatch="//", label="distinct concepts")
-        ax.bar_label(cb, fontsize=8)
-        ax.legend(fontsize=8)
+        ax.bar_label(cb, fontsize=9)
+        ax.legend(fontsize=9)
     ax.set_xticks(x, [mpl_text(c) for c in cats])
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("Concept category")
@@ -296,12 +298,12 @@ def concept_frequency_figure(concepts: Sequence[tuple[str, str, int]], categorie
     if categories is None:
         categories = list(dict.fromkeys(r[1] for r in rows))
     n = len(rows)
-    fig = _new_figure(float(np.clip(1.5 + 0.22 * n, 5.0, 16.0)), 4.2)
+    fig = _new_figure(float(np.clip(1.5 + 0.22 * n, 5.0, 16.0)), 4.4)
     ax = fig.add_subplot()
     x = np.arange(n)
     colors = [_category_color(categories, r[1]) for r in rows]
     ax.bar(x, [int(r[2]) for r in rows], color=colors, width=0.8)
-    ax.set_xticks(x, [mpl_text(r[0]) for r in rows], rotation=90, fontsize=8 if n <= 30 else 6)
+    ax.set_xticks(x, [mpl_text(r[0]) for r in rows], rotation=90, fontsize=9)
     ax.set_xlim(-0.6, max(n, 1) - 0.4)
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("Units")
@@ -313,7 +315,7 @@ def concept_frequency_figure(concepts: Sequence[tuple[str, str, int]], categorie
     present = [c for c in categories if any(r[1] == c for r in rows)]
     if present:
         ax.legend(handles=[Patch(color=_category_color(categories, c), label=mpl_text(c)) for c in present],
-                  fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+                  fontsize=9, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     return fig
 

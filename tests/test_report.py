@@ -1,6 +1,6 @@
 """The HTML report: pure figure functions, overlays, escaping, and write_report on a hand-made run folder.
 
-``make_tiny_run`` builds a complete run folder by hand (a tiny ConceptNet model card, a planted
+``make_tiny_run`` builds a complete run folder by hand (a tiny WorldNet model card, a planted
 Broden probe set, target images, and every stage's files) so these tests do not depend on the
 dissect / extract / rank / evaluate stages; test_report_browser.py reuses it.
 """
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import csv
 import io
+import re
+from html import escape as html_escape
 import json
 import shutil
 from html.parser import HTMLParser
@@ -29,7 +31,7 @@ from conceptrank.nn.models import (
     load_model,
     save_model_card,
 )
-from conceptrank.nn.nets import ConceptNet
+from conceptrank.nn.nets import WorldNet
 from conceptrank.report import ReportOptions, write_report
 from conceptrank.report import figures as F
 from conceptrank.report import visuals as V
@@ -39,7 +41,8 @@ EVIL_CONCEPT = "<script>alert(1)</script>"
 EVIL_FILE = 'JPEGImages/we"ird & name.jpg'
 CLASSES = ["alpha", "b<i>&amp;", "c$d"]  # markup and a mathtext '$' in class names
 LABELS = ["", "red-c", EVIL_CONCEPT, "blue-c", "square", "circle"]  # label 0 = none
-U = 16  # ConceptNet(width=4): layer4 has 4*4 units
+U = 16  # WorldNet(width=4): layer4 has 4*4 units
+PLANTED = {CLASSES[0]: ["red-c", "square"], CLASSES[1]: ["blue-c"], CLASSES[2]: ["circle", "hexagon"]}  # truth.json
 
 
 def _write_csv(path: Path, header, rows) -> None:
@@ -64,8 +67,8 @@ def make_tiny_run(root: Path, n_per_class: int = 4) -> Path:
     root = Path(root)
     run = root / "run"
     torch.manual_seed(0)
-    net = ConceptNet(num_classes=3, width=4).eval()
-    save_model_card(root / "model", net, "conceptnet", 3, (32, 32), IMAGENET_MEAN, IMAGENET_STD,
+    net = WorldNet(num_classes=3, width=4).eval()
+    save_model_card(root / "model", net, "worldnet", 3, (32, 32), IMAGENET_MEAN, IMAGENET_STD,
                     arch_kwargs={"width": 4})
     model = load_model(str(root / "model"))
     probe = make_planted_probe(root / "probe", n=12, size=32, seg=16)
@@ -177,13 +180,26 @@ def make_tiny_run(root: Path, n_per_class: int = 4) -> Path:
             "3L-3G": {"k": 3, "g": 3, "mean": 0.9167, "std": 0.1179, "min": 0.75, "max": 1.0},
         },
         "chance": {"3L-1G": {"mean": 0.123}},
+        "baselines": {
+            "note": "lift = observed / chance", "n_permutations": 1000, "n_draws": 1000,
+            "3L-1G": {"observed": 0.5833, "permutation_mean": 0.2, "permutation_lift": 2.9165, "permutation_p": 1 / 1001,
+                      "frequency_mean": 0.25, "frequency_lift": 2.333, "frequency_p": 1 / 1001},
+            "3L-3G": {"observed": 0.9167, "permutation_mean": 0.9, "permutation_lift": 1.0186, "permutation_p": 0.41,
+                      "frequency_mean": 0.88, "frequency_lift": 1.04, "frequency_p": 0.3},
+        },
+        "bootstrap": {"n": 1000, "level": 0.95, "3L-1G": {"mean": 0.5833, "low": 0.41, "high": 0.75},
+                      "3L-3G": {"mean": 0.9167, "low": 0.83, "high": 1.0}},
         "truth": {"path": "x", "scores": {"concept_recall": 0.875, "flag": True}, "note": "planted <b>truth</b>"},
         "details": "evaluation.json",
     })
-    _json(rdir / "evaluation.json", {"classes": CLASSES})
+    _json(rdir / "evaluation.json", {"classes": CLASSES, "chance": {cfg: {c: {
+        "agreement": prec[c][i], "permutation_mean": [0.2, 0.9][i], "ci_low": max(0.0, prec[c][i] - 0.25),
+        "ci_high": min(1.0, prec[c][i] + 0.25)} for c in CLASSES} for i, cfg in enumerate(["3L-1G", "3L-3G"])}})
+    _json(root / "truth.json", {"classes": PLANTED, "images": {}, "categories": {}})
     _json(run / "run.json", {
         "config": {"out": str(run), "model": str(root / "model"), "weights": None, "layer": "layer4",
-                   "probe": str(probe), "target": str(target), "protocol": "standard", "seed": 0},
+                   "probe": str(probe), "target": str(target), "protocol": "standard", "seed": 0,
+                   "truth": str(root / "truth.json")},
         "model": model.describe(),
     })
     return run
@@ -384,8 +400,9 @@ def test_write_report_files_and_sections(tiny_report):
     assert len(panels) == 3 * 2  # images_per_class=3, but only 2 test images per class
     assert all(p["data-class"] in CLASSES for p in panels)
     body = " ".join(doc.text)
-    assert "0.583 ± 0.312" in body and "0.917 ± 0.118" in body  # agreement mean ± std
-    assert "0.1230" in body and "0.8750" in body  # extra summary keys (chance, ground truth)
+    assert "0.583 ± 0.31" in body and "0.917 ± 0.12" in body  # agreement mean ± std, 3 and 2 significant digits
+    assert "0.123" in body and "0.875" in body  # extra summary keys (chance, ground truth)
+    assert "0.1230" not in body and "0.8750" not in body  # no 4-decimal dumps
     assert "evaluation.json" in body  # the details file is linked
     assert "planted <b>truth</b>" in body  # a note, shown as text
 
@@ -476,3 +493,114 @@ def test_cli_report(tiny_report, tmp_path):
     assert path.is_file() and "report: " in res.output
     res = CliRunner().invoke(app, ["report", "--run", str(tmp_path / "nope")])
     assert res.exit_code == 2 and "run folder not found" in res.output
+
+
+def _cells(text: str, row_attr: str) -> list[str]:
+    """Texts of the <td> cells of the agreement table's row whose data-config is ``row_attr``."""
+    import re
+
+    m = re.search(r'<tr class="[^"]*" data-config="' + re.escape(row_attr) + r'">(.*?)</tr>', text, re.S)
+    assert m, row_attr
+    return [re.sub(r"<[^>]+>", "", c).strip() for c in re.findall(r"<td[^>]*>(.*?)</td>", m.group(1), re.S)]
+
+
+def test_agreement_table_has_chance_lift_and_p(tiny_report):
+    _, _, text = tiny_report
+    head = text[text.index('<table class="grid" id="agreement">'):]
+    head = head[:head.index("</thead>")]
+    for h in ("Chance level", "Lift (× chance)", ">p<", "95% interval (bootstrap)", "Verdict"):
+        assert h in head, h
+    above = _cells(text, "3L-1G")
+    assert above[3:8] == ["0.583 ± 0.31", "0.410–0.750", "0.200", "2.92", "≤ 0.001"]  # p at the permutation floor
+    assert above[8] == "above chance"
+    at = _cells(text, "3L-3G")
+    assert at[5:8] == ["0.900", "1.02", "0.41"] and at[8].startswith("at chance")
+    assert 'class="at-chance" data-config="3L-3G"' in text and 'class="" data-config="3L-1G"' in text
+
+
+def test_further_scores_are_tables_with_plain_headings(tiny_report):
+    _, _, text = tiny_report
+    extra = text[text.index('id="extra-scores"'):text.index('<section id="figures">')]
+    assert "Agreement against chance" in extra and "Chance: shuffled classes" in extra
+    assert "RANKING_AGREEMENT" not in extra and "oracle_precision_restricted" not in extra
+    assert "<h4>Truth</h4>" in extra and "<th>Concept recall</th>" in extra  # an unknown key: humanized, still shown
+
+
+def test_planted_concepts_are_starred(tiny_report):
+    run, _, text = tiny_report
+    doc = parse_html(text)
+    planted = [a for a in with_class(doc, "planted") if "chip" in a.get("class", "")]
+    assert {a["data-concept"] for a in planted} >= {"red-c", "square", "blue-c", "circle", "hexagon"}
+    sec = text[text.index('id="class-2"'):]
+    sec = sec[:sec.index("Global concepts against")]
+    assert "★" in sec and "hexagon" in sec and "not in the top global concepts" in sec
+    # every starred global row is a planted concept of that class
+    for i, c in enumerate(CLASSES):
+        s = text[text.index(f'id="class-{i}"'):]
+        s = s[:s.index("Example images")]
+        starred = re.findall(r'class="chip planted" data-concept="([^"]+)"', s)
+        assert set(starred) <= set(PLANTED[c]) | {html_escape(x) for x in PLANTED[c]}
+
+
+def test_title_names_architecture_and_weights(tiny_report):
+    _, _, text = tiny_report
+    title = text[text.index("<title>") + 7:text.index("</title>")]
+    assert title == "conceptrank report — worldnet (width 4), weights.safetensors · layer4"
+
+
+def test_agreement_figures_draw_chance_and_clip_error_bars():
+    fig = F.agreement_bars_figure(["x", "y"], [0.5, 1.0], "5L-1G", chance=[0.2, 0.3],
+                                  interval=([0.3, 0.9], [0.8, 1.0]))
+    ax = fig.axes[0]
+    band = [p for p in ax.patches if p.get_gid() == "chance-band"]
+    assert [round(p.get_height(), 6) for p in band] == [0.2, 0.3]
+    errs = [c for c in ax.collections if len(c.get_segments()) == 2][0]
+    assert max(max(pt[1] for pt in seg) for seg in errs.get_segments()) <= 1.0
+    assert not [t for t in ax.texts if t.get_gid() == "at-chance"]
+    fig = F.agreement_bars_figure(["x", "y"], [1.0, 1.0], "10L-10G", chance=0.99, at_chance="p = 1.0")
+    ax = fig.axes[0]
+    assert ax.get_title().endswith("at chance")
+    assert [t.get_text() for t in ax.texts if t.get_gid() == "at-chance"] == ["At chance:\np = 1.0"]
+    fig = F.agreement_summary_figure(["a", "b"], [0.95, 0.5], [0.1, 0.1], chance=[0.9, 0.2], at_chance=[True, False])
+    ax = fig.axes[0]
+    errs = [c for c in ax.collections if len(c.get_segments()) == 2][0]
+    tops = sorted(round(max(pt[1] for pt in seg), 6) for seg in errs.get_segments())
+    assert tops == [0.6, 1.0]  # 0.95 + 0.1 is clipped to 1
+    assert [t.get_text() for t in ax.texts if t.get_gid() == "at-chance"] == ["at chance"]
+    assert len([p for p in ax.patches if p.get_gid() == "chance-band"]) == 2
+
+
+def test_confusion_matrix_text_is_at_least_9pt():
+    fig = F.confusion_matrix_figure(np.eye(12, dtype=int) * 5 + 1, [f"class_{i}" for i in range(12)])
+    ax = fig.axes[0]
+    sizes = [t.get_fontsize() for t in ax.texts] + [t.get_fontsize() for t in ax.get_xticklabels()]
+    assert sizes and min(sizes) >= 9
+
+
+def test_old_cards_architecture_shows_todays_name(tiny_report):
+    from dataclasses import replace
+
+    from conceptrank.report.html import _model_description
+
+    data = load_run(tiny_report[0])
+    assert _model_description(data) == ("worldnet (width 4)", "weights.safetensors")
+    old = replace(data, model_card={**data.model_card, "architecture": "conceptnet"})
+    assert _model_description(old)[0] == "worldnet (width 4)"
+    tv = replace(data, model_card={}, model={"model": "resnet18", "weights": "none"})
+    assert _model_description(tv) == ("resnet18", "random init")
+
+
+def test_every_figure_text_is_at_least_9pt():
+    figs = [
+        F.confusion_matrix_figure(np.eye(40, dtype=int) + 1, [f"class_{i}" for i in range(40)]),
+        F.agreement_bars_figure([f"c{i}" for i in range(40)], np.linspace(0, 1, 40), "5L-1G", chance=0.3),
+        F.agreement_summary_figure(["a", "b"], [0.5, 0.99], [0.1, 0.1], chance=[0.2, 0.98], at_chance=[False, True]),
+        F.units_per_category_figure({"color": 5, "object": 2}, 16, {"color": 3, "object": 1}),
+        F.concept_frequency_figure([(f"k{i}", "color", i) for i in range(50)], ["color"]),
+    ]
+    for fig in figs:
+        fig.canvas.draw()
+        texts = [t for t in fig.findobj(lambda o: hasattr(o, "get_fontsize") and hasattr(o, "get_text"))
+                 if t.get_text().strip() and t.get_visible()]
+        assert texts and min(t.get_fontsize() for t in texts) >= 9, [
+            (t.get_text(), t.get_fontsize()) for t in texts if t.get_fontsize() < 9][:5]

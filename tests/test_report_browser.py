@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -167,3 +168,71 @@ def test_report_opens_after_the_run_folder_moves(report, tmp_path):
     shutil.copytree(run / "figures", dst / "figures")
     check = selfcheck(run_chromium((dst / "report.html").as_uri(), tmp_path / "profile")[0])
     assert check["broken_images"] == [] and check["errors"] == []
+
+
+# -- screenshots of the parts a reader looks at ------------------------------------------------------
+CHANCE_RGB = (217, 221, 226)  # figures.CHANCE_COLOR at alpha 0.7 over white
+
+
+def _has_colour(img: Image.Image, rgb, tol: int = 6, min_pixels: int = 50) -> bool:
+    a = np.asarray(img.convert("RGB")).astype(int)
+    return int((np.abs(a - np.array(rgb)).max(axis=2) <= tol).sum()) >= min_pixels
+
+
+@pytest.fixture(scope="module")
+def shots(report):
+    """Full-page screenshot cropped to the overview, the first class section and the figures."""
+    run, path, root = report
+    full = root / "full.png"
+    dom, log = run_chromium(path.resolve().as_uri(), root / "profile-shots", screenshot=full, size=(1400, 9000))
+    check = selfcheck(dom)
+    out = {}
+    with Image.open(full) as im:
+        for name, key in (("overview", "#overview"), ("class", ".class-section"), ("figures", "#figures")):
+            b = check["boxes"][key]
+            assert b["top"] + b["height"] <= im.height, f"{key} lies below the screenshot"
+            out[name] = root / f"shot_{name}.png"
+            im.crop((0, b["top"], im.width, b["top"] + b["height"])).save(out[name])
+    dest = os.environ.get("CONCEPTRANK_SCREENSHOTS")  # to look at them: set it to a folder
+    if dest:
+        Path(dest).mkdir(parents=True, exist_ok=True)
+        for p in out.values():
+            shutil.copy2(p, Path(dest) / p.name)
+    return check, out
+
+
+def test_new_elements_are_present_and_visible(shots):
+    check, _ = shots
+    el = check["elements"]
+    assert el["#agreement td.lift"]["count"] == 2 and el["#agreement td.lift"]["visible"]
+    assert el["#agreement td.pval"]["visible"]
+    assert el[".badge.chance"]["count"] >= 1 and el[".badge.chance"]["visible"]  # 3L-3G is at chance
+    assert el[".chip.planted"]["count"] >= 5 and el[".chip.planted"]["visible"]
+    assert el[".fig img"]["count"] == 6
+
+
+def test_screenshots_show_content_and_the_chance_band(shots, report):
+    _, out = shots
+    for name, p in out.items():
+        with Image.open(p) as im:
+            a = np.asarray(im.convert("RGB"))
+            assert a.shape[0] > 200, name
+            assert a.std() > 10 and len(np.unique(a[::3, ::3].reshape(-1, 3), axis=0)) > 50, f"{name} is blank"
+    run = report[0]
+    with Image.open(run / "figures" / "agreement_3L-1G.png") as im:
+        assert _has_colour(im, CHANCE_RGB), "no chance band in the per-class agreement figure"
+    with Image.open(run / "figures" / "agreement_summary.png") as im:
+        assert _has_colour(im, CHANCE_RGB), "no chance band in the summary figure"
+    with Image.open(out["figures"]) as im:
+        assert _has_colour(im, CHANCE_RGB, tol=10), "the chance band is not visible in the page"
+
+
+def test_figures_are_shown_at_their_physical_size(report, loaded):
+    """9 pt text stays ≥ 12 CSS px: each figure is displayed at (PNG px × 96 / dpi), not squeezed."""
+    run = report[0]
+    doc = parse_html(loaded[0])
+    imgs = [a for tag, a in doc.elements if tag == "img" and a.get("src", "").startswith("figures/") and a.get("width")]
+    assert len(imgs) == 6
+    for a in imgs:
+        with Image.open(run / unquote(a["src"])) as im:
+            assert int(a["width"]) == round(im.width * 96 / 150)

@@ -5,17 +5,108 @@ Heavy imports (torch, sklearn, matplotlib) happen inside the commands so that ``
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
-app = typer.Typer(
+_TYPE_WORDS = {"str": "TEXT", "int": "INT", "float": "FLOAT", "path": "PATH", "bool": ""}
+
+
+def _plain_metavar(param: Any, ctx: Any) -> str:
+    """``<list[str]>`` → ``TEXT``, ``<int>`` → ``INT``; flags get none (Typer's rich help shows ``<bool>``)."""
+    if getattr(param, "is_flag", False) or getattr(param, "count", False):
+        return ""
+    label = param.display_type(ctx).strip("<>")
+    inner = re.fullmatch(r"list\[(.*)\]", label)
+    label = inner.group(1) if inner else label
+    return _TYPE_WORDS.get(label, label.upper())
+
+
+class _Argument(TyperArgument):
+    """An argument whose metavar says it all: no ``<list[str]>`` type column in the rich help."""
+
+    def display_type_rich(self, ctx):
+        return None
+
+
+def _tidy(params: list, ctx: Any) -> list:
+    for p in params:
+        if isinstance(p, TyperArgument):
+            p.__class__ = _Argument
+            if p.metavar is None:
+                p.metavar = p.name.upper()
+        elif p.metavar is None:
+            p.metavar = _plain_metavar(p, ctx)
+    return params
+
+
+class _Command(TyperCommand):
+    """A Typer command whose help shows plain metavars (``PATH``, ``INT``) and no brace usage."""
+
+    def get_params(self, ctx):
+        return _tidy(super().get_params(ctx), ctx)
+
+    def collect_usage_pieces(self, ctx):
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for p in self.get_params(ctx):
+            if p.param_type_name != "argument":
+                continue
+            name = p.metavar + ("..." if p.nargs != 1 else "")
+            pieces.append(name if p.required else f"[{name}]")
+        return pieces
+
+
+class _Group(TyperGroup):
+    def get_params(self, ctx):
+        return _tidy(super().get_params(ctx), ctx)
+
+
+class _App(typer.Typer):
+    """Every ``@app.command()`` gets :class:`_Command` (so commands added later are tidy too)."""
+
+    def command(self, *args, **kwargs):
+        kwargs.setdefault("cls", _Command)
+        return super().command(*args, **kwargs)
+
+
+app = _App(
+    cls=_Group,
     add_completion=False,
     no_args_is_help=True,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="Explain what a CNN has learned with ranked, human-readable concepts "
     "(Network Dissection → local and global concept rankings → agreement).",
 )
+
+_WEIGHTS_HELP = ("For a torchvision model (required): a weights enum (DEFAULT, IMAGENET1K_V1), a state_dict "
+                 "file, or 'none' for random init. For a model card: optional override of its weights file.")
+_MODEL_HELP = "Model card (model.json or its folder) or a torchvision model name (e.g. resnet18)."
+_DEVICE_HELP = "auto (CUDA if available), cpu or cuda."
+
+
+def _version(value: bool) -> None:
+    if value:
+        from conceptrank import __version__
+
+        typer.echo(f"conceptrank {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global_options(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
+                                 help="Print the version and exit."),
+    quiet: bool = typer.Option(False, "--quiet", "-q",
+                               help="No progress bars or progress lines (same as CONCEPTRANK_QUIET=1)."),
+) -> None:
+    from conceptrank.progress import set_quiet
+
+    if quiet:
+        set_quiet(True)
 
 
 def _fail(msg: str) -> None:
@@ -39,7 +130,7 @@ def _run(fn, *args, **kwargs):
 
 @app.command()
 def synth(
-    out: Path = typer.Option(..., "--out", help="Folder to write the synthetic world into."),
+    out: Path = typer.Option(..., "--out", metavar="DIR", help="Folder to write the synthetic world into."),
     seed: int = typer.Option(0, help="Random seed; the same seed gives identical files."),
     size: int = typer.Option(64, help="Image side in pixels (segmentations are half of it)."),
     probe_images: int = typer.Option(1200, "--probe-images", help="Images in the Broden-format probe set."),
@@ -69,34 +160,39 @@ def synth(
 
 @app.command()
 def layers(
-    model: str = typer.Option(..., "--model", help="Model card (model.json or its folder) or torchvision name."),
-    weights: Optional[str] = typer.Option(None, "--weights", help="Weights enum, state_dict file, or 'none'."),
+    model: str = typer.Option(..., "--model", metavar="MODEL", help=_MODEL_HELP),
+    weights: Optional[str] = typer.Option(None, "--weights", metavar="WEIGHTS", help=_WEIGHTS_HELP),
+    size: Optional[int] = typer.Option(None, "--size", metavar="PX", help="Sample input of PX×PX pixels (default: the model's input size)."),
 ) -> None:
     """List every hookable layer's dotted name and output shape for a sample input."""
     from conceptrank.nn.models import list_layers, load_model
 
     m = _run(load_model, model, weights)
-    rows = _run(list_layers, m)
-    width = max(len(r[0]) for r in rows)
+    h, w = (size, size) if size else tuple(m.input_size)
+    rows = _run(list_layers, m, (h, w))
+    width = max([len(r[0]) for r in rows] + [len("layer")])
+    typer.echo(f"{m.name} (weights: {m.weights}), output shapes for one 1x3x{h}x{w} input"
+               + ("" if size else " (the model's input size; --size to change)") + ":")
+    typer.echo(f"{'layer':<{width}}  {'type':<20}  output shape")
     for name, cls, shape in rows:
         typer.echo(f"{name:<{width}}  {cls:<20}  {'x'.join(map(str, shape)) if shape else '(not reached)'}")
 
 
 @app.command()
 def dissect(
-    model: str = typer.Option(..., "--model", help="Model card or torchvision name."),
-    layer: List[str] = typer.Option(..., "--layer", help="Layer dotted name; repeat for several layers."),
+    model: str = typer.Option(..., "--model", metavar="MODEL", help=_MODEL_HELP),
+    layer: List[str] = typer.Option(..., "--layer", metavar="NAME", help="Layer dotted name (see `conceptrank layers`); repeat for several layers."),
     probe: Path = typer.Option(..., "--probe", help="Broden-format probe set folder."),
-    out: Path = typer.Option(..., "--out", help="Output folder (tally.csv, thresholds.npy, dissect.json)."),
-    weights: Optional[str] = typer.Option(None, "--weights"),
+    out: Path = typer.Option(..., "--out", metavar="DIR", help="Output folder (tally.csv, thresholds.npy, dissect.json)."),
+    weights: Optional[str] = typer.Option(None, "--weights", metavar="WEIGHTS", help=_WEIGHTS_HELP),
     categories: Optional[str] = typer.Option(None, "--categories", help="Comma-separated; default: all in category.csv."),
     quantile: float = typer.Option(0.005, "--quantile", help="Top activation quantile that defines a unit's mask."),
     iou_threshold: float = typer.Option(0.04, "--iou-threshold", help="IoU above which a unit counts as a detector."),
     preprocess: str = typer.Option("model", "--preprocess", help="'model' (the weights' transforms) or 'netdissect' (Caffe style)."),
     thresholds: Optional[Path] = typer.Option(None, "--thresholds", help="Reuse per-unit thresholds from a .npy file."),
-    batch_size: int = typer.Option(64, "--batch-size"),
+    batch_size: int = typer.Option(64, "--batch-size", help="Probe images per forward pass."),
     workers: int = typer.Option(2, "--workers", help="Data-loading worker processes."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
     store: str = typer.Option("float32", "--store", help="Dtype of the on-disk feature cache between passes: float32 or float16."),
     stability_quantile: Optional[float] = typer.Option(None, "--stability-quantile", help="Also label units at this quantile (e.g. 0.01) and report label stability."),
 ) -> None:
@@ -115,17 +211,17 @@ def dissect(
 
 @app.command()
 def extract(
-    model: str = typer.Option(..., "--model"),
-    layer: str = typer.Option(..., "--layer"),
+    model: str = typer.Option(..., "--model", metavar="MODEL", help=_MODEL_HELP),
+    layer: str = typer.Option(..., "--layer", metavar="NAME", help="Layer dotted name (see `conceptrank layers`)."),
     dataset: Path = typer.Option(..., "--dataset", help="Stanford 40 folder, image folder, or CSV manifest."),
-    out: Path = typer.Option(..., "--out"),
-    weights: Optional[str] = typer.Option(None, "--weights"),
+    out: Path = typer.Option(..., "--out", metavar="DIR", help="Output folder (activations.npz, extract.json)."),
+    weights: Optional[str] = typer.Option(None, "--weights", metavar="WEIGHTS", help=_WEIGHTS_HELP),
     layout: str = typer.Option("auto", "--layout", help="auto, stanford40, imagefolder or manifest."),
     resize: Optional[int] = typer.Option(None, "--resize", help="Resize images to PX×PX (default: the model's input size)."),
     crop: str = typer.Option("none", "--crop", help="'none' or 'person' (Stanford 40 XMLAnnotations box)."),
-    batch_size: int = typer.Option(32, "--batch-size"),
-    workers: int = typer.Option(2, "--workers"),
-    device: str = typer.Option("auto", "--device"),
+    batch_size: int = typer.Option(32, "--batch-size", help="Target images per forward pass."),
+    workers: int = typer.Option(2, "--workers", help="Data-loading worker processes (0: load in the main process)."),
+    device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
     split_map: str = typer.Option("", "--split-map", help="Map other split names explicitly: e.g. 'val=train,all=drop' (targets: train, test, all, drop)."),
 ) -> None:
     """Per image and unit: mean and max of the layer's activation map (activations.npz)."""
@@ -141,13 +237,13 @@ def extract(
 def rank(
     activations: Path = typer.Option(..., "--activations", help="Output folder of `extract` (or its activations.npz)."),
     tally: Path = typer.Option(..., "--tally", help="A NetDissect-Lite tally.csv (ours or an existing one)."),
-    out: Path = typer.Option(..., "--out"),
+    out: Path = typer.Option(..., "--out", metavar="DIR", help="Output folder (local/global concept CSVs, svm.npz, classifier.json)."),
     protocol: str = typer.Option("standard", "--protocol", help="standard (sound) or paper (the published code's quirks)."),
-    top_local: int = typer.Option(10, "--top-local"),
-    top_global: int = typer.Option(10, "--top-global"),
-    min_iou: Optional[float] = typer.Option(None, "--min-iou", help="Default 0.04 (standard) or 0 (paper)."),
+    top_local: int = typer.Option(10, "--top-local", help="Local concepts kept per image."),
+    top_global: int = typer.Option(10, "--top-global", help="Global concepts kept per class (for and against)."),
+    min_iou: Optional[float] = typer.Option(None, "--min-iou", help="IoU a unit's label needs to count as a concept (default: 0.04 standard, 0 paper).", metavar="IOU"),
     categories: Optional[str] = typer.Option(None, "--categories", help="Comma-separated categories whose labels count."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Seed of the train/test split and the SVM."),
     grid: bool = typer.Option(False, "--grid", help="paper protocol: grid-search C instead of C=0.001."),
 ) -> None:
     """Local (per image) and global (per class, linear SVM) concept rankings."""
@@ -169,7 +265,7 @@ def evaluate(
     split: Optional[str] = typer.Option(None, "--split", help="test, train or all (default: test; all for the paper protocol)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Default: the ranking folder."),
     truth: Optional[Path] = typer.Option(None, "--truth", help="truth.json of a synthetic world (ground-truth scores)."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Seed of the permutations, random draws and bootstrap."),
     permutations: int = typer.Option(1000, "--permutations", help="Permutations / random draws / bootstrap replicates of the chance baselines."),
     faithfulness: bool = typer.Option(True, "--faithfulness/--no-faithfulness", help="Deletion test and stability refits (needs activations, tally, svm.npz)."),
 ) -> None:
@@ -197,8 +293,8 @@ def report(
 
 @app.command()
 def explain(
-    run: Path = typer.Option(..., "--run"),
-    images: List[str] = typer.Argument(..., help="Image file names (relative to the dataset root)."),
+    run: Path = typer.Option(..., "--run", metavar="DIR", help="A run folder made by `demo` or `run`."),
+    images: List[str] = typer.Argument(..., metavar="IMAGE", help="Image paths relative to the dataset root, or file names that match one image."),
 ) -> None:
     """Why did the classifier decide as it did for these images: concept contributions to the SVM score."""
     from conceptrank.stages.explain import run_explain
@@ -209,7 +305,7 @@ def explain(
 
 @app.command()
 def fetch(
-    dataset: str = typer.Argument(..., help="broden or stanford40"),
+    dataset: str = typer.Argument(..., metavar="DATASET", help="What to download: broden or stanford40."),
     to: Path = typer.Option(..., "--to", help="Folder to download and extract into."),
     variant: str = typer.Option("224", "--variant", help="Broden only: 224 (broden1_224) or 227 (broden1_227)."),
     base_url: Optional[str] = typer.Option(None, "--base-url", help="Mirror to download from instead of the official address."),
@@ -226,7 +322,7 @@ def fetch(
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Run folder."),
     quick: bool = typer.Option(False, "--quick", help="A tiny world for tests (seconds)."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Seed of the world, the model and every stage."),
 ) -> None:
     """synth → dissect → extract → rank → evaluate → report on the synthetic world; prints a summary."""
     from conceptrank.pipeline import run_demo
@@ -235,7 +331,7 @@ def demo(
 
 
 @app.command("run")
-def run_config(config: Path = typer.Argument(..., help="A TOML run configuration (see examples/).")) -> None:
+def run_config(config: Path = typer.Argument(..., metavar="CONFIG", help="A TOML run configuration (see examples/).")) -> None:
     """Run the stages described by a TOML config file (real models and data)."""
     from conceptrank.pipeline import run_from_config
 

@@ -227,9 +227,7 @@ def _torchvision_names() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
-def _torchvision_arch(name: str, num_classes: int | None = None) -> nn.Module:
-    import torchvision
-
+def _check_torchvision_name(name: str) -> None:
     names = _torchvision_names()
     if name not in names:
         close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
@@ -238,6 +236,12 @@ def _torchvision_arch(name: str, num_classes: int | None = None) -> nn.Module:
             f"unknown model {name!r}: neither a model card (model.json) nor a torchvision classification "
             f"model.{hint}"
         )
+
+
+def _torchvision_arch(name: str, num_classes: int | None = None) -> nn.Module:
+    import torchvision
+
+    _check_torchvision_name(name)
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     return torchvision.models.get_model(name, weights=None, **kwargs)
 
@@ -245,7 +249,13 @@ def _torchvision_arch(name: str, num_classes: int | None = None) -> nn.Module:
 def _load_torchvision(name: str, weights: str | None) -> LoadedModel:
     import torchvision
 
-    wspec = (weights or "none").strip()
+    if weights is None:
+        _check_torchvision_name(name)
+        raise ModelError(
+            f"torchvision model {name!r} needs weights (--weights): a weights enum such as DEFAULT or "
+            "IMAGENET1K_V1, a state_dict file, or 'none' for random init"
+        )
+    wspec = weights.strip()
     if wspec.lower() == "none":
         with torch.random.fork_rng(devices=[]):  # random init, reproducible, caller's RNG untouched
             torch.manual_seed(0)

@@ -84,6 +84,10 @@ class RunData:
     configs : agreement configurations in order.
     predictions : image path → predicted class (from svm.npz and the mean activations).
     warnings : what could not be read.
+    planted : class → its planted concepts, from truth.json when the run has one (else empty).
+    visible : image file name → concepts drawn in it (truth.json), else empty.
+    model_card : the model card (model.json) when the model is one, else {}.
+    class_chance : config → class → {'permutation_mean', 'ci_low', 'ci_high', …} from evaluation.json.
     """
 
     root: Path
@@ -110,6 +114,10 @@ class RunData:
     configs: tuple[str, ...]
     predictions: Mapping[str, str] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
+    planted: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    visible: Mapping[str, frozenset] = field(default_factory=dict)
+    model_card: Mapping[str, Any] = field(default_factory=dict)
+    class_chance: Mapping[str, Mapping[str, Mapping[str, float]]] = field(default_factory=dict)
 
     def labelled_units(self) -> list[UnitLabel]:
         """Units with a concept and IoU ≥ :attr:`iou_threshold`, by IoU descending (ties: unit number)."""
@@ -201,6 +209,75 @@ def _predictions(rank_dir: Path, mean: np.ndarray | None, names: list[str], warn
     return {names[i]: classes[int(pred[i])] for i in range(len(names))}
 
 
+def _truth(config: Mapping, summary: Mapping | None, warnings: list[str]):
+    """truth.json of the run (config, then summary.json), or None."""
+    from conceptrank.io.truth import read_truth
+
+    s = summary or {}
+    gt = s.get("ground_truth") if isinstance(s.get("ground_truth"), Mapping) else {}
+    path = _existing(config.get("truth"), s.get("truth") if isinstance(s.get("truth"), str) else None, gt.get("path"))
+    if path is None:
+        return None
+    try:
+        return read_truth(path)
+    except ConceptrankError as e:
+        warnings.append(f"planted concepts not shown: {e}")
+        return None
+
+
+def _model_card(config: Mapping, model: Mapping) -> dict:
+    for spec in (model.get("model"), config.get("model")):
+        if not spec:
+            continue
+        p = Path(str(spec))
+        card = p if p.suffix == ".json" else p / "model.json"
+        if card.is_file():
+            got = _json(card, [])
+            if isinstance(got, dict):
+                return got
+    return {}
+
+
+def _class_chance(details: Mapping | None) -> dict:
+    chance = (details or {}).get("chance")
+    if not isinstance(chance, Mapping):
+        return {}
+    return {str(cfg): {str(c): dict(v) for c, v in per.items() if isinstance(v, Mapping)}
+            for cfg, per in chance.items() if isinstance(per, Mapping)}
+
+
+def _dissect_arrays(ddir: Path, warnings: list[str]) -> tuple[np.ndarray | None, dict | None]:
+    """thresholds.npy and top_images.npz of a dissection folder (None for what is missing or unreadable)."""
+    thresholds = None
+    if (ddir / "thresholds.npy").is_file():
+        try:
+            thresholds = np.load(ddir / "thresholds.npy", allow_pickle=False).astype(np.float64).reshape(-1)
+        except (OSError, ValueError) as e:
+            warnings.append(f"cannot read thresholds.npy: {e}")
+    top_images = None
+    if (ddir / "top_images.npz").is_file():
+        try:
+            with np.load(ddir / "top_images.npz", allow_pickle=False) as z:
+                top_images = {k: z[k] for k in ("index", "value", "images")}
+        except (OSError, ValueError, KeyError) as e:
+            warnings.append(f"cannot read top_images.npz: {e}")
+    return thresholds, top_images
+
+
+def _activations(npz: Path, warnings: list[str]) -> tuple[np.ndarray | None, list[str], list[str], list[str]]:
+    """activations.npz's (N, U) means, image names, classes and splits (None and empty lists when absent)."""
+    if not npz.is_file():
+        return None, [], [], []
+    try:
+        with np.load(npz, allow_pickle=False) as z:
+            images = [str(s) for s in z["images"]]
+            splits = [str(s) for s in z["splits"]] if "splits" in z.files else ["all"] * len(images)
+            return np.asarray(z["mean"], dtype=np.float64), images, [str(s) for s in z["classes"]], splits
+    except (OSError, ValueError, KeyError) as e:
+        warnings.append(f"cannot read activations.npz: {e}")
+        return None, [], [], []
+
+
 def load_run(run: str | Path) -> RunData:
     """Read a run folder; raises ConceptrankError only when it is not a run folder at all."""
     root = Path(run)
@@ -231,19 +308,7 @@ def load_run(run: str | Path) -> RunData:
     if math.isnan(iou_threshold):
         iou_threshold = _float((rank or {}).get("min_iou", thr_default))
         iou_threshold = thr_default if math.isnan(iou_threshold) else iou_threshold
-    thresholds = None
-    if (ddir / "thresholds.npy").is_file():
-        try:
-            thresholds = np.load(ddir / "thresholds.npy", allow_pickle=False).astype(np.float64).reshape(-1)
-        except (OSError, ValueError) as e:
-            warnings.append(f"cannot read thresholds.npy: {e}")
-    top_images = None
-    if (ddir / "top_images.npz").is_file():
-        try:
-            with np.load(ddir / "top_images.npz", allow_pickle=False) as z:
-                top_images = {k: z[k] for k in ("index", "value", "images")}
-        except (OSError, ValueError, KeyError) as e:
-            warnings.append(f"cannot read top_images.npz: {e}")
+    thresholds, top_images = _dissect_arrays(ddir, warnings)
     probe_root = _existing(config.get("probe"), (dissect or {}).get("probe"))
 
     # extract
@@ -251,21 +316,7 @@ def load_run(run: str | Path) -> RunData:
     dataset = (extract or {}).get("dataset") or {}
     troot = _existing(dataset.get("root"), config.get("target"))
     target_root = (troot.parent if troot.is_file() else troot) if troot else None
-    mean = None
-    act_images: list[str] = []
-    act_classes: list[str] = []
-    act_splits: list[str] = []
-    npz = root / "extract" / "activations.npz"
-    if npz.is_file():
-        try:
-            with np.load(npz, allow_pickle=False) as z:
-                mean = np.asarray(z["mean"], dtype=np.float64)
-                act_images = [str(s) for s in z["images"]]
-                act_classes = [str(s) for s in z["classes"]]
-                act_splits = [str(s) for s in z["splits"]] if "splits" in z.files else ["all"] * len(act_images)
-        except (OSError, ValueError, KeyError) as e:
-            warnings.append(f"cannot read activations.npz: {e}")
-            mean = None
+    mean, act_images, act_classes, act_splits = _activations(root / "extract" / "activations.npz", warnings)
 
     # rank / evaluate
     rdir = root / "rank"
@@ -292,12 +343,17 @@ def load_run(run: str | Path) -> RunData:
     if not classes:
         classes = list(dict.fromkeys([im.cls for im in images] + list(precision) + list(glob)))
     predictions = _predictions(rdir, mean, act_images, warnings)
+    truth = _truth(config, summary, warnings)
+    details_name = (summary or {}).get("details")
+    details = _json(rdir / Path(details_name).name, warnings) if isinstance(details_name, str) and details_name else None
     return RunData(
         root=root, config=config, model=model, dissect=dissect, extract=extract, rank=rank, classifier=classifier,
         summary=summary, layer=layer, units=units, categories=tuple(categories), iou_threshold=float(iou_threshold),
         thresholds=thresholds, top_images=top_images, probe_root=probe_root, target_root=target_root,
         classes=tuple(str(c) for c in classes), images=images, local=local, global_concepts=glob,
         precision=precision, configs=configs, predictions=predictions, warnings=tuple(warnings),
+        planted=dict(truth.classes) if truth else {}, visible=dict(truth.images) if truth else {},
+        model_card=_model_card(config, model), class_chance=_class_chance(details),
     )
 
 

@@ -23,7 +23,8 @@ import numpy as np
 
 from conceptrank.errors import ConceptrankError
 from conceptrank.report import figures as F
-from conceptrank.report.data import RunData, extra_summary_keys, load_run
+from conceptrank.report import scores as S
+from conceptrank.report.data import RunData, load_run
 
 __all__ = ["ReportOptions", "write_report", "render_html"]
 
@@ -79,15 +80,8 @@ def _slug(s: str) -> str:
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return "–"
-    if math.isnan(v):
-        return "–"
-    if v != 0 and (abs(v) >= 1e5 or abs(v) < 10 ** -digits):
-        return f"{v:.{digits}g}"
-    return f"{v:.{digits}f}"
+    """``digits`` significant digits (the report's one number format)."""
+    return S.sig(x, digits)
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -128,8 +122,13 @@ def _figures(data: RunData, figdir: Path, root: Path, dpi: int, notes: _Notes) -
     out: list[dict] = []
 
     def save(fig, name: str, title: str, caption: str) -> None:
+        from PIL import Image
+
         path = F.save_figure(fig, figdir / name, dpi=dpi)
-        out.append({"id": "fig-" + _slug(Path(name).stem), "src": _rel(path, root), "title": title, "caption": caption})
+        with Image.open(path) as im:
+            width = round(im.width * 96 / dpi)  # shown at its physical size: 9 pt stays 12 CSS px
+        out.append({"id": "fig-" + _slug(Path(name).stem), "src": _rel(path, root), "title": title, "caption": caption,
+                    "width": width})
 
     cls = data.classifier or {}
     cm = cls.get("confusion_matrix")
@@ -140,22 +139,7 @@ def _figures(data: RunData, figdir: Path, root: Path, dpi: int, notes: _Notes) -
              f"{cls.get('evaluated_split', '?')}, accuracy {_fmt(acc)}.")
     elif cm is not None:
         notes.add("confusion matrix does not match the class list; not drawn")
-    agreement = (data.summary or {}).get("agreement") or {}
-    classes = [c for c in data.classes if c in data.precision]
-    for cfg in data.configs:
-        if classes:
-            vals = [data.precision[c].get(cfg, math.nan) for c in classes]
-            mean = (agreement.get(cfg) or {}).get("mean")
-            save(F.agreement_bars_figure(classes, vals, cfg, mean=mean), f"agreement_{_slug(cfg)}.png",
-                 f"Agreement per class, {cfg}",
-                 f"Share of each class's images whose top-{(agreement.get(cfg) or {}).get('k', 'K')} local concepts "
-                 f"include one of the class's top-{(agreement.get(cfg) or {}).get('g', 'G')} global concepts.")
-    if agreement:
-        cfgs = [c for c in data.configs if c in agreement] or list(agreement)
-        save(F.agreement_summary_figure(cfgs, [agreement[c].get("mean", math.nan) for c in cfgs],
-                                        [agreement[c].get("std", math.nan) for c in cfgs]),
-             "agreement_summary.png", "Agreement per configuration",
-             "Mean over classes; error bars: standard deviation over classes.")
+    _agreement_figures(data, save)
     labelled = data.labelled_units()
     if data.units:
         cats = list(data.categories) or list(dict.fromkeys(u.category for u in labelled))
@@ -163,13 +147,54 @@ def _figures(data: RunData, figdir: Path, root: Path, dpi: int, notes: _Notes) -
         distinct = {c: len({u.concept for u in labelled if u.category == c}) for c in cats}
         save(F.units_per_category_figure(per_cat, len(data.units), distinct), "units_per_category.png",
              "Interpretable units per category",
-             f"Units whose best concept has IoU ≥ {_fmt(data.iou_threshold)}, by the concept's category.")
+             f"Units whose best concept has IoU ≥ {data.iou_threshold:g}, by the concept's category.")
         freq = Counter((u.concept, u.category) for u in labelled)
         if freq:
             save(F.concept_frequency_figure([(c, k, n) for (c, k), n in freq.items()], cats),
                  "concept_frequency.png", "Units per concept",
                  "How many units detect each concept (Network Dissection's bar graph).")
     return out
+
+
+def _class_values(data: RunData, cfg: str, classes: list[str], key: str) -> list[float] | None:
+    per = data.class_chance.get(cfg) or {}
+    vals = [float((per.get(c) or {}).get(key, math.nan)) for c in classes]
+    return vals if any(math.isfinite(v) for v in vals) else None
+
+
+def _agreement_figures(data: RunData, save: Callable[..., None]) -> None:
+    """Per-class bars for each K:G configuration and the summary, with chance and at-chance marks."""
+    summary = data.summary or {}
+    agreement = summary.get("agreement") or {}
+    base = summary.get("baselines") or {}
+    verdicts = {cfg: S.chance_verdict(summary, cfg) for cfg in data.configs}
+    classes = [c for c in data.classes if c in data.precision]
+    for cfg in data.configs:
+        if not classes:
+            break
+        a, v = agreement.get(cfg) or {}, verdicts.get(cfg)
+        chance = _class_values(data, cfg, classes, "permutation_mean") or (base.get(cfg) or {}).get("permutation_mean")
+        lo, hi = (_class_values(data, cfg, classes, k) for k in ("ci_low", "ci_high"))
+        fig = F.agreement_bars_figure(classes, [data.precision[c].get(cfg, math.nan) for c in classes], cfg,
+                                      mean=a.get("mean"), chance=chance, interval=(lo, hi) if lo and hi else None,
+                                      at_chance=v.reason if v and v.at_chance else None)
+        save(fig, f"agreement_{_slug(cfg)}.png", f"Agreement per class, {cfg}",
+             f"Share of each class's images whose top-{a.get('k', 'K')} local concepts include one of the class's "
+             f"top-{a.get('g', 'G')} global concepts" + (" (error bars: 95% bootstrap interval)" if lo and hi else "")
+             + (". Grey: the agreement random global lists give (shuffled classes)" if chance is not None else "")
+             + (f". At chance: {v.reason}, so these bars say nothing about the ranking." if v and v.at_chance else "."))
+    if agreement:
+        cfgs = [c for c in data.configs if c in agreement] or list(agreement)
+        chance = [float((base.get(c) or {}).get("permutation_mean", math.nan)) for c in cfgs]
+        flags = [bool(verdicts.get(c) and verdicts[c].at_chance) for c in cfgs]
+        save(F.agreement_summary_figure(cfgs, [agreement[c].get("mean", math.nan) for c in cfgs],
+                                        [agreement[c].get("std", math.nan) for c in cfgs],
+                                        chance=chance if any(math.isfinite(c) for c in chance) else None,
+                                        at_chance=flags),
+             "agreement_summary.png", "Agreement per configuration",
+             "Mean over classes; error bars: standard deviation over classes, clipped to [0, 1]"
+             + ("; grey: chance (shuffled classes)" if base else "")
+             + ("; hatched: at chance (see the agreement table)." if any(flags) else "."))
 
 
 def _upsample_grouped(maps: dict[tuple[int, int], np.ndarray], sizes: dict[int, tuple[int, int]]
@@ -347,7 +372,7 @@ def _image_panels(data: RunData, model, opts: ReportOptions, figdir: Path, root:
             "predicted": data.predictions.get(r.image), "src": None, "overlays": [],
             "concepts": list(dict.fromkeys(rc.concept for rc in local)),
             "local": [{"rank": rc.rank, "concept": rc.concept, "category": rc.category, "unit": rc.unit,
-                       "score": _fmt(rc.value)} for rc in local],
+                       "score": _fmt(rc.value), "planted": rc.concept in data.planted.get(c, ())} for rc in local],
         }
         if p in thumbs:
             rgb = thumbs[p]
@@ -363,7 +388,8 @@ def _image_panels(data: RunData, model, opts: ReportOptions, figdir: Path, root:
                 pic = V.heatmap_overlay(rgb, heat, mask)
                 path = V.save_jpeg(pic, figdir / "images" / f"img{p:05d}_unit{rc.unit:05d}.jpg")
                 panel["overlays"].append({"src": _rel(path, root), "concept": rc.concept, "category": rc.category,
-                                          "unit": rc.unit, "score": _fmt(rc.value), "rank": rc.rank})
+                                          "unit": rc.unit, "score": _fmt(rc.value), "rank": rc.rank,
+                                          "planted": rc.concept in data.planted.get(c, ())})
         panels[c].append(panel)
     return panels
 
@@ -374,15 +400,21 @@ def _class_sections(data: RunData, panels: dict[str, list[dict]], unit_ids: set[
     per_class = cls.get("per_class") or {}
     counts = Counter(im.cls for im in data.images if
                      (data.summary or {}).get("split") in (None, "all") or im.split == (data.summary or {}).get("split"))
+    verdicts = {cfg: S.chance_verdict(data.summary, cfg) for cfg in data.configs}
     sections = []
     for ci, c in enumerate(data.classes):
         glob = data.global_concepts.get(c, ())
         wmax = max((abs(g.value) for g in glob if math.isfinite(g.value)), default=0.0) or 1.0
+        planted = data.planted.get(c, ())
 
         def row(g):
             return {"rank": g.rank, "concept": g.concept, "category": g.category, "unit": g.unit,
-                    "weight": _fmt(g.value, 4), "width": round(100 * min(1.0, abs(g.value) / wmax), 1)
-                    if math.isfinite(g.value) else 0, "linked": g.unit in unit_ids}
+                    "weight": _fmt(g.value, 3), "width": round(100 * min(1.0, abs(g.value) / wmax), 1)
+                    if math.isfinite(g.value) else 0, "linked": g.unit in unit_ids, "planted": g.concept in planted}
+
+        rank_of: dict[str, str] = {}
+        for g in glob:  # '+' rows come first
+            rank_of.setdefault(g.concept, f"{'global' if g.sign == '+' else 'against'} #{g.rank}")
 
         confusion = []
         if cm is not None and np.shape(cm) == (len(data.classes), len(data.classes)):
@@ -397,7 +429,10 @@ def _class_sections(data: RunData, panels: dict[str, list[dict]], unit_ids: set[
             "n_images": counts.get(c, 0),
             "metrics": {k: _fmt(pc.get(k)) for k in ("precision", "recall", "f1")} if pc else None,
             "support": pc.get("support"),
-            "agreement": [(cfg, _fmt(data.precision.get(c, {}).get(cfg))) for cfg in data.configs],
+            "agreement": [(cfg, _fmt(data.precision.get(c, {}).get(cfg)), bool(verdicts[cfg] and verdicts[cfg].at_chance))
+                          for cfg in data.configs],
+            "planted": [{"concept": x, "rank": rank_of.get(x)} for x in planted],
+            "has_truth": bool(data.planted),
             "confusion": confusion,
             "plus": [row(g) for g in glob if g.sign == "+"],
             "minus": [row(g) for g in glob if g.sign != "+"],
@@ -407,6 +442,37 @@ def _class_sections(data: RunData, panels: dict[str, list[dict]], unit_ids: set[
     return sections
 
 
+# old card architecture names → today's (the synthetic world's CNN was once called "conceptnet",
+# the name of the ConceptNet knowledge graph)
+_ARCH_RENAMED = {"conceptnet": "worldnet"}
+
+
+def _model_description(data: RunData) -> tuple[str | None, str | None]:
+    """(architecture, weights) in words: from the model card for a card, else the torchvision name and enum."""
+    card, model, cfg = data.model_card, data.model or {}, data.config
+    if card.get("architecture"):
+        kw = card.get("arch_kwargs") or {}
+        shown = [f"{k} {v}" for k, v in kw.items() if not isinstance(v, bool)]
+        name = _ARCH_RENAMED.get(str(card["architecture"]), str(card["architecture"]))
+        arch = name + (f" ({', '.join(shown)})" if shown else "")
+        w = model.get("weights") or card.get("weights")
+        return arch, (Path(str(w)).name if w else None)
+    name = model.get("model") or cfg.get("model")
+    w = model.get("weights") or cfg.get("weights")
+    if name is None:
+        return None, None
+    return str(name), ("random init" if str(w).lower() == "none" else (str(w) if w else None))
+
+
+def _source_task(card: dict) -> str | None:
+    st = card.get("source_task")
+    if not isinstance(st, dict):
+        return None
+    acc = (st.get("heldout_accuracy") or {}).get("mean")
+    return (f"the synthetic world's source task ({st.get('train_images', '?')} images, {st.get('epochs', '?')} epochs"
+            + (f", held-out accuracy {_fmt(acc, 2)})" if acc is not None else ")"))
+
+
 def _overview(data: RunData) -> dict:
     cfg, model = data.config, data.model or {}
     dj, ej, rj, cj, sj = (data.dissect or {}), (data.extract or {}), (data.rank or {}), (data.classifier or {}), (data.summary or {})
@@ -414,27 +480,30 @@ def _overview(data: RunData) -> dict:
     cats = list(data.categories) or sorted({u.category for u in labelled})
     per_cat = [{"category": c, "units": sum(1 for u in labelled if u.category == c),
                 "concepts": len({u.concept for u in labelled if u.category == c})} for c in cats]
+    arch, weights = _model_description(data)
     setup = [
+        ("Architecture", arch),
+        ("Weights", weights),
+        ("Trained on", _source_task(data.model_card)),
         ("Model", model.get("model") or cfg.get("model")),
-        ("Weights", model.get("weights") or cfg.get("weights")),
         ("Input size", "×".join(str(s) for s in model.get("input_size", [])) or None),
         ("Layer", data.layer),
         ("Probe set", cfg.get("probe") or dj.get("probe")),
         ("Probe images", (dj.get("counts") or {}).get("images")),
-        ("Dissection", f"quantile {_fmt((dj.get('config') or {}).get('quantile', cfg.get('quantile')), 4)}, "
-                       f"IoU ≥ {_fmt(data.iou_threshold)}, preprocess {(dj.get('config') or {}).get('preprocess', cfg.get('preprocess', '?'))}"
+        ("Dissection", f"top {_fmt(100 * float((dj.get('config') or {}).get('quantile', cfg.get('quantile')) or math.nan), 2)}% of activations, "
+                       f"IoU ≥ {data.iou_threshold:g}, preprocess {(dj.get('config') or {}).get('preprocess', cfg.get('preprocess', '?'))}"
          if dj or cfg else None),
         ("Target set", (ej.get("dataset") or {}).get("root") or cfg.get("target")),
         ("Target images", (ej.get("counts") or {}).get("images")),
         ("Classes", len(data.classes) or None),
         ("Protocol", rj.get("protocol") or cj.get("protocol") or cfg.get("protocol")),
         ("Rankings", f"top {rj.get('top_local')} local, top {rj.get('top_global')} global concepts, "
-                     f"min IoU {_fmt(rj.get('min_iou'))}" if rj else None),
+                     f"min IoU {_fmt(rj.get('min_iou'), 2)}" if rj else None),
         ("Evaluated split", sj.get("split") or cj.get("evaluated_split")),
     ]
     counts = [
         ("Units", len(data.units) or (dj.get("counts") or {}).get("units")),
-        ("Interpretable units", f"{len(labelled)} (IoU ≥ {_fmt(data.iou_threshold)})" if data.units else None),
+        ("Interpretable units", f"{len(labelled)} (IoU ≥ {data.iou_threshold:g})" if data.units else None),
         ("Distinct concepts", len({(u.category, u.concept) for u in labelled}) if data.units else None),
     ]
     clf = [
@@ -445,20 +514,9 @@ def _overview(data: RunData) -> dict:
         ("Best C", cj.get("best_C")),
         ("Train / evaluated images", f"{cj.get('n_train')} / {cj.get('n_test')}" if "n_train" in cj else None),
     ] if cj else []
-    agreement = []
-    for name, a in (sj.get("agreement") or {}).items():
-        agreement.append({"config": name, "k": a.get("k"), "g": a.get("g"), "mean": _fmt(a.get("mean")),
-                          "std": _fmt(a.get("std")), "min": _fmt(a.get("min")), "max": _fmt(a.get("max"))})
-    def show(v):
-        if isinstance(v, str):
-            return v
-        return str(v) if isinstance(v, int) else _fmt(v, 4)
-
-    extras = [{"key": e["key"], "notes": e["notes"], "scalars": [(k, show(v)) for k, v in e["scalars"]],
-               "tables": [{"title": t["title"], "columns": t["columns"],
-                           "rows": [(label, [show(v) for v in vals]) for label, vals in t["rows"]]}
-                          for t in e["tables"]]}
-              for e in extra_summary_keys(sj)]
+    agreement = S.agreement_rows(sj)
+    extras = [{"key": t.key, "title": t.title, "columns": list(t.columns), "rows": [(lbl, list(c)) for lbl, c in t.rows],
+               "caption": t.caption, "notes": list(t.notes)} for t in S.score_tables(sj)]
     details = sj.get("details")
     details_link = None
     if isinstance(details, str) and details and (data.root / "rank" / details).is_file():
@@ -556,9 +614,9 @@ def write_report(run: str | Path, options: ReportOptions | None = None,
     concepts = sorted({u.concept for u in data.labelled_units()}
                       | {g.concept for gs in data.global_concepts.values() for g in gs}
                       | {p for s in sections for pn in s["panels"] for p in pn["concepts"]})
-    spec = Path(str(data.config.get("model") or ""))
-    model_name = spec.parent.name if spec.suffix == ".json" else spec.name
-    title_bits = [x for x in (model_name, data.layer) if x]
+    arch, weights = _model_description(data)
+    title_bits = [x for x in (arch and (arch + (f", {weights}" if weights else "")),
+                              data.layer) if x]
     context = {
         "title": "conceptrank report" + (f" — {' · '.join(title_bits)}" if title_bits else ""),
         "run": str(root),

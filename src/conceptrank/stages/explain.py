@@ -229,8 +229,8 @@ def resolve_image(query: str, images: Sequence[str]) -> int:
     if not hits:
         import difflib
 
-        close = difflib.get_close_matches(q, images, n=3, cutoff=0.4) or difflib.get_close_matches(
-            name, [PurePosixPath(im).name for im in images], n=3, cutoff=0.4)
+        by_name = {PurePosixPath(im).name: im for im in images}  # near-misses of the name only (typos)
+        close = [by_name[n] for n in difflib.get_close_matches(name, list(by_name), n=3, cutoff=0.85)]
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ConceptrankError(f"image {query!r} is not among the {len(images)} extracted images{hint}")
     shown = ", ".join(images[i] for i in hits[:5])
@@ -295,33 +295,67 @@ def _safe_name(rel: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in stem.replace("/", "__")) or "image"
 
 
-def _render_png(path: Path, img: np.ndarray, title: str, panels: list[tuple[str, np.ndarray]]) -> None:
-    """Image + one overlay per contribution map (red = raises the score, blue = lowers it)."""
+def _signed_overlay(rgb: np.ndarray, m: np.ndarray, lim: float) -> np.ndarray:
+    """The report's heatmap style for a signed map: colour over the image, opacity growing with |value| / lim.
+
+    The image underneath is a light grey copy, so that its own reds and blues do not read as contributions.
+    """
     import matplotlib
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    v = np.clip(np.nan_to_num(m / lim), -1.0, 1.0)
+    colors = matplotlib.colormaps["RdBu_r"]((v + 1.0) / 2.0)[..., :3]
+    a = (0.9 * np.abs(v) ** 0.7)[..., None]
+    gray = (rgb.mean(axis=2) if rgb.ndim == 3 else rgb).astype(np.float64) / 255.0
+    base = np.repeat((0.45 + 0.5 * gray)[..., None], 3, axis=2)
+    return base * (1.0 - a) + colors * a
+
+
+def _render_png(path: Path, img: np.ndarray, title: str, panels: list[tuple[str, np.ndarray]],
+                true_class: str | None = None, predicted: str | None = None, n_for: int | None = None) -> None:
+    """Image + one overlay per contribution map (red raises the predicted class's score, blue lowers it).
+
+    The first ``n_for`` panels (concepts for the prediction) share one symmetric colour scale and the
+    rest (concepts against) another, each with its colour bar: against-contributions are often ten
+    times smaller and would be invisible on the for-scale. ``n_for=None`` puts every panel on one scale.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
 
     from conceptrank.io.cache import atomic_write
 
+    n_for = len(panels) if n_for is None else max(0, min(n_for, len(panels)))
+    groups = [("for the prediction", panels[:n_for]), ("against it", panels[n_for:])]
     n = 1 + len(panels)
-    fig, axes = plt.subplots(1, n, figsize=(2.4 * n, 2.9), squeeze=False)
-    axes = axes[0]
+    fig = Figure(figsize=(2.5 * n + 0.4, 3.9), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, n, squeeze=False)[0]
     axes[0].imshow(img)
-    axes[0].set_title("image", fontsize=8)
-    lim = max([float(np.abs(m).max()) for _, m in panels] + [1e-12])
-    gray = img.mean(axis=2) if img.ndim == 3 else img
-    for ax, (label, m) in zip(axes[1:], panels):
-        ax.imshow(gray, cmap="gray", vmin=0, vmax=255)
-        ax.imshow(m, cmap="RdBu_r", vmin=-lim, vmax=lim, alpha=0.6)
-        ax.set_title(label, fontsize=8)
+    verdict = "" if not (true_class and predicted) else (" ✓" if true_class == predicted else " ✗")
+    axes[0].set_title("input" + (f"\ntrue: {true_class}" if true_class else "")
+                      + (f"\npredicted: {predicted}{verdict}" if predicted else ""), fontsize=9)
+    k = 1
+    for name, group in groups:
+        if not group:
+            continue
+        lim = max([float(np.abs(m).max()) for _, m in group] + [1e-12])
+        gaxes = axes[k:k + len(group)]
+        for ax, (label, m) in zip(gaxes, group):
+            ax.imshow(_signed_overlay(img, m, lim), interpolation="bilinear")
+            ax.set_title(f"{'for' if name.startswith('for') else 'against'}: {label}", fontsize=9)
+        cb = fig.colorbar(ScalarMappable(Normalize(-lim, lim), "RdBu_r"), ax=list(gaxes), orientation="horizontal",
+                          shrink=0.9, aspect=25, pad=0.02)
+        cb.set_label(f"contribution per position, concepts {name}\n(one scale for these {len(group)} panels)",
+                     fontsize=8)
+        cb.ax.tick_params(labelsize=8)
+        k += len(group)
     for ax in axes:
-        ax.axis("off")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=10)
     with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
+        fig.savefig(f, format="png", dpi=110, metadata={"Software": None})
 
 
 @dataclass(frozen=True)
@@ -384,7 +418,7 @@ def _activation_check(m: np.ndarray, x: np.ndarray) -> tuple[float, str | None]:
 
 
 def _draw_heatmaps(png: Path, rel: str, exp: Explanation, svm: SVMParams, m: np.ndarray, pic: np.ndarray,
-                   heatmaps: int) -> dict:
+                   heatmaps: int, true_class: str | None = None) -> dict:
     """Contribution maps of the top concepts for (and against) into ``png``; returns their record."""
     import torch
 
@@ -398,6 +432,7 @@ def _draw_heatmaps(png: Path, rel: str, exp: Explanation, svm: SVMParams, m: np.
     _render_png(
         png, pic, f"{rel}: predicted {exp.predicted} (margin {exp.margin:+.2f} over {exp.runner_up})",
         [(f"{c.concept} {c.contribution:+.2f}", up[i]) for i, c in enumerate(chosen)],
+        true_class=true_class, predicted=exp.predicted, n_for=min(heatmaps, len(exp.for_)),
     )
     return {
         "png": png.name,
@@ -451,7 +486,8 @@ def run_explain(run: str | Path, images: Sequence[str], top: int = 5, heatmaps: 
             check, note = _activation_check(maps[j], act.mean[r])
             notes += [note] if note else []
             png = out / f"{name}.png"
-            record["heatmaps"] = _draw_heatmaps(png, rel, exp, inp.svm, maps[j], pics[j], heatmaps)
+            record["heatmaps"] = _draw_heatmaps(png, rel, exp, inp.svm, maps[j], pics[j], heatmaps,
+                                                  true_class=str(act.classes[r]))
             record["activation_check_max_abs_diff"] = check
         if notes:
             record["notes"] = notes

@@ -71,10 +71,21 @@
       .map(function (i) { return i.getAttribute("src"); });
     var anchors = $$('a[href^="#"]').map(function (a) { return a.getAttribute("href").slice(1); })
       .filter(function (id) { return id && !document.getElementById(decodeURIComponent(id)); });
-    var keys = ["#overview", "#figures", "#units", "#classes", ".unit-card", ".class-section", ".image-panel"];
+    var keys = ["#overview", "#figures", "#units", "#classes", ".unit-card", ".class-section", ".image-panel",
+                "#agreement td.lift", "#agreement td.pval", ".badge.chance", ".chip.planted", ".fig img"];
     var elements = {};
     keys.forEach(function (k) { elements[k] = { present: !!$(k), visible: visible($(k)), count: $$(k).length }; });
+    // Page-coordinate boxes of the main parts: the browser test crops its screenshots with them.
+    var boxes = {};
+    ["#overview", "#agreement", "#extra-scores", "#figures", "#units", "#classes", ".class-section"].forEach(function (k) {
+      var el = $(k);
+      if (!el) return;
+      var r = el.getBoundingClientRect();
+      boxes[k] = { top: Math.round(r.top + window.scrollY), left: Math.round(r.left), width: Math.round(r.width),
+                   height: Math.round(r.height) };
+    });
     return {
+      boxes: boxes,
       errors: window.__reportErrors || [],
       images: imgs.length,
       broken_images: broken,

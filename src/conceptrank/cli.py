@@ -240,6 +240,35 @@ def run_config(config: Path = typer.Argument(..., help="A TOML run configuration
     _run(run_from_config, config, echo=typer.echo)
 
 
+@app.command("benchmark-rankers")
+def benchmark_rankers(
+    out: Path = typer.Option(Path("runs/benchmark"), "--out", help="Folder for the worlds, their stages and benchmark.csv/json/png."),
+    seeds: str = typer.Option("1,2,3", "--seeds", help="Comma-separated world seeds (the demo uses 0)."),
+    rankers: Optional[str] = typer.Option(None, "--rankers", help="Comma-separated rankers (default: all)."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Source model card folder (default: shipped, else trained once)."),
+    size: Optional[int] = typer.Option(None, "--size", help="World image side in pixels (default: the world's)."),
+    probe_images: Optional[int] = typer.Option(None, "--probe-images", help="Probe images per world (default: the world's)."),
+    images_per_class: Optional[int] = typer.Option(None, "--images-per-class", help="Target images per class (default: the world's)."),
+    k: int = typer.Option(5, "--k", help="Local depth K of P@K and of the agreement."),
+    workers: int = typer.Option(0, "--workers", help="DataLoader workers of the forward passes."),
+) -> None:
+    """Every concept ranker on synthetic worlds with known truth, side by side; picks the winner."""
+    from conceptrank.core.rankers import RANKERS
+    from conceptrank.stages.benchmark import BenchmarkConfig, run_benchmark
+
+    try:
+        seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
+    except ValueError:
+        _fail(f"--seeds must be comma-separated integers, got {seeds!r}")
+    cfg = BenchmarkConfig(
+        seeds=seed_list, rankers=tuple(r.strip() for r in rankers.split(",") if r.strip()) if rankers else RANKERS,
+        model=model, size=size, probe_images=probe_images, images_per_class=images_per_class, k=k, workers=workers,
+    )
+    res = _run(run_benchmark, out, cfg, echo=typer.echo)
+    typer.echo(res.table())
+    typer.echo(f"→ {res.out / 'benchmark.csv'}, benchmark.json, benchmark.png ({res.timings['total']:.0f} s)")
+
+
 def main() -> None:  # entry point
     app()
 

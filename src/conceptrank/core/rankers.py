@@ -57,7 +57,7 @@ labelled with concept k.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Sequence
 
 import numpy as np
@@ -145,6 +145,27 @@ class ProbeActivations:
     max: np.ndarray
     present: np.ndarray
     concepts: tuple
+    _fits: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def concept_vectors(self, names: Sequence[str], features: Literal["mean", "mean+max"], C: float,
+                        max_iter: int = 2000) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Logistic-regression concept vectors on the probe's standardized features (cached per arguments).
+
+        Returns
+        -------
+        coef : (V, D) over ``(f − mean) / scale``; intercept : (V,); mean, scale : (D,) the probe's
+        scaler, with D = U ('mean') or 2U ('mean+max', mean features first).
+        """
+        key = (tuple(names), features, float(C), int(max_iter))
+        if key not in self._fits:
+            F = np.asarray(self.mean, dtype=np.float64)
+            if features == "mean+max":
+                F = np.hstack([F, np.asarray(self.max, dtype=np.float64)])
+            mu, sd = F.mean(axis=0), F.std(axis=0)
+            sd = np.where(sd > 0, sd, 1.0)
+            coef, icpt = fit_concept_vectors((F - mu) / sd, self.columns(names), C, max_iter)
+            self._fits[key] = (coef, icpt, mu, sd)
+        return self._fits[key]
 
     def columns(self, names: Sequence[str]) -> np.ndarray:
         """(P, V) presence of the named concepts; a concept the probe set does not know is an error."""
@@ -514,12 +535,8 @@ class Net2VecRanker(ConceptRanker):
         return (F - self.feature_mean_) / self.feature_scale_
 
     def _fit(self, X, y, X_max, probe) -> None:
-        F = np.hstack([np.asarray(probe.mean, dtype=np.float64), np.asarray(probe.max, dtype=np.float64)])
-        self.feature_mean_ = F.mean(axis=0)
-        sd = F.std(axis=0)
-        self.feature_scale_ = np.where(sd > 0, sd, 1.0)
-        self.coef_, self.intercept_ = fit_concept_vectors(
-            (F - self.feature_mean_) / self.feature_scale_, probe.columns(self.concepts_), self.C, self.max_iter)
+        self.coef_, self.intercept_, self.feature_mean_, self.feature_scale_ = probe.concept_vectors(
+            self.concepts_, "mean+max", self.C, self.max_iter)
         P, _ = self.local_scores(X, X_max)
         self.global_scores_ = _class_means(P, y, self.classes_) - P.mean(axis=0)
         F = self._features(X, X_max)
@@ -547,7 +564,10 @@ class _ProbeVectorRanker(ConceptRanker):
         self.max_iter = max_iter
 
     def _fit_vectors(self, probe: ProbeActivations) -> None:
-        Q, _ = fit_concept_vectors(self._z(probe.mean), probe.columns(self.concepts_), self.C, self.max_iter)
+        # a on (x − m) / s is (a σ / s) on z = (x − μ) / σ, up to a constant: the fit is done once per
+        # probe set in its own standardization and mapped into the SVM's
+        A, _, _, s = probe.concept_vectors(self.concepts_, "mean", self.C, self.max_iter)
+        Q = A * self.svm_.scaler_scale_[None, :] / s[None, :]
         norm = np.linalg.norm(Q, axis=1, keepdims=True)
         self.concept_vectors_ = Q / np.where(norm > 0, norm, 1.0)
 

@@ -33,8 +33,9 @@ labelled with concept k.
     over the training images.
 ``contribution``
     Decision contribution, the exact split of the linear score (:mod:`conceptrank.core.faithfulness`):
-    local ``Σ_{u∈k} z_u w_ŷu`` for the predicted class ŷ; global its class mean
-    ``mean_{i∈c} Σ_{u∈k} z_iu w_cu`` over the class's training images.
+    local ``Σ_{u∈k} z⁺_u w_ŷu`` for the predicted class ŷ, with ``z⁺ = max(z, 0)`` (only what is
+    above its training mean, i.e. present, counts; ``evidence='signed'`` uses ``z``, the exact split);
+    global its class mean ``mean_{i∈c} Σ_{u∈k} z⁺_iu w_cu`` over the class's training images.
 ``net2vec``
     Multi-unit concept vectors (Fong & Vedaldi 2018, Net2Vec, at image level): per concept an
     L2-regularised logistic regression on the probe set's standardized ``[mean, max]`` unit
@@ -490,21 +491,33 @@ class PresenceRanker(ConceptRanker):
 
 
 class ContributionRanker(ConceptRanker):
-    """Decision contribution: ``Σ_{u∈k} z_u w_cu`` (local: predicted class; global: class mean)."""
+    """Decision contribution: ``Σ_{u∈k} z_u w_cu`` (local: predicted class; global: class mean).
 
-    def __init__(self):
-        pass
+    Parameters
+    ----------
+    evidence : 'present' — only units above their training mean count, ``max(z_u, 0) w_cu``: what
+        is *in* the image and drives the score; 'signed' — the exact split ``z_u w_cu``, where a
+        unit below its mean on a negatively weighted unit counts as evidence too ("no red, so not
+        juggling" ranks red for every other class).
+    """
+
+    def __init__(self, evidence: Literal["present", "signed"] = "present"):
+        self.evidence = evidence
+
+    def _terms_z(self, X) -> np.ndarray:
+        if self.evidence not in ("present", "signed"):
+            raise ConceptrankError(f"contribution: unknown evidence={self.evidence!r} (expected 'present' or 'signed')")
+        Z = self._z(X)
+        return np.maximum(Z, 0.0) if self.evidence == "present" else Z
 
     def _fit(self, X, y, X_max, probe) -> None:
-        Zc = _class_means(self._z(X), y, self.classes_)  # (C, U)
-        T = Zc * self.svm_.coef_
+        T = _class_means(self._terms_z(X), y, self.classes_) * self.svm_.coef_  # (C, U)
         M = _membership(self.unit_ids_, np.ones(len(self.unit_ids_)), self.n_concepts)
         self.global_scores_ = T @ M
         self.global_units_ = _best_unit(T, self.unit_ids_, self.n_concepts)
 
     def local_scores(self, X, X_max=None):
-        Z = self._z(X)
-        T = Z * self.svm_.coef_[self._predicted(X)]
+        T = self._terms_z(X) * self.svm_.coef_[self._predicted(X)]
         M = _membership(self.unit_ids_, np.ones(len(self.unit_ids_)), self.n_concepts)
         return T @ M, _best_unit(T, self.unit_ids_, self.n_concepts)
 

@@ -55,8 +55,8 @@ from conceptrank.core.groundtruth import (
 from conceptrank.core.rankers import RANKERS, ProbeActivations, UnitBank, make_ranker
 from conceptrank.errors import ConceptrankError
 
-__all__ = ["BenchmarkConfig", "WorldData", "BenchmarkResult", "METRICS", "benchmark_world", "summarize_rows",
-           "winner", "run_benchmark"]
+__all__ = ["BenchmarkConfig", "WorldData", "BenchmarkResult", "METRICS", "benchmark_world", "summarize_rows", "prepare_world",
+           "winner", "format_table", "targets_text", "benchmark_figure", "run_benchmark"]
 
 METRICS = ("p_at_1", "r_precision", "local_p_at_k", "agreement", "agreement_lift", "deletion_ratio", "stability")
 _LABELS = {"p_at_1": "P@1", "r_precision": "R-prec", "local_p_at_k": "P@{k}", "agreement": "agree {k}L-1G",

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from test_rankers import BANK, CONCEPTS, _activations, _class_presence
 
 from conceptrank.core.groundtruth import Truth
 from conceptrank.core.rankers import RANKERS, ProbeActivations
@@ -18,7 +19,6 @@ from conceptrank.stages.benchmark import (
     summarize_rows,
     winner,
 )
-from test_rankers import BANK, CONCEPTS, _activations, _class_presence
 
 CATS = {"red": "color", "circle": "object", "sky": "color", "loud": "color"}
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conceptrank.core.ranking import GlobalRanker, global_rankings, local_rankings
 from conceptrank.core.rankers import (
     RANKERS,
     ProbeActivations,
@@ -16,6 +15,7 @@ from conceptrank.core.rankers import (
     make_ranker,
     ranked_lists,
 )
+from conceptrank.core.ranking import GlobalRanker, global_rankings, local_rankings
 from conceptrank.errors import ConceptrankError
 
 # units 0,1: red · 2,3: circle · 4: sky · 5: loud (a unit with a large scale, nearly always on) · 6: none
@@ -150,7 +150,7 @@ def test_ibd_ranker_recovers_a_planted_weight_vector():
     pm, px = _activations(present, rng)
     probe = ProbeActivations(pm, px, present, CONCEPTS)
     present_t, y = _class_presence(40, rng)
-    mean, mx = _activations(present_t, rng)
+    mean, _ = _activations(present_t, rng)
     r = make_ranker("ibd").fit(mean, y, BANK, probe=probe, svm=GlobalRanker("standard", C=1.0, folds=2).fit(mean, y))
     s = dict(zip(r.classes_, r.coefficients_))
     assert [int(np.argmax(s[c])) for c in "ABC"] == [0, 1, 2]
@@ -187,3 +187,51 @@ def test_missing_inputs_are_named(planted):
     with pytest.raises(ConceptrankError, match="know no concept"):
         ProbeActivations(planted["probe"].mean, planted["probe"].max, planted["probe"].present[:, :2],
                          ("red", "circle")).columns(["sky"])
+
+
+# --------------------------------------------------------------------------------------------
+# choosing a ranker, and the probe activations it learns from
+# --------------------------------------------------------------------------------------------
+
+
+def test_resolve_ranker_defaults_and_fallback():
+    from conceptrank.core.rankers import DEFAULT_RANKER, resolve_ranker
+
+    assert resolve_ranker("paper", None, ()) == ("paper", None)
+    assert resolve_ranker("standard", None, ("max", "thresholds", "probe")) == (DEFAULT_RANKER, None)
+    name, note = resolve_ranker("standard", None, ("max",))
+    assert name == "paper" and DEFAULT_RANKER in note and "probe" in note
+    assert resolve_ranker("standard", "presence", ()) == ("presence", None)  # asked for: its fit names what is missing
+    with pytest.raises(ConceptrankError, match="unknown ranker"):
+        resolve_ranker("standard", "nope", ())
+
+
+def test_rank_lists_matches_the_ranker(planted):
+    from conceptrank.core.rankers import rank_lists
+
+    r, local, pos, neg = rank_lists("net2vec", planted["mean"], planted["y"], planted["mean"][:5], BANK, planted["svm"],
+                                    k=2, g=3, max_fit=planted["max"], max_all=planted["max"][:5], probe=planted["probe"])
+    assert local == r.local(planted["mean"][:5], planted["max"][:5], k=2) and len(local) == 5
+    assert pos == r.global_(3, "+") and neg == r.global_(3, "-")
+    assert all(rc.score > 0 for lst in pos for rc in lst) and all(rc.score < 0 for lst in neg for rc in lst)
+
+
+def test_probe_activations_of_a_planted_probe(tmp_path):
+    from broden_fixture import make_planted_probe, planted_model
+
+    from conceptrank.stages.probe import load_probe_activations, run_probe_activations
+
+    root = make_planted_probe(tmp_path / "probe", n=6)
+    path = run_probe_activations(planted_model(), "units", root, tmp_path / "out")
+    pa = load_probe_activations(path)
+    names = list(pa.concepts)
+    assert pa.mean.shape == (6, 6) and pa.max.shape == (6, 6)
+    for obj in ("redthing", "greenthing", "bluething", "yellowthing", "bg"):
+        assert pa.present[:, names.index(obj)].all()
+    assert pa.present[:, names.index("street-s")].tolist() == [True, False] * 3
+    assert pa.present[:, names.index("park-s")].tolist() == [False, True] * 3
+    assert not pa.present[:, 0].any() and not pa.present[:, 6].any()  # label 0 and the unused number 6
+    assert np.all(pa.max[:, :4] > 0.9)  # every image holds every colour square: the detectors fire
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(ConceptrankError, match="cannot read"):
+        load_probe_activations(tmp_path / "bad.npz")

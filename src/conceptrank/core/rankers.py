@@ -58,31 +58,42 @@ labelled with concept k.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal, Sequence
+from typing import ClassVar, Literal
 
 import numpy as np
 from sklearn.base import BaseEstimator
 
-from conceptrank.core.ranking import GlobalRanker, RankedConcept, global_rankings, local_rankings, unit_concept_table
+from conceptrank.core.ranking import (
+    GlobalRanker,
+    RankedConcept,
+    global_rankings,
+    local_rankings,
+    unit_concept_table,
+)
 from conceptrank.errors import ConceptrankError
 
 __all__ = [
+    "DEFAULT_RANKER",
     "RANKERS",
-    "UnitBank",
-    "ProbeActivations",
-    "ConceptRanker",
-    "PaperRanker",
     "AggregateRanker",
-    "PresenceRanker",
+    "ConceptRanker",
     "ContributionRanker",
-    "Net2VecRanker",
     "IBDRanker",
+    "Net2VecRanker",
+    "PaperRanker",
+    "PresenceRanker",
+    "ProbeActivations",
     "TCAVRanker",
-    "make_ranker",
-    "fit_concept_vectors",
+    "UnitBank",
     "decompose_weights",
+    "fit_concept_vectors",
+    "make_ranker",
+    "rank_lists",
     "ranked_lists",
+    "ranker_needs",
+    "resolve_ranker",
 ]
 
 RankerName = Literal["paper", "aggregate", "presence", "contribution", "net2vec", "ibd", "tcav"]
@@ -342,7 +353,7 @@ class ConceptRanker(BaseEstimator):
     uses_svm: ClassVar[bool] = True
 
     def fit(self, X, y, bank: UnitBank, *, X_max=None, probe: ProbeActivations | None = None,
-            svm: GlobalRanker | None = None) -> "ConceptRanker":
+            svm: GlobalRanker | None = None) -> ConceptRanker:
         """Fit on the training images.
 
         Parameters
@@ -644,3 +655,57 @@ def make_ranker(name: str, **params) -> ConceptRanker:
     if name not in _CLASSES:
         raise ConceptrankError(f"unknown ranker {name!r}: expected one of {', '.join(RANKERS)}")
     return _CLASSES[name](**params)
+
+
+#: The standard protocol's ranker, chosen by ``conceptrank benchmark-rankers`` on world seeds 1–3
+#: (see the README's "Rankers" section); the paper protocol always uses ``paper``.
+DEFAULT_RANKER = "net2vec"
+
+
+def ranker_needs(name: str) -> tuple[str, ...]:
+    """Inputs beyond mean activations and unit labels a ranker needs ('max', 'thresholds', 'probe')."""
+    if name not in _CLASSES:
+        raise ConceptrankError(f"unknown ranker {name!r}: expected one of {', '.join(RANKERS)}")
+    return _CLASSES[name].needs
+
+
+def resolve_ranker(protocol: str, requested: str | None, available: Sequence[str]) -> tuple[str, str | None]:
+    """The ranker a rank run uses, and a note when the default had to give way.
+
+    ``requested`` None means the protocol's default: ``paper`` for the paper protocol; for the
+    standard protocol :data:`DEFAULT_RANKER` when every input it needs is ``available``, else
+    ``paper`` (with a note saying what was missing). A requested ranker is used as is.
+    """
+    if requested is not None:
+        ranker_needs(requested)
+        return requested, None
+    if protocol == "paper":
+        return "paper", None
+    missing = [n for n in ranker_needs(DEFAULT_RANKER) if n not in available]
+    if missing:
+        return "paper", (f"the default ranker {DEFAULT_RANKER!r} needs {', '.join(missing)} "
+                         f"({_NEEDS_HELP}); ranked with the paper's method instead")
+    return DEFAULT_RANKER, None
+
+
+_NEEDS_HELP = ("max: activations.npz 'max'; thresholds: thresholds.npy beside tally.csv; "
+               "probe: probe_activations.npz beside tally.csv")
+
+
+def rank_lists(
+    name: str, X_fit: np.ndarray, y_fit: np.ndarray, X: np.ndarray, bank: UnitBank, svm: GlobalRanker, *,
+    k: int, g: int, max_fit=None, max_all=None, probe: ProbeActivations | None = None,
+    local_pool: int | None = None, global_pool: int | None = None,
+) -> tuple[ConceptRanker, list, list, list]:
+    """Fit ranker ``name`` and rank: ``(ranker, local (N lists), for (C lists), against (C lists))``.
+
+    Parameters
+    ----------
+    X_fit, y_fit : (n, U), (n,) the images the SVM was fit on; X : (N, U) every image to rank.
+    max_fit, max_all : the matching per-image maxima (rankers that need them).
+    k, g : concepts per image / per class and sign.
+    local_pool, global_pool : the paper ranker's pools (paper protocol: 20 / 10).
+    """
+    r = PaperRanker(local_pool, global_pool) if name == "paper" else make_ranker(name)
+    r.fit(X_fit, y_fit, bank, X_max=max_fit, probe=probe, svm=svm)
+    return r, r.local(X, max_all, k=k), r.global_(g, "+"), r.global_(g, "-")

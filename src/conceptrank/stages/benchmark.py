@@ -1,7 +1,7 @@
 """The ranker benchmark: every concept ranker on synthetic worlds whose truth is known, side by side.
 
-For each world seed a probe and target set are generated (:func:`conceptrank.synthetic.world.generate_world`
-without a model), one source model is used for every seed (the source task does not depend on the
+For each world seed a probe and target set are generated (:func:`conceptrank.pipeline.run_ranker_benchmark`
+calls :func:`conceptrank.synthetic.world.generate_world` without a model), one source model is used for every seed (the source task does not depend on the
 seed: it is the same task on other random images), and the layer is dissected, the target set
 extracted and the probe set's per-image activations computed once. Every ranker of
 :mod:`conceptrank.core.rankers` is then fit on the training split (one standard-protocol SVM shared
@@ -37,9 +37,9 @@ import csv
 import io
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -55,8 +55,20 @@ from conceptrank.core.groundtruth import (
 from conceptrank.core.rankers import RANKERS, ProbeActivations, UnitBank, make_ranker
 from conceptrank.errors import ConceptrankError
 
-__all__ = ["BenchmarkConfig", "WorldData", "BenchmarkResult", "METRICS", "benchmark_world", "summarize_rows", "prepare_world",
-           "winner", "format_table", "targets_text", "benchmark_figure", "run_benchmark"]
+__all__ = [
+    "METRICS",
+    "BenchmarkConfig",
+    "BenchmarkResult",
+    "WorldData",
+    "benchmark_figure",
+    "benchmark_world",
+    "format_table",
+    "prepare_world",
+    "run_benchmark",
+    "summarize_rows",
+    "targets_text",
+    "winner",
+]
 
 METRICS = ("p_at_1", "r_precision", "local_p_at_k", "agreement", "agreement_lift", "deletion_ratio", "stability")
 _LABELS = {"p_at_1": "P@1", "r_precision": "R-prec", "local_p_at_k": "P@{k}", "agreement": "agree {k}L-1G",
@@ -74,7 +86,7 @@ class BenchmarkConfig:
     rankers : ranker names (:data:`conceptrank.core.rankers.RANKERS`).
     size, probe_images, images_per_class : world parameters (None: the world's defaults).
     model : source model card folder; None — the shipped model when there is one, else one is trained
-        once (seed 0) and reused for every seed.
+        once (seed 0) and reused for every seed (:func:`conceptrank.pipeline.run_ranker_benchmark`).
     layer : the dissected layer.
     k : local depth K of P@K and of the agreement.
     depth : global depth G of the deletion test and of the stability.
@@ -215,7 +227,7 @@ def _truth_metrics(world: WorldData, test: np.ndarray, local: list, global_: lis
     gr = global_truth_scores(glob, truth.classes, None, cats, allowed)
     lp = local_truth_precision(loc, truth.images, k, cats, allowed)
     # a class with an empty list scores 0, not nan: the ranker found nothing for it
-    zero = lambda d: [0.0 if not math.isfinite(v["precision"]) else v["precision"] for v in d.values()]  # noqa: E731
+    zero = lambda d: [0.0 if not math.isfinite(v["precision"]) else v["precision"] for v in d.values()]
     return {"p_at_1": _nanmean(zero(g1)), "r_precision": _nanmean(zero(gr)),
             "local_p_at_k": _nanmean(0.0 if not math.isfinite(v) else v for v in lp.values())}
 
@@ -223,7 +235,12 @@ def _truth_metrics(world: WorldData, test: np.ndarray, local: list, global_: lis
 def _agreement(world: WorldData, test: np.ndarray, local: list, global_: list, classes, vocab, k: int,
                n_perm: int, seed: int) -> tuple[float, float]:
     """Formula 2 at (k, 1) over the test images and its permutation lift."""
-    from conceptrank.core.baselines import class_overlap_means, encode_rankings, overlap_matrix, permutation_test
+    from conceptrank.core.baselines import (
+        class_overlap_means,
+        encode_rankings,
+        overlap_matrix,
+        permutation_test,
+    )
 
     image_class = {str(i): str(c) for i, c in zip(world.images[test], world.classes[test])}
     loc = {str(i): [rc.concept for rc in lst] for i, lst in zip(world.images[test], local)}
@@ -375,56 +392,6 @@ def targets_text(mean_rows: Sequence[dict], best_ranker: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _world_params(cfg: BenchmarkConfig, seed: int) -> dict:
-    params = {"seed": int(seed)}
-    for name in ("size", "probe_images", "images_per_class"):
-        if getattr(cfg, name) is not None:
-            params[name] = int(getattr(cfg, name))
-    return params
-
-
-def _generator_hash() -> str:
-    import hashlib
-
-    from conceptrank.synthetic import world
-
-    return hashlib.sha256(Path(world.__file__).read_bytes()).hexdigest()
-
-
-def _ensure_world(root: Path, seed: int, cfg: BenchmarkConfig, echo: Callable[[str], None]) -> Path:
-    """``root/seed<N>/world`` generated (without a model) unless an identical one is there."""
-    from conceptrank.io.cache import atomic_write_json, read_json
-    from conceptrank.synthetic.world import generate_world
-
-    folder = root / f"seed{seed}"
-    marker = folder / "world.json"
-    want = {"params": _world_params(cfg, seed), "generator": _generator_hash()}
-    try:
-        if read_json(marker) == want and (folder / "world" / "truth.json").is_file():
-            return folder / "world"
-    except (OSError, ValueError):
-        pass
-    marker.unlink(missing_ok=True)
-    echo(f"[world] seed {seed}: generating probe and target sets")
-    generate_world(folder / "world", train_model=False, progress=False, **want["params"])
-    atomic_write_json(marker, want)
-    return folder / "world"
-
-
-def _source_model(root: Path, cfg: BenchmarkConfig, echo: Callable[[str], None]) -> str:
-    """The model card every world is ranked with: ``cfg.model``, else one trained once on seed 0."""
-    if cfg.model is not None:
-        return str(cfg.model)
-    card = root / "model"
-    if not (card / "model.json").is_file():
-        from conceptrank.synthetic.train import train_source_model
-
-        echo(f"[model] no --model given: training the source model once (seed 0) into {card}")
-        kw = {"size": int(cfg.size)} if cfg.size is not None else {}
-        train_source_model(card, seed=0, progress=False, **kw)
-    return str(card)
-
-
 def _probe_cached(model, world: Path, out: Path, cfg: BenchmarkConfig) -> ProbeActivations:
     """``out/probe_activations.npz`` for this model and probe set (computed when missing or stale)."""
     from conceptrank.io.broden import BrodenDataset
@@ -454,7 +421,7 @@ def prepare_world(model, world: Path, out: Path, cfg: BenchmarkConfig, name: str
     from conceptrank.stages.extract import ExtractConfig, run_extract
 
     dcfg = DissectConfig(batch_size=cfg.batch_size, workers=cfg.workers, device=cfg.device, progress=False)
-    (dres,) = dissect(model, [cfg.layer], BrodenDataset(world / "probe"), out / "dissect", dcfg)
+    dissect(model, [cfg.layer], BrodenDataset(world / "probe"), out / "dissect", dcfg)
     ecfg = ExtractConfig(batch_size=cfg.batch_size, workers=cfg.workers, device=cfg.device)
     run_extract(model, None, cfg.layer, world / "target", out / "extract", ecfg)
     with np.load(out / "extract" / "activations.npz", allow_pickle=False) as z:
@@ -466,12 +433,17 @@ def prepare_world(model, world: Path, out: Path, cfg: BenchmarkConfig, name: str
                      bank, _probe_cached(model, world, out, cfg), read_truth(world / "truth.json"))
 
 
-def run_benchmark(out: str | Path, cfg: BenchmarkConfig = BenchmarkConfig(),
-                  echo: Callable[[str], None] = print) -> BenchmarkResult:
-    """Run every ranker on the worlds of ``cfg.seeds``; write ``benchmark.csv``, ``benchmark.json``, ``benchmark.png``.
+def run_benchmark(out: str | Path, worlds: Sequence[tuple[int, Path]], model: str,
+                  cfg: BenchmarkConfig = BenchmarkConfig(), echo: Callable[[str], None] = print) -> BenchmarkResult:
+    """Run every ranker on the given worlds; write ``benchmark.csv``, ``benchmark.json``, ``benchmark.png``.
 
-    Worlds, dissections, extractions and probe activations live under ``out/seed<N>/`` and are reused
-    by later runs with the same parameters.
+    Parameters
+    ----------
+    out : output folder; each world's dissection, extraction and probe activations go to
+        ``out/seed<N>/`` and are reused by later runs with the same inputs.
+    worlds : (seed, world folder) pairs, each folder holding ``probe/``, ``target/``, ``truth.json``
+        (:func:`conceptrank.pipeline.run_ranker_benchmark` generates them).
+    model : the model card (or torchvision name) every world is ranked with.
     """
     from conceptrank.nn.models import load_model
 
@@ -480,13 +452,11 @@ def run_benchmark(out: str | Path, cfg: BenchmarkConfig = BenchmarkConfig(),
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    model = load_model(_source_model(out, cfg, echo))
-    timings["model"] = time.perf_counter() - t0
+    loaded = load_model(model)
     rows: list[dict] = []
-    for seed in cfg.seeds:
+    for seed, world in worlds:
         t1 = time.perf_counter()
-        world = _ensure_world(out, seed, cfg, echo)
-        data = prepare_world(model, world, out / f"seed{seed}", cfg, f"seed {seed}")
+        data = prepare_world(loaded, Path(world), out / f"seed{seed}", cfg, f"seed {seed}")
         t2 = time.perf_counter()
         rows += benchmark_world(data, cfg, echo)
         timings[f"seed {seed} prepare"] = t2 - t1

@@ -20,7 +20,7 @@ import numpy as np
 from conceptrank.core.rankers import ProbeActivations
 from conceptrank.errors import ConceptrankError
 
-__all__ = ["PROBE_FILE", "probe_presence", "probe_activations", "run_probe_activations", "load_probe_activations"]
+__all__ = ["PROBE_FILE", "load_probe_activations", "probe_activations", "probe_presence", "run_probe_activations"]
 
 PROBE_FILE = "probe_activations.npz"
 
@@ -63,7 +63,7 @@ def probe_activations(model, layer: str, probe, batch_size: int = 64, workers: i
     items = tuple(TargetItem(rec.image, "probe", rec.split) for rec in probe.records)
     targets = TargetSet(probe.root / "images", "imagefolder", items, ("probe",))
     cfg = ExtractConfig(batch_size=batch_size, workers=workers, device=device)
-    mean, mx, kept, skipped = extract(model, layer, targets, cfg)
+    mean, mx, _, skipped = extract(model, layer, targets, cfg)
     if skipped:
         rel, why = skipped[0]
         raise ConceptrankError(f"{len(skipped)} probe image(s) could not be used (first: {rel}: {why})")

@@ -374,24 +374,34 @@ def _benchmark_world(root: Path, seed: int, cfg, echo: Callable[[str], None]) ->
         pass
     marker.unlink(missing_ok=True)
     echo(f"[world] seed {seed}: generating the probe and target sets")
-    generate_world(folder / "world", train_model=False, progress=False, **want["params"])
+    generate_world(folder / "world", progress=False, **want["params"])
     atomic_write_json(marker, want)
     return folder / "world"
 
 
 def _benchmark_model(root: Path, cfg, echo: Callable[[str], None]) -> str:
-    """``cfg.model``, else a source model trained once (seed 0) into ``root/model`` and reused.
+    """``cfg.model``; else the shipped source model when it fits the worlds' image size; else one trained
+    once (seed 0) into ``root/model`` and reused.
 
     The source task is the same for every world seed (other random images of the same task), so one
     model serves all worlds.
     """
+    import inspect
+
+    from conceptrank.synthetic.build import SHIPPED_MODEL_DIR, shipped_model_fits
+    from conceptrank.synthetic.world import generate_world
+
     if cfg.model is not None:
         return str(cfg.model)
+    size = int(cfg.size) if cfg.size is not None else int(inspect.signature(generate_world).parameters["size"].default)
+    fits, why = shipped_model_fits(size)
+    if fits:
+        echo(f"[model] the shipped source model ({SHIPPED_MODEL_DIR})")
+        return str(SHIPPED_MODEL_DIR)
     card = root / "model"
     if not (card / "model.json").is_file():
         from conceptrank.synthetic.train import train_source_model
 
-        echo(f"[model] no --model given: training the source model once (seed 0) into {card}")
-        kw = {"size": int(cfg.size)} if cfg.size is not None else {}
-        train_source_model(card, seed=0, progress=False, **kw)
+        echo(f"[model] {why}: training the source model once (seed 0, {size} px) into {card}")
+        train_source_model(card, seed=0, size=size, progress=False)
     return str(card)

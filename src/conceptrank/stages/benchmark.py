@@ -417,11 +417,11 @@ def prepare_world(model, world: Path, out: Path, cfg: BenchmarkConfig, name: str
     from conceptrank.io.broden import BrodenDataset
     from conceptrank.io.tally_csv import read_tally
     from conceptrank.io.truth import read_truth
-    from conceptrank.stages.dissect import DissectConfig, dissect
+    from conceptrank.stages.dissect import DissectConfig, run_dissect
     from conceptrank.stages.extract import ExtractConfig, run_extract
 
     dcfg = DissectConfig(batch_size=cfg.batch_size, workers=cfg.workers, device=cfg.device, progress=False)
-    dissect(model, [cfg.layer], BrodenDataset(world / "probe"), out / "dissect", dcfg)
+    run_dissect(model, None, cfg.layer, BrodenDataset(world / "probe"), out / "dissect", dcfg)
     ecfg = ExtractConfig(batch_size=cfg.batch_size, workers=cfg.workers, device=cfg.device)
     run_extract(model, None, cfg.layer, world / "target", out / "extract", ecfg)
     with np.load(out / "extract" / "activations.npz", allow_pickle=False) as z:

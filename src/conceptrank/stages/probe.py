@@ -58,17 +58,17 @@ def probe_activations(model, layer: str, probe, batch_size: int = 64, workers: i
         When a probe image cannot be used (the probe set must be complete, as for dissection).
     """
     from conceptrank.io.targets import TargetItem, TargetSet
-    from conceptrank.stages.extract import ExtractConfig, extract
+    from conceptrank.stages.extract import ExtractConfig, extract_activations
 
     items = tuple(TargetItem(rec.image, "probe", rec.split) for rec in probe.records)
     targets = TargetSet(probe.root / "images", "imagefolder", items, ("probe",))
     cfg = ExtractConfig(batch_size=batch_size, workers=workers, device=device)
-    mean, mx, _, skipped = extract(model, layer, targets, cfg)
-    if skipped:
-        rel, why = skipped[0]
-        raise ConceptrankError(f"{len(skipped)} probe image(s) could not be used (first: {rel}: {why})")
+    acts = extract_activations(model, layer, targets, cfg)
+    if acts.skipped:
+        rel, why = acts.skipped[0]
+        raise ConceptrankError(f"{len(acts.skipped)} probe image(s) could not be used (first: {rel}: {why})")
     present, names = probe_presence(probe)
-    return ProbeActivations(mean, mx, present, names)
+    return ProbeActivations(acts.mean, acts.max, present, names)
 
 
 def run_probe_activations(model, layer: str, probe_dir: Path, out: Path, **kw) -> Path:

@@ -232,6 +232,12 @@ def test_probe_activations_of_a_planted_probe(tmp_path):
     assert pa.present[:, names.index("park-s")].tolist() == [False, True] * 3
     assert not pa.present[:, 0].any() and not pa.present[:, 6].any()  # label 0 and the unused number 6
     assert np.all(pa.max[:, :4] > 0.9)  # every image holds every colour square: the detectors fire
+    before = path.stat().st_mtime_ns
+    assert run_probe_activations(planted_model(), "units", root, tmp_path / "out") == path
+    assert path.stat().st_mtime_ns == before  # same model, layer and probe set: reused
+    from conceptrank.stages.probe import stored_fingerprints
+
+    assert stored_fingerprints(path)["model"] == "planted-fingerprint" and stored_fingerprints(path)["layer"] == "units"
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(ConceptrankError, match="cannot read"):
         load_probe_activations(tmp_path / "bad.npz")

@@ -392,26 +392,6 @@ def targets_text(mean_rows: Sequence[dict], best_ranker: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _probe_cached(model, world: Path, out: Path, cfg: BenchmarkConfig) -> ProbeActivations:
-    """``out/probe_activations.npz`` for this model and probe set (computed when missing or stale)."""
-    from conceptrank.io.broden import BrodenDataset
-    from conceptrank.io.cache import atomic_write_json, read_json
-    from conceptrank.stages.probe import load_probe_activations, run_probe_activations
-
-    key = {"model": model.fingerprint, "probe": BrodenDataset(world / "probe").fingerprint(), "layer": cfg.layer}
-    marker = out / "probe_activations.json"
-    try:
-        if read_json(marker) == key:
-            return load_probe_activations(out)
-    except (OSError, ValueError, ConceptrankError):
-        pass
-    marker.unlink(missing_ok=True)
-    run_probe_activations(model, cfg.layer, world / "probe", out, batch_size=cfg.batch_size, workers=cfg.workers,
-                          device=cfg.device)
-    atomic_write_json(marker, key)
-    return load_probe_activations(out)
-
-
 def prepare_world(model, world: Path, out: Path, cfg: BenchmarkConfig, name: str) -> WorldData:
     """Dissect, extract and compute the probe activations of one world (each stage reuses its outputs)."""
     from conceptrank.io.broden import BrodenDataset
@@ -419,6 +399,7 @@ def prepare_world(model, world: Path, out: Path, cfg: BenchmarkConfig, name: str
     from conceptrank.io.truth import read_truth
     from conceptrank.stages.dissect import DissectConfig, run_dissect
     from conceptrank.stages.extract import ExtractConfig, run_extract
+    from conceptrank.stages.probe import load_probe_activations, run_probe_activations
 
     dcfg = DissectConfig(batch_size=cfg.batch_size, workers=cfg.workers, device=cfg.device, progress=False)
     run_dissect(model, None, cfg.layer, BrodenDataset(world / "probe"), out / "dissect", dcfg)
@@ -428,9 +409,12 @@ def prepare_world(model, world: Path, out: Path, cfg: BenchmarkConfig, name: str
         arrays = {k: z[k] for k in ("mean", "max", "classes", "splits", "images")}
     bank = UnitBank(read_tally(out / "dissect" / "tally.csv").concepts(cfg.min_iou),
                     np.load(out / "dissect" / "thresholds.npy", allow_pickle=False))
+    probe = load_probe_activations(run_probe_activations(model, cfg.layer, world / "probe", out / "dissect",
+                                                         batch_size=cfg.batch_size, workers=cfg.workers,
+                                                         device=cfg.device))
     return WorldData(name, arrays["mean"].astype(np.float64), arrays["max"].astype(np.float64),
                      arrays["classes"].astype(str), arrays["splits"].astype(str), arrays["images"].astype(str),
-                     bank, _probe_cached(model, world, out, cfg), read_truth(world / "truth.json"))
+                     bank, probe, read_truth(world / "truth.json"))
 
 
 def run_benchmark(out: str | Path, worlds: Sequence[tuple[int, Path]], model: str,

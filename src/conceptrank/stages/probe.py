@@ -20,7 +20,8 @@ import numpy as np
 from conceptrank.core.rankers import ProbeActivations
 from conceptrank.errors import ConceptrankError
 
-__all__ = ["PROBE_FILE", "load_probe_activations", "probe_activations", "probe_presence", "run_probe_activations"]
+__all__ = ["PROBE_FILE", "load_probe_activations", "probe_activations", "probe_presence", "run_probe_activations",
+           "stored_fingerprints"]
 
 PROBE_FILE = "probe_activations.npz"
 
@@ -71,18 +72,40 @@ def probe_activations(model, layer: str, probe, batch_size: int = 64, workers: i
     return ProbeActivations(acts.mean, acts.max, present, names)
 
 
+def _fingerprints(model, layer: str, probe) -> dict:
+    return {"model": str(model.fingerprint), "layer": str(layer), "probe": probe.fingerprint()}
+
+
 def run_probe_activations(model, layer: str, probe_dir: Path, out: Path, **kw) -> Path:
-    """Compute :func:`probe_activations` for the probe set in ``probe_dir`` and write ``out/probe_activations.npz``."""
+    """Write ``out/probe_activations.npz`` for the probe set in ``probe_dir``, unless one made with the
+    same model, layer and probe set is there (then it is reused).
+
+    The file records those fingerprints (``model``, ``layer``, ``probe`` arrays) so that ``rank`` can
+    refuse one that belongs to another dissection. ``kw``: ``batch_size``, ``workers``, ``device``.
+    """
     from conceptrank.io.broden import BrodenDataset
     from conceptrank.io.cache import save_npz
 
     probe = BrodenDataset(probe_dir)
+    path = Path(out) / PROBE_FILE
+    fps = _fingerprints(model, layer, probe)
+    if stored_fingerprints(path) == fps:
+        return path
     pa = probe_activations(model, layer, probe, **kw)
     Path(out).mkdir(parents=True, exist_ok=True)
-    path = Path(out) / PROBE_FILE
     save_npz(path, mean=pa.mean.astype(np.float32), max=pa.max.astype(np.float32), present=pa.present,
-             concepts=np.array(pa.concepts, dtype=str), images=np.array([r.image for r in probe.records], dtype=str))
+             concepts=np.array(pa.concepts, dtype=str), images=np.array([r.image for r in probe.records], dtype=str),
+             **{k: np.array(v) for k, v in fps.items()})
     return path
+
+
+def stored_fingerprints(path: Path) -> dict | None:
+    """The ``model`` / ``layer`` / ``probe`` fingerprints a probe_activations.npz was made with (None if unreadable)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: str(z[k]) for k in ("model", "layer", "probe")}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return None
 
 
 def load_probe_activations(path: str | Path) -> ProbeActivations:

@@ -338,6 +338,56 @@ def run_config(config: Path = typer.Argument(..., metavar="CONFIG", help="A TOML
     _run(run_from_config, config, echo=typer.echo)
 
 
+@app.command("probe-activations")
+def probe_activations_cmd(
+    model: str = typer.Option(..., "--model", help="Model card folder or torchvision name (as for dissect)."),
+    layer: str = typer.Option(..., "--layer", help="The dissected layer."),
+    probe: Path = typer.Option(..., "--probe", help="The Broden-format probe set that was dissected."),
+    out: Path = typer.Option(..., "--out", help="Folder to write probe_activations.npz into (the dissect folder, beside tally.csv)."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="Weights for a torchvision model (as for dissect)."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
+    workers: int = typer.Option(2, "--workers", help="DataLoader worker processes."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+) -> None:
+    """Per-image activations and visible concepts of the probe set: what the net2vec/ibd/tcav rankers learn from."""
+    from conceptrank.nn.models import load_model
+    from conceptrank.stages.probe import run_probe_activations
+
+    loaded = _run(load_model, model, weights)
+    path = _run(run_probe_activations, loaded, layer, probe, out, batch_size=batch_size, workers=workers, device=device)
+    typer.echo(f"probe activations → {path}")
+
+
+@app.command("benchmark-rankers")
+def benchmark_rankers(
+    out: Path = typer.Option(Path("runs/benchmark"), "--out", help="Folder for the worlds, their stages and benchmark.csv/json/png."),
+    seeds: str = typer.Option("1,2,3", "--seeds", help="Comma-separated world seeds (the demo uses 0)."),
+    rankers: Optional[str] = typer.Option(None, "--rankers", help="Comma-separated rankers (default: all)."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Source model card folder (default: shipped, else trained once)."),
+    size: Optional[int] = typer.Option(None, "--size", help="World image side in pixels (default: the world's)."),
+    probe_images: Optional[int] = typer.Option(None, "--probe-images", help="Probe images per world (default: the world's)."),
+    images_per_class: Optional[int] = typer.Option(None, "--images-per-class", help="Target images per class (default: the world's)."),
+    k: int = typer.Option(5, "--k", help="Local depth K of P@K and of the agreement."),
+    workers: int = typer.Option(0, "--workers", help="DataLoader workers of the forward passes."),
+) -> None:
+    """Every concept ranker on synthetic worlds with known truth, side by side; picks the winner."""
+    from conceptrank.core.rankers import RANKERS
+    from conceptrank.pipeline import run_ranker_benchmark
+    from conceptrank.stages.benchmark import BenchmarkConfig
+
+    try:
+        seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
+    except ValueError:
+        _fail(f"--seeds must be comma-separated integers, got {seeds!r}")
+    cfg = BenchmarkConfig(
+        seeds=seed_list, rankers=tuple(r.strip() for r in rankers.split(",") if r.strip()) if rankers else RANKERS,
+        model=model, size=size, probe_images=probe_images, images_per_class=images_per_class, k=k, workers=workers,
+    )
+    res = _run(run_ranker_benchmark, out, cfg, echo=typer.echo)
+    typer.echo(res.table())
+    typer.echo(f"→ {res.out / 'benchmark.csv'}, benchmark.json, benchmark.png ({res.timings['total']:.0f} s)")
+
+
 def main() -> None:  # entry point
     app()
 

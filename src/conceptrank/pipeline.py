@@ -275,3 +275,76 @@ def _write_world_manifest(out: Path, params: dict) -> None:
         "cache": {"format": cache.CACHE_FORMAT, "stage": "synth", "key": _world_key(params), "params": params,
                   "package_versions": cache.package_versions()},
     })
+
+
+# -- the ranker benchmark's worlds (issue 13): generated here, above the synthetic layer ------------
+
+
+def run_ranker_benchmark(out: str | Path, cfg=None, echo: Callable[[str], None] = print):
+    """``conceptrank benchmark-rankers``: generate (or reuse) one world per seed and the source model,
+    then :func:`conceptrank.stages.benchmark.run_benchmark` on them."""
+    from conceptrank.stages.benchmark import BenchmarkConfig, run_benchmark
+
+    cfg = cfg or BenchmarkConfig()
+    cfg.validate()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = _benchmark_model(out, cfg, echo)
+    worlds = [(seed, _benchmark_world(out, seed, cfg, echo)) for seed in cfg.seeds]
+    return run_benchmark(out, worlds, model, cfg, echo)
+
+
+def _benchmark_world_params(cfg, seed: int) -> dict:
+    params = {"seed": int(seed)}
+    for name in ("size", "probe_images", "images_per_class"):
+        if getattr(cfg, name) is not None:
+            params[name] = int(getattr(cfg, name))
+    return params
+
+
+def _benchmark_world(root: Path, seed: int, cfg, echo: Callable[[str], None]) -> Path:
+    """``root/seed<N>/world`` generated without a model, unless one with the same parameters and generator is there."""
+    from conceptrank.io.cache import atomic_write_json, read_json
+    from conceptrank.synthetic.world import generate_world
+
+    folder = root / f"seed{seed}"
+    marker = folder / "world.json"
+    want = {"params": _benchmark_world_params(cfg, seed), "generator": _generator_fingerprint()}
+    try:
+        if read_json(marker) == want and (folder / "world" / "truth.json").is_file():
+            return folder / "world"
+    except (OSError, ValueError):
+        pass
+    marker.unlink(missing_ok=True)
+    echo(f"[world] seed {seed}: generating the probe and target sets")
+    generate_world(folder / "world", progress=False, **want["params"])
+    atomic_write_json(marker, want)
+    return folder / "world"
+
+
+def _benchmark_model(root: Path, cfg, echo: Callable[[str], None]) -> str:
+    """``cfg.model``; else the shipped source model when it fits the worlds' image size; else one trained
+    once (seed 0) into ``root/model`` and reused.
+
+    The source task is the same for every world seed (other random images of the same task), so one
+    model serves all worlds.
+    """
+    import inspect
+
+    from conceptrank.synthetic.build import SHIPPED_MODEL_DIR, shipped_model_fits
+    from conceptrank.synthetic.world import generate_world
+
+    if cfg.model is not None:
+        return str(cfg.model)
+    size = int(cfg.size) if cfg.size is not None else int(inspect.signature(generate_world).parameters["size"].default)
+    fits, why = shipped_model_fits(size)
+    if fits:
+        echo(f"[model] the shipped source model ({SHIPPED_MODEL_DIR})")
+        return str(SHIPPED_MODEL_DIR)
+    card = root / "model"
+    if not (card / "model.json").is_file():
+        from conceptrank.synthetic.train import train_source_model
+
+        echo(f"[model] {why}: training the source model once (seed 0, {size} px) into {card}")
+        train_source_model(card, seed=0, size=size, progress=False)
+    return str(card)

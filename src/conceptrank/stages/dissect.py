@@ -46,7 +46,7 @@ from conceptrank.io.cache import atomic_write_json, atomic_write_text, hash_json
 from conceptrank.io.resume import ResumableRows
 from conceptrank.io.tally_csv import format_tally
 from conceptrank.nn.device import forward_in_chunks, on_device, resolve_device
-from conceptrank.progress import track
+from conceptrank.progress import Progress, track
 
 __all__ = [
     "DissectConfig",
@@ -350,6 +350,18 @@ class _LayerRun:
             self.alt = TallyAccumulator(self.thr_alt, self.plan.label_cat, self.device)
         self.threshold_seconds += time.perf_counter() - ts
 
+    @classmethod
+    def for_tally(cls, name: str, plan: _Plan, shape, thr: np.ndarray, thr_alt: np.ndarray | None,
+                  device="cpu") -> "_LayerRun":
+        """A run that starts at pass 2 with the given thresholds (a shard of a sharded tally)."""
+        run = cls(name, plan, device)
+        run._start(shape)
+        run.topk, run.thr, run.thr_alt = None, thr, thr_alt
+        run.acc = TallyAccumulator(thr, plan.label_cat, run.device)
+        if thr_alt is not None:
+            run.alt = TallyAccumulator(thr_alt, plan.label_cat, run.device)
+        return run
+
     def tally(self, stored: torch.Tensor, planes, scalars) -> None:
         """Pass 2: count one batch's features against its masks."""
         self.acc.add(stored, planes, scalars)
@@ -588,6 +600,122 @@ def _local_runs(model, plan: _Plan, probe, cfg: DissectConfig, work_dir: Path, r
     return runs, timings, resumed
 
 
+# -- sharded engines (Ray): two passes over shards, the forward pass recomputed in the second -------
+SHARDS_PER_WORKER = 4  # more shards than workers: load balance, and less work lost to a dead worker
+
+
+class _DissectShards:
+    """Shard work of a sharded dissection (picklable; ``setup`` runs once per worker).
+
+    Pass 1 (``tally`` None): each shard's running top-k and top images. Pass 2 (``tally`` maps a
+    layer to ``(shape, thresholds, stability thresholds)``): the shard's forward pass again and its
+    tally counts. Returns :func:`runs_state` of the shard's layer runs.
+    """
+
+    def __init__(self, model, plan: _Plan, probe: BrodenDataset, device: str, tally: dict | None = None) -> None:
+        self.model, self.plan, self.probe, self.device_spec, self.tally = model, plan, probe, device, tally
+        self.device = None
+
+    def setup(self) -> None:
+        self.device = resolve_device(self.device_spec)
+        self.model.module.eval().to(self.device)
+
+    def __call__(self, shard, report) -> tuple[dict, dict]:
+        plan, dev = self.plan, self.device
+        feats = forward_batches(self.model, plan, self.probe, dev, shard.start, shard.stop, progress=False)
+        if self.tally is None:
+            runs = {n: _LayerRun(n, plan, dev) for n in plan.layers}
+            for i0, batch in feats:
+                for name, f in batch.items():
+                    runs[name].observe(plan.stored(f), f.amax(dim=(2, 3)), i0)
+                report(next(iter(batch.values())).shape[0])
+        else:
+            runs = {n: _LayerRun.for_tally(n, plan, *self.tally[n], dev) for n in plan.layers}
+            masks = mask_batches(plan, self.probe, shard.start, shard.stop, progress=False)
+            for (_, batch), (_, planes, scalars) in zip(feats, masks):
+                for name, f in batch.items():
+                    runs[name].tally(plan.stored(f), planes, scalars)
+                report(len(planes))
+        return runs_state(runs)
+
+
+def _ray_runs(model, plan: _Plan, probe, cfg: DissectConfig, work_dir, resume_key: str):
+    from conceptrank.engines.ray import RayEngine
+
+    engine = RayEngine(cfg.ray_address, cfg.ray_workers)
+    try:
+        return sharded_runs(engine, model, plan, probe, cfg, work_dir, resume_key)
+    finally:
+        engine.close()
+
+
+def _sharded_checkpoint(ckpt: ResumableRows, runs, phase: int, done: set) -> None:
+    meta, arrays = runs_state(runs)
+    ckpt.save(len(done), {"pass": phase, "done": sorted(done), "layers": meta}, arrays)
+
+
+def _sharded_resume(ckpt: ResumableRows, plan: _Plan, shards) -> tuple[int, set, dict, dict | None]:
+    fresh = (1, set(), {n: _LayerRun(n, plan) for n in plan.layers}, None)
+    state = ckpt.resume()
+    if state is None:
+        return fresh
+    meta, arrays = state
+    try:
+        phase, done = int(meta["pass"]), {int(i) for i in meta["done"]}
+        runs = load_runs(plan, meta["layers"], arrays)
+    except (ValueError, KeyError, TypeError):
+        return fresh
+    print(f"dissect: resuming from a checkpoint (pass {phase}, {len(done)} of {len(shards)} shards done)",
+          file=sys.stderr, flush=True)
+    return phase, done, runs, {"pass": phase, "shards_done": len(done)}
+
+
+def _merge_shards(engine, work, shards, done: set, runs, ckpt: ResumableRows, phase: int, plan, progress: bool) -> None:
+    todo = [s for s in shards if s.index not in done]
+    desc = "dissect: forward" if phase == 1 else "dissect: forward + tally"
+    with Progress(sum(len(s) for s in todo), f"{desc} ({engine.workers} workers)", "img", enabled=progress) as bar:
+        for shard, (meta, arrays) in engine.map(work, todo, bar):
+            part = load_runs(plan, meta, arrays)
+            for name, run in runs.items():
+                run.merge(part[name])
+            done.add(shard.index)
+            if len(done) < len(shards) and ckpt.due(len(done)):
+                _sharded_checkpoint(ckpt, runs, phase, done)
+
+
+def sharded_runs(engine, model, plan: _Plan, probe, cfg: DissectConfig, work_dir, resume_key: str):
+    """Both passes over shards of the probe set on ``engine`` (a Local- or RayEngine), resumable
+    from the driver's checkpoint in ``work_dir``: ``(runs, timings, resumed)``.
+
+    Pass 1 merges the shards' top-k states into thresholds; pass 2 recomputes each shard's forward
+    pass and merges its tally counts (no feature store crosses the network).
+    """
+    from conceptrank.engines.shards import make_shards
+
+    shards = make_shards(plan.images, plan.batch_size, SHARDS_PER_WORKER * engine.workers)
+    ckpt = ResumableRows(work_dir, resume_key + "/sharded", "dissect")
+    phase, done, runs, resumed = _sharded_resume(ckpt, plan, shards)
+    timings = {"forward": 0.0, "threshold": 0.0, "tally": 0.0}
+    if phase == 1:
+        t0 = time.perf_counter()
+        _merge_shards(engine, _DissectShards(model, plan, probe, cfg.device), shards, done, runs, ckpt, 1, plan,
+                      cfg.progress)
+        timings["forward"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for run in runs.values():
+            run.set_thresholds()
+        timings["threshold"] = time.perf_counter() - t0
+        phase, done = 2, set()
+        _sharded_checkpoint(ckpt, runs, 2, done)
+    t0 = time.perf_counter()
+    tally = {n: (r.shape, r.thr, r.thr_alt) for n, r in runs.items()}
+    _merge_shards(engine, _DissectShards(model, plan, probe, cfg.device, tally), shards, done, runs, ckpt, 2, plan,
+                  cfg.progress)
+    timings["tally"] = time.perf_counter() - t0
+    _sharded_checkpoint(ckpt, runs, 2, done)  # a kill while the outputs are written resumes right here
+    return runs, timings, resumed
+
+
 # -- results -------------------------------------------------------------------------------------
 def _labels(acc: TallyAccumulator, probe: BrodenDataset):
     """``(iou (U, L), best label (U, C), best category (U,), score (U,))`` of an accumulator."""
@@ -697,9 +825,7 @@ def dissect_layers(model, layers: str | Sequence[str], probe: BrodenDataset, cfg
     names = _layer_list(layers)
     plan = _make_plan(model, names, probe, cfg, thresholds)
     if cfg.engine == "ray":
-        from conceptrank.stages.dissect_ray import ray_runs
-
-        runs, timings, resumed = ray_runs(model, plan, probe, cfg, work_dir, resume_key)
+        runs, timings, resumed = _ray_runs(model, plan, probe, cfg, work_dir, resume_key)
     elif work_dir is None:
         with tempfile.TemporaryDirectory(prefix="conceptrank-dissect-") as tmp:
             runs, timings, resumed = _local_runs(model, plan, probe, cfg, Path(tmp), resume_key)

@@ -1,7 +1,9 @@
 """Benchmark of the dissect stage; prints ratios measured in one run.
 
 1. whole dissect vs. the bare forward pass over the same probe images (data loading included);
-   goal ≤ 1.2×;
+   goal ≤ 1.1× (the loader decodes and packs the masks while the model runs, so the tally after
+   the forward pass is only counting); and vs. a NetDissect-Lite-style run (the same forward pass,
+   then the naive threshold + tally, timed on ``--naive-images`` and scaled to N): goal ≥ 1.5×;
 2. threshold + tally phases vs. an in-project naive reference (NetDissect-Lite's algorithm: exact
    quantile over every activation, then a Python loop over images × units with PIL resizes);
    goal ≥ 50×; and the max IoU difference with equal thresholds (goal ≤ 1e-6);
@@ -195,7 +197,7 @@ def main() -> None:
         wd.append(time.perf_counter() - t0)
     fwd, whole = min(fw), min(wd)
     print(f"bare forward pass         {fwd:8.2f} s")
-    print(f"whole dissect             {whole:8.2f} s   ratio {whole / fwd:.2f}x   (goal <= 1.2x)")
+    print(f"whole dissect             {whole:8.2f} s   ratio {whole / fwd:.2f}x   (goal <= 1.1x)")
     print(f"  phases: " + ", ".join(f"{k} {v:.2f}s" for k, v in res.timings.items()))
 
     # naive reference on a subset (it is slow): same thresholds → IoU difference; phase speed ratio
@@ -210,6 +212,9 @@ def main() -> None:
     print(f"  (ours inside dissect, masks decoded from PNG in loader workers: {ours_s:.3f} s, "
           f"ratio {naive_s / ours_s:.1f}x)")
     print(f"max |IoU difference| with equal thresholds: {diff:.2e} (goal <= 1e-6)")
+    naive_whole = fwd + naive_s * args.probe_images / args.naive_images
+    print(f"NetDissect-Lite-style whole run (forward + naive threshold/tally scaled to {args.probe_images} images): "
+          f"{naive_whole:.2f} s; ours {whole:.2f} s, speed ratio {naive_whole / whole:.2f}x (goal >= 1.5x)")
 
     if not args.no_rss:
         big = make_probe(args.work, 4 * args.probe_images, args.size)

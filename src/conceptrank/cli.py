@@ -195,6 +195,9 @@ def dissect(
     device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
     store: str = typer.Option("float32", "--store", help="Dtype of the on-disk feature cache between passes: float32 or float16."),
     stability_quantile: Optional[float] = typer.Option(None, "--stability-quantile", help="Also label units at this quantile (e.g. 0.01) and report label stability."),
+    engine: str = typer.Option("local", "--engine", help="local (this process) or ray (Ray actors over shards of the probe set)."),
+    ray_address: str = typer.Option("auto", "--ray-address", help="With --engine ray: auto (a running cluster), local (start one here) or an address."),
+    ray_workers: Optional[int] = typer.Option(None, "--ray-workers", help="With --engine ray: actors to start (default: one per GPU, else one per 2 CPUs)."),
 ) -> None:
     """Network Dissection: label every unit of a layer with its best concept (NetDissect-Lite tally.csv)."""
     from conceptrank.stages.dissect import DissectConfig, run_dissect
@@ -203,6 +206,7 @@ def dissect(
         categories=tuple(c.strip() for c in categories.split(",")) if categories else None,
         quantile=quantile, iou_threshold=iou_threshold, preprocess=preprocess,
         batch_size=batch_size, workers=workers, device=device, store=store, stability_quantile=stability_quantile,
+        engine=engine, ray_address=ray_address, ray_workers=ray_workers,
     )
     results = _run(run_dissect, model, weights, list(layer), probe, out, cfg, thresholds)
     for r in results:
@@ -223,12 +227,16 @@ def extract(
     workers: int = typer.Option(2, "--workers", help="Data-loading worker processes (0: load in the main process)."),
     device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
     split_map: str = typer.Option("", "--split-map", help="Map other split names explicitly: e.g. 'val=train,all=drop' (targets: train, test, all, drop)."),
+    engine: str = typer.Option("local", "--engine", help="local (this process) or ray (Ray actors over shards of the images)."),
+    ray_address: str = typer.Option("auto", "--ray-address", help="With --engine ray: auto (a running cluster), local (start one here) or an address."),
+    ray_workers: Optional[int] = typer.Option(None, "--ray-workers", help="With --engine ray: actors to start (default: one per GPU, else one per 2 CPUs)."),
 ) -> None:
     """Per image and unit: mean and max of the layer's activation map (activations.npz)."""
     from conceptrank.stages.extract import ExtractConfig, run_extract
 
     cfg = ExtractConfig(layout=layout, resize=resize, crop=crop, batch_size=batch_size, workers=workers, device=device,
-                        split_map=split_map)
+                        split_map=split_map, engine=engine, ray_address=ray_address,
+                        ray_workers=ray_workers)
     res = _run(run_extract, model, weights, layer, dataset, out, cfg)
     typer.echo(res.summary())
 

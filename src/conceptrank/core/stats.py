@@ -123,7 +123,7 @@ class TopKQuantile:
     @classmethod
     def from_state_dict(cls, state: dict, device: str | torch.device = "cpu") -> "TopKQuantile":
         obj = cls(int(state["num_units"]), int(state["total"]), float(state["quantile"]), device)
-        obj.top = torch.as_tensor(np.asarray(state["top"]), dtype=torch.float32, device=obj.device)
+        obj.top = torch.as_tensor(np.array(state["top"], dtype=np.float32), device=obj.device)
         obj.count = int(state["count"])
         return obj
 

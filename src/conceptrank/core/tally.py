@@ -103,7 +103,7 @@ class TallyAccumulator:
         self.device = torch.device(device)
         self.thresholds = np.asarray(thresholds, np.float64)
         self.thr32 = torch.from_numpy(float32_floor(self.thresholds)).to(self.device)
-        self.label_cat = torch.as_tensor(np.asarray(label_cat), dtype=torch.float32, device=self.device)
+        self.label_cat = torch.as_tensor(np.array(label_cat, dtype=np.float32), device=self.device)
         U = len(self.thresholds)
         L, C = self.label_cat.shape
         self.truth = torch.zeros(L, dtype=torch.int64, device=self.device)

@@ -5,9 +5,11 @@ Two passes over the probe set, the model run once (local engine):
 1. *forward*: each image through the model; the hooked layers' maps ``(N, U, h, w)`` go to a
    feature cache on disk (a memmap, deleted afterwards) and into a running top-k per unit from
    which the exact ``1 - quantile`` threshold follows;
-2. *tally*: masks are decoded in loader workers; per batch, only the (image, unit) pairs whose map
-   exceeds the unit's threshold somewhere are upsampled (PIL-exact bilinear) and intersected with
-   every label at once as tensor operations (:class:`conceptrank.core.tally.TallyAccumulator`).
+   The loader workers decode each image's mask planes too, while the model runs, and pack them
+   into a flat mask store beside the features (``uint16`` labels, ``P·sh·sw`` per image);
+2. *tally*: only counting. Per batch, only the (image, unit) pairs whose map exceeds the unit's
+   threshold somewhere are upsampled (PIL-exact bilinear) and intersected with every label at once
+   as tensor operations (:class:`conceptrank.core.tally.TallyAccumulator`).
 
 Each layer's statistics live in a :class:`_LayerRun` (running top-k, top images, thresholds, tally
 counts) with ``state_dict``/``load_state_dict``/``merge``: the checkpoint of a local run and the
@@ -46,7 +48,7 @@ from conceptrank.io.cache import atomic_write_json, atomic_write_text, hash_json
 from conceptrank.io.resume import ResumableRows
 from conceptrank.io.tally_csv import format_tally
 from conceptrank.nn.device import forward_in_chunks, on_device, resolve_device
-from conceptrank.progress import track
+from conceptrank.progress import Progress, track
 
 __all__ = [
     "DissectConfig",
@@ -207,41 +209,48 @@ class _Failed:
 
 
 class _ProbeImages(torch.utils.data.Dataset):
-    def __init__(self, ds: BrodenDataset, to_tensor, size):
-        self.ds, self.to_tensor, self.size = ds, to_tensor, size
+    """Probe image ``i`` as a model input; with ``mask_dtype`` also its mask planes, decoded and
+    packed flat (``P·sh·sw`` labels of that dtype) in the loader worker, while the model runs."""
+
+    def __init__(self, ds: BrodenDataset, to_tensor, size, mask_dtype=None):
+        self.ds, self.to_tensor, self.size, self.mask_dtype = ds, to_tensor, size, mask_dtype
 
     def __len__(self):
         return len(self.ds)
 
     def __getitem__(self, i):
         try:
-            return self.to_tensor(self.ds.load_image(i), self.size)
+            x = self.to_tensor(self.ds.load_image(i), self.size)
+            if self.mask_dtype is None:
+                return x
+            return x, torch.from_numpy(self.ds.load_planes(i).astype(self.mask_dtype).reshape(-1))
         except BrodenError as e:
             return _Failed(e)
 
 
 def _collate_images(batch):
+    """``(B, 3, H, W)`` inputs, or ``(inputs, [packed masks])`` when the items carry masks."""
     failed = [b for b in batch if isinstance(b, _Failed)]
-    return failed[0] if failed else torch.stack(batch)
+    if failed:
+        return failed[0]
+    if isinstance(batch[0], tuple):
+        return torch.stack([b[0] for b in batch]), [b[1] for b in batch]
+    return torch.stack(batch)
 
 
-class _ProbeMasks(torch.utils.data.Dataset):
-    def __init__(self, ds: BrodenDataset):
-        self.ds = ds
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        try:
-            return torch.from_numpy(self.ds.load_planes(i)), list(self.ds.records[i].scalars)
-        except BrodenError as e:
-            return _Failed(e)
+def mask_layout(probe: BrodenDataset) -> tuple[np.ndarray, type]:
+    """Where each image's packed planes start in a flat mask store: offsets ``(N + 1,)`` int64, and
+    the narrowest dtype that holds every label number."""
+    sizes = [len(r.planes) * r.sh * r.sw for r in probe.records]
+    offsets = np.zeros(len(sizes) + 1, np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    return offsets, (np.uint16 if probe.num_labels < (1 << 16) else np.int32)
 
 
-def _collate_masks(batch):
-    failed = [b for b in batch if isinstance(b, _Failed)]
-    return failed[0] if failed else ([b[0] for b in batch], [b[1] for b in batch])
+def _unpack_planes(store: np.ndarray, offsets: np.ndarray, probe: BrodenDataset, i: int) -> torch.Tensor:
+    r = probe.records[i]
+    flat = np.asarray(store[offsets[i]:offsets[i + 1]], dtype=np.int64)
+    return torch.from_numpy(flat.reshape(len(r.planes), r.sh, r.sw))
 
 
 def _loader(dataset, batch_size, workers, collate_fn=None):
@@ -349,6 +358,18 @@ class _LayerRun:
         if self.thr_alt is not None:
             self.alt = TallyAccumulator(self.thr_alt, self.plan.label_cat, self.device)
         self.threshold_seconds += time.perf_counter() - ts
+
+    @classmethod
+    def for_tally(cls, name: str, plan: _Plan, shape, thr: np.ndarray, thr_alt: np.ndarray | None,
+                  device="cpu") -> "_LayerRun":
+        """A run that starts at pass 2 with the given thresholds (a shard of a sharded tally)."""
+        run = cls(name, plan, device)
+        run._start(shape)
+        run.topk, run.thr, run.thr_alt = None, thr, thr_alt
+        run.acc = TallyAccumulator(thr, plan.label_cat, run.device)
+        if thr_alt is not None:
+            run.alt = TallyAccumulator(thr_alt, plan.label_cat, run.device)
+        return run
 
     def tally(self, stored: torch.Tensor, planes, scalars) -> None:
         """Pass 2: count one batch's features against its masks."""
@@ -461,17 +482,19 @@ def _checked(name: str, f: torch.Tensor, probe: BrodenDataset, first: int) -> to
 
 
 def forward_batches(model, plan: _Plan, probe: BrodenDataset, device: torch.device, start: int, stop: int,
-                    progress: bool = True, desc: str = "dissect: forward") -> Iterator[tuple[int, dict]]:
+                    progress: bool = True, desc: str = "dissect: forward", mask_dtype=None) -> Iterator[tuple]:
     """Features of probe images ``start .. stop-1`` in batches of ``plan.batch_size``.
 
     The model must already be on ``device`` in eval mode. Yields ``(first image, {layer: (B, U, h, w)
-    float32 on the CPU})``; every layer of the plan must be reached by the forward pass.
+    float32 on the CPU}, packed masks)``: with ``mask_dtype`` the loader workers also decode each
+    image's mask planes (a flat tensor per image, see :func:`mask_layout`), else None. Every layer of
+    the plan must be reached by the forward pass.
     """
     from conceptrank.nn.hooks import record_layers
     from conceptrank.nn.models import netdissect_tensor
 
     to_tensor = netdissect_tensor if plan.preprocess == "netdissect" else model.to_tensor
-    dataset = torch.utils.data.Subset(_ProbeImages(probe, to_tensor, plan.size), range(start, stop))
+    dataset = torch.utils.data.Subset(_ProbeImages(probe, to_tensor, plan.size, mask_dtype), range(start, stop))
     loader = _loader(dataset, plan.batch_size, plan.workers, _collate_images)
     module, oom, i0 = model.module, {}, start
     with torch.inference_mode(), record_layers(module, plan.layers) as rec:
@@ -480,28 +503,22 @@ def forward_batches(model, plan: _Plan, probe: BrodenDataset, device: torch.devi
             module(chunk.to(device))
             return {n: rec[n] for n in plan.layers if n in rec}
 
-        for x in track(loader, stop - start, desc, "img", enabled=progress, count=len):
-            parts = forward_in_chunks(_unwrap(x), run, oom, "dissect forward pass")
+        for batch in track(loader, stop - start, desc, "img", enabled=progress, count=_batch_len):
+            batch = _unwrap(batch)
+            x, packed = batch if isinstance(batch, tuple) else (batch, None)
+            parts = forward_in_chunks(x, run, oom, "dissect forward pass")
             feats = {}
             for name in plan.layers:
                 if any(name not in p for p in parts):
                     raise ConceptrankError(f"layer {name!r} was not reached by the model's forward pass")
                 f = parts[0][name] if len(parts) == 1 else torch.cat([p[name] for p in parts])
                 feats[name] = _checked(name, f, probe, i0).cpu()
-            yield i0, feats
+            yield i0, feats, packed
             i0 += x.shape[0]
 
 
-def mask_batches(plan: _Plan, probe: BrodenDataset, start: int, stop: int, progress: bool = True,
-                 desc: str = "dissect: tally") -> Iterator[tuple[int, list, list]]:
-    """Decoded masks of probe images ``start .. stop-1``: ``(first image, planes, scalars)`` per batch."""
-    dataset = torch.utils.data.Subset(_ProbeMasks(probe), range(start, stop))
-    loader = _loader(dataset, plan.batch_size, plan.workers, _collate_masks)
-    i0 = start
-    for batch in track(loader, stop - start, desc, "img", enabled=progress, count=lambda b: len(b[0])):
-        planes, scalars = _unwrap(batch)
-        yield i0, planes, scalars
-        i0 += len(planes)
+def _batch_len(batch) -> int:
+    return len(batch[0]) if isinstance(batch, tuple) else len(batch)
 
 
 # -- the local engine: model run once, features cached on disk between the passes ---------------
@@ -510,7 +527,7 @@ def _checkpoint(rows: ResumableRows, runs: dict[str, _LayerRun], phase: int, nxt
     rows.save(batches, {"pass": phase, "next": nxt, "batches": batches, "layers": meta}, arrays)
 
 
-def _resume(rows: ResumableRows, plan: _Plan, device) -> tuple[int, int, int, dict, dict | None]:
+def _resume(rows: ResumableRows, plan: _Plan, probe, device) -> tuple[int, int, int, dict, dict | None]:
     """``(pass, next image, batches, layer runs, resumed)`` from the last checkpoint, or a fresh start."""
     fresh = (1, 0, 0, {n: _LayerRun(n, plan, device) for n in plan.layers}, None)
     state = rows.resume()
@@ -522,6 +539,8 @@ def _resume(rows: ResumableRows, plan: _Plan, device) -> tuple[int, int, int, di
         runs = load_runs(plan, meta["layers"], arrays, device)
         for name, run in runs.items():
             rows.reopen(name, (plan.images,) + run.shape, _store_dtype(plan), writable=phase == 1)
+        offsets, dtype = mask_layout(probe)
+        rows.reopen("masks", (int(offsets[-1]),), dtype, writable=phase == 1)
     except (OSError, ValueError, KeyError, TypeError):
         rows.close()
         return fresh
@@ -534,13 +553,18 @@ def _store_dtype(plan: _Plan):
 
 
 def _forward_pass(model, plan, probe, device, runs, rows: ResumableRows, start: int, batches: int, progress: bool) -> None:
-    """Pass 1 from image ``start``: features to the store, running top-k and top images."""
+    """Pass 1 from image ``start``: features and decoded masks to the store, running top-k and top
+    images (the loader decodes the masks while the model runs)."""
     N = plan.images
-    for i0, feats in forward_batches(model, plan, probe, device, start, N, progress):
-        B = 0
+    offsets, mask_dtype = mask_layout(probe)
+    if "masks" not in rows.arrays:
+        rows.create("masks", (int(offsets[-1]),), mask_dtype)
+    masks = rows.arrays["masks"]
+    for i0, feats, packed in forward_batches(model, plan, probe, device, start, N, progress, mask_dtype=mask_dtype):
+        B = len(packed)
+        masks[offsets[i0]:offsets[i0 + B]] = np.concatenate([p.numpy() for p in packed])
         for name, f in feats.items():
             stored = plan.stored(f)
-            B = f.shape[0]
             if name not in rows.arrays:
                 rows.create(name, (N,) + tuple(f.shape[1:]), _store_dtype(plan))
             rows.arrays[name][i0:i0 + B] = stored.numpy()
@@ -551,13 +575,19 @@ def _forward_pass(model, plan, probe, device, runs, rows: ResumableRows, start: 
 
 
 def _tally_pass(plan, probe, runs, rows: ResumableRows, start: int, batches: int, progress: bool) -> None:
-    """Pass 2 from image ``start``: every layer's stored features against the decoded masks."""
+    """Pass 2 from image ``start``: only counting, every layer's stored features against the stored masks."""
+    offsets, _ = mask_layout(probe)
+    masks, N = rows.arrays["masks"], plan.images
     i0 = start
-    for i0, planes, scalars in mask_batches(plan, probe, start, plan.images, progress):
-        B = len(planes)
+    starts = range(start, N, plan.batch_size)
+    for i0 in track(starts, N - start, "dissect: tally", "img", enabled=progress,
+                    count=lambda i: min(plan.batch_size, N - i)):
+        stop = min(i0 + plan.batch_size, N)
+        planes = [_unpack_planes(masks, offsets, probe, i) for i in range(i0, stop)]
+        scalars = [list(probe.records[i].scalars) for i in range(i0, stop)]
         for name, run in runs.items():
-            run.tally(torch.from_numpy(np.asarray(rows.arrays[name][i0:i0 + B], dtype=np.float32)), planes, scalars)
-        i0 += B
+            run.tally(torch.from_numpy(np.asarray(rows.arrays[name][i0:stop], dtype=np.float32)), planes, scalars)
+        i0 = stop
         batches += 1
         if rows.due(batches):
             _checkpoint(rows, runs, 2, i0, batches)
@@ -569,7 +599,7 @@ def _local_runs(model, plan: _Plan, probe, cfg: DissectConfig, work_dir: Path, r
     """Both passes in this process, resumable from ``work_dir``: ``(runs, timings, resumed)``."""
     device = resolve_device(cfg.device)
     rows = ResumableRows(work_dir, resume_key, "dissect")
-    phase, start, batches, runs, resumed = _resume(rows, plan, device)
+    phase, start, batches, runs, resumed = _resume(rows, plan, probe, device)
     timings = {"forward": 0.0, "threshold": 0.0, "tally": 0.0}
     with on_device(model.module, device):
         if phase == 1:
@@ -585,6 +615,126 @@ def _local_runs(model, plan: _Plan, probe, cfg: DissectConfig, work_dir: Path, r
         _tally_pass(plan, probe, runs, rows, start, batches, cfg.progress)
         timings["tally"] = time.perf_counter() - t0
     rows.close()  # close the memmaps before the folder is deleted
+    return runs, timings, resumed
+
+
+# -- sharded engines (Ray): two passes over shards, the forward pass recomputed in the second -------
+SHARDS_PER_WORKER = 4  # more shards than workers: load balance, and less work lost to a dead worker
+
+
+class _DissectShards:
+    """Shard work of a sharded dissection (picklable; ``setup`` runs once per worker).
+
+    Pass 1 (``tally`` None): each shard's running top-k and top images. Pass 2 (``tally`` maps a
+    layer to ``(shape, thresholds, stability thresholds)``): the shard's forward pass again, its masks
+    decoded by the same loader, and its tally counts. Returns :func:`runs_state` of the shard's layer runs.
+    """
+
+    def __init__(self, model, plan: _Plan, probe: BrodenDataset, device: str, tally: dict | None = None) -> None:
+        self.model, self.plan, self.probe, self.device_spec, self.tally = model, plan, probe, device, tally
+        self.device = None
+
+    def setup(self) -> None:
+        self.device = resolve_device(self.device_spec)
+        self.model.module.eval().to(self.device)
+
+    def __call__(self, shard, report) -> tuple[dict, dict]:
+        plan, dev = self.plan, self.device
+        if self.tally is None:
+            runs = {n: _LayerRun(n, plan, dev) for n in plan.layers}
+            for i0, batch, _ in forward_batches(self.model, plan, self.probe, dev, shard.start, shard.stop, False):
+                for name, f in batch.items():
+                    runs[name].observe(plan.stored(f), f.amax(dim=(2, 3)), i0)
+                report(next(iter(batch.values())).shape[0])
+        else:
+            runs = {n: _LayerRun.for_tally(n, plan, *self.tally[n], dev) for n in plan.layers}
+            _, dtype = mask_layout(self.probe)
+            feats = forward_batches(self.model, plan, self.probe, dev, shard.start, shard.stop, progress=False,
+                                    mask_dtype=dtype)
+            for i0, batch, packed in feats:
+                recs = self.probe.records[i0:i0 + len(packed)]
+                planes = [p.long().reshape(len(r.planes), r.sh, r.sw) for p, r in zip(packed, recs)]
+                scalars = [list(r.scalars) for r in recs]
+                for name, f in batch.items():
+                    runs[name].tally(plan.stored(f), planes, scalars)
+                report(len(planes))
+        return runs_state(runs)
+
+
+def _ray_runs(model, plan: _Plan, probe, cfg: DissectConfig, work_dir, resume_key: str):
+    from conceptrank.engines.ray import RayEngine
+
+    engine = RayEngine(cfg.ray_address, cfg.ray_workers)
+    try:
+        return sharded_runs(engine, model, plan, probe, cfg, work_dir, resume_key)
+    finally:
+        engine.close()
+
+
+def _sharded_checkpoint(ckpt: ResumableRows, runs, phase: int, done: set) -> None:
+    meta, arrays = runs_state(runs)
+    ckpt.save(len(done), {"pass": phase, "done": sorted(done), "layers": meta}, arrays)
+
+
+def _sharded_resume(ckpt: ResumableRows, plan: _Plan, shards) -> tuple[int, set, dict, dict | None]:
+    fresh = (1, set(), {n: _LayerRun(n, plan) for n in plan.layers}, None)
+    state = ckpt.resume()
+    if state is None:
+        return fresh
+    meta, arrays = state
+    try:
+        phase, done = int(meta["pass"]), {int(i) for i in meta["done"]}
+        runs = load_runs(plan, meta["layers"], arrays)
+    except (ValueError, KeyError, TypeError):
+        return fresh
+    print(f"dissect: resuming from a checkpoint (pass {phase}, {len(done)} of {len(shards)} shards done)",
+          file=sys.stderr, flush=True)
+    return phase, done, runs, {"pass": phase, "shards_done": len(done)}
+
+
+def _merge_shards(engine, work, shards, done: set, runs, ckpt: ResumableRows, phase: int, plan, progress: bool) -> None:
+    todo = [s for s in shards if s.index not in done]
+    desc = "dissect: forward" if phase == 1 else "dissect: forward + tally"
+    with Progress(sum(len(s) for s in todo), f"{desc} ({engine.workers} workers)", "img", enabled=progress) as bar:
+        for shard, (meta, arrays) in engine.map(work, todo, bar):
+            part = load_runs(plan, meta, arrays)
+            for name, run in runs.items():
+                run.merge(part[name])
+            done.add(shard.index)
+            if len(done) < len(shards) and ckpt.due(len(done)):
+                _sharded_checkpoint(ckpt, runs, phase, done)
+
+
+def sharded_runs(engine, model, plan: _Plan, probe, cfg: DissectConfig, work_dir, resume_key: str):
+    """Both passes over shards of the probe set on ``engine`` (a Local- or RayEngine), resumable
+    from the driver's checkpoint in ``work_dir``: ``(runs, timings, resumed)``.
+
+    Pass 1 merges the shards' top-k states into thresholds; pass 2 recomputes each shard's forward
+    pass and merges its tally counts (no feature store crosses the network).
+    """
+    from conceptrank.engines.shards import make_shards
+
+    shards = make_shards(plan.images, plan.batch_size, SHARDS_PER_WORKER * engine.workers)
+    ckpt = ResumableRows(work_dir, resume_key + "/sharded", "dissect")
+    phase, done, runs, resumed = _sharded_resume(ckpt, plan, shards)
+    timings = {"forward": 0.0, "threshold": 0.0, "tally": 0.0}
+    if phase == 1:
+        t0 = time.perf_counter()
+        _merge_shards(engine, _DissectShards(model, plan, probe, cfg.device), shards, done, runs, ckpt, 1, plan,
+                      cfg.progress)
+        timings["forward"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for run in runs.values():
+            run.set_thresholds()
+        timings["threshold"] = time.perf_counter() - t0
+        phase, done = 2, set()
+        _sharded_checkpoint(ckpt, runs, 2, done)
+    t0 = time.perf_counter()
+    tally = {n: (r.shape, r.thr, r.thr_alt) for n, r in runs.items()}
+    _merge_shards(engine, _DissectShards(model, plan, probe, cfg.device, tally), shards, done, runs, ckpt, 2, plan,
+                  cfg.progress)
+    timings["tally"] = time.perf_counter() - t0
+    _sharded_checkpoint(ckpt, runs, 2, done)  # a kill while the outputs are written resumes right here
     return runs, timings, resumed
 
 
@@ -697,9 +847,7 @@ def dissect_layers(model, layers: str | Sequence[str], probe: BrodenDataset, cfg
     names = _layer_list(layers)
     plan = _make_plan(model, names, probe, cfg, thresholds)
     if cfg.engine == "ray":
-        from conceptrank.stages.dissect_ray import ray_runs
-
-        runs, timings, resumed = ray_runs(model, plan, probe, cfg, work_dir, resume_key)
+        runs, timings, resumed = _ray_runs(model, plan, probe, cfg, work_dir, resume_key)
     elif work_dir is None:
         with tempfile.TemporaryDirectory(prefix="conceptrank-dissect-") as tmp:
             runs, timings, resumed = _local_runs(model, plan, probe, cfg, Path(tmp), resume_key)

@@ -457,15 +457,125 @@ def extract_activations(
     device = resolve_device(cfg.device)
     stream = image_stream(model, targets, cfg)
     if cfg.engine == "ray":
-        from conceptrank.stages.extract_ray import ray_rows
+        from conceptrank.engines.ray import RayEngine
 
-        state = ray_rows(model, layer, stream, targets, cfg, resume_dir, resume_key)
+        engine = RayEngine(cfg.ray_address, cfg.ray_workers)
+        try:
+            state = sharded_rows(engine, model, layer, stream, targets, cfg, resume_dir, resume_key)
+        finally:
+            engine.close()
     else:
         rows = ResumableRows(resume_dir, resume_key, "extract")
         state = ExtractRows.resume(rows, len(targets.items))
         _fill_rows(model, layer, stream, state, rows, cfg, device, targets.items)
         rows.close()
     return _activations(state, targets, layer)
+
+
+# -- sharded engines (Ray) ------------------------------------------------------------------------
+SHARDS_PER_WORKER = 4
+
+
+class _ExtractShards:
+    """Shard work of a sharded extraction (picklable; ``setup`` runs once per worker): per shard the
+    kept item indices, their mean and max rows and the skipped items."""
+
+    def __init__(self, model: LoadedModel, layer: str, stream: _ImageStream, cfg: ExtractConfig, items) -> None:
+        self.model, self.layer, self.stream, self.cfg, self.items = model, layer, stream, cfg, items
+        self.device = None
+
+    def setup(self) -> None:
+        self.device = resolve_device(self.cfg.device)
+        self.model.module.eval().to(self.device)
+
+    def __call__(self, shard, report):
+        kept, means, maxes, skipped = [], [], [], []
+        for idx, m, mx, skip in reduce_batches(self.model.module, self.layer, self.stream, shard.start, shard.stop,
+                                               self.cfg, self.device, self.items):
+            skipped.extend(skip)
+            if m is not None:
+                kept.extend(int(i) for i in idx)
+                means.append(m)
+                maxes.append(mx)
+            report(len(skip) + len(idx))
+        if not means:
+            return np.zeros(0, np.int64), None, None, skipped
+        return np.asarray(kept, np.int64), np.concatenate(means), np.concatenate(maxes), skipped
+
+
+class _ShardedRows:
+    """Results of finished shards at their items' positions (memmaps with a checkpoint)."""
+
+    def __init__(self, rows: ResumableRows, total: int) -> None:
+        self.rows, self.total = rows, total
+        self.mean = self.max = None
+        self.kept = np.zeros(total, bool)
+        self.skipped: dict[int, str] = {}
+        self.done: set[int] = set()
+
+    def place(self, shard, kept, mean, mx, skipped) -> None:
+        if mean is not None:
+            if self.mean is None:
+                shape = (self.total, mean.shape[1])
+                self.mean, self.max = (self.rows.create(n, shape, np.float32) for n in ("mean", "max"))
+            self.mean[kept], self.max[kept] = mean, mx
+            self.kept[kept] = True
+        self.skipped.update({int(i): str(r) for i, r in skipped})
+        self.done.add(shard.index)
+
+    def checkpoint(self) -> None:
+        units = None if self.mean is None else int(self.mean.shape[1])
+        items = sorted(self.skipped)
+        self.rows.save(len(self.done), {"done": sorted(self.done), "units": units}, {
+            "kept": self.kept, "skipped_index": np.asarray(items, np.int64),
+            "skipped_reason": _str_array(self.skipped[i] for i in items)})
+
+    def resume(self) -> None:
+        state = self.rows.resume()
+        if state is None:
+            return
+        meta, arr = state
+        try:
+            if meta["units"] is not None:
+                shape = (self.total, int(meta["units"]))
+                self.mean, self.max = (self.rows.reopen(n, shape, np.float32) for n in ("mean", "max"))
+            self.kept = np.asarray(arr["kept"], bool)
+            self.skipped = {int(i): str(r) for i, r in zip(arr["skipped_index"], arr["skipped_reason"])}
+            self.done = {int(i) for i in meta["done"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            self.__init__(self.rows, self.total)
+            return
+        print(f"extract: resuming from a checkpoint ({len(self.done)} shards done)", file=sys.stderr, flush=True)
+
+    def result(self) -> ExtractRows:
+        kept = np.flatnonzero(self.kept)
+        out = ExtractRows(self.total, pos=len(kept), kept=kept.tolist(), next=self.total,
+                          skipped=[(i, self.skipped[i]) for i in sorted(self.skipped)])
+        if self.mean is not None:
+            out.mean, out.max = self.mean[kept], self.max[kept]
+        return out
+
+
+def sharded_rows(engine, model: LoadedModel, layer: str, stream: _ImageStream, targets: TargetSet,
+                 cfg: ExtractConfig, resume_dir=None, resume_key: str = "") -> ExtractRows:
+    """The extraction over shards of the item list on ``engine`` (a Local- or RayEngine), resumable
+    from the driver's checkpoint in ``resume_dir``; the same rows as the local pass."""
+    from conceptrank.engines.shards import make_shards
+
+    total = len(targets.items)
+    shards = make_shards(total, int(cfg.batch_size), SHARDS_PER_WORKER * engine.workers)
+    state = _ShardedRows(ResumableRows(resume_dir, resume_key + "/sharded", "extract"), total)
+    state.resume()
+    todo = [sh for sh in shards if sh.index not in state.done]
+    work = _ExtractShards(dataclasses.replace(model), layer, stream, cfg, targets.items)
+    with Progress(sum(len(sh) for sh in todo), f"extract {layer} ({engine.workers} workers)") as bar:
+        for shard, part in engine.map(work, todo, bar):
+            state.place(shard, *part)
+            if len(state.done) < len(shards) and state.rows.due(len(state.done)):
+                state.checkpoint()
+    result = state.result()
+    state.rows.close()
+    return result
 
 
 def _activations(state: ExtractRows, targets: TargetSet, layer: str) -> Activations:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from conceptrank.core.ranking import DEFAULT_MIN_IOU, RankedConcept
+from conceptrank.core.ranking import PROTOCOLS, RankedConcept, protocol_min_iou
 from conceptrank.errors import ConceptrankError, StaleInputError
 from conceptrank.io.cache import Manifest, file_sha256, read_json
 
@@ -91,8 +91,7 @@ class Ranking:
     @property
     def min_iou(self) -> float:
         """The IoU from which a unit carried a concept in this ranking."""
-        v = self.meta.get("min_iou")
-        return DEFAULT_MIN_IOU.get(self.protocol, 0.04) if v is None else float(v)
+        return protocol_min_iou(self.protocol if self.protocol in PROTOCOLS else "standard", self.meta.get("min_iou"))
 
     @property
     def label_categories(self) -> tuple[str, ...] | None:

@@ -160,3 +160,35 @@ def test_ray_engine_writes_the_local_bytes_and_survives_a_killed_worker(tmp_path
                                                                                 "ray_workers": 2}))
     names = ("activations.npz", "skipped.csv")
     assert _bytes(tmp_path / "e_ray", names) == _bytes(tmp_path / "e_local", names)
+
+
+class _CountingWork:
+    """Reports every image of its shard in two halves and returns the shard's pid and range."""
+
+    def setup(self):
+        self.pid = os.getpid()
+
+    def __call__(self, shard, report):
+        half = len(shard) // 2
+        report(half)
+        report(len(shard) - half)
+        return self.pid, shard.start, shard.stop
+
+
+def test_ray_worker_progress_reaches_the_driver_display(ray_cluster):
+    import io
+
+    from conceptrank.engines.ray import RayEngine
+    from conceptrank.progress import Progress
+
+    engine = RayEngine(workers=2)
+    stream = io.StringIO()
+    shards = make_shards(40, 5, 8)
+    try:
+        with Progress(40, "work", "img", stream=stream, interval=0) as bar:
+            results = [r for _, r in engine.map(_CountingWork(), shards, bar)]
+    finally:
+        engine.close()
+    assert bar.count == 40 and "work 40/40 img (100%)" in stream.getvalue()
+    assert sorted((a, b) for _, a, b in results) == [(s.start, s.stop) for s in shards]
+    assert len({pid for pid, _, _ in results}) == 2 and os.getpid() not in {pid for pid, _, _ in results}

@@ -46,7 +46,7 @@ from conceptrank.nn.hooks import record_layers, resolve_layer
 from conceptrank.nn.models import LoadedModel, load_model
 from conceptrank.progress import Progress
 
-__all__ = ["ExtractConfig", "ExtractResult", "extract_activations", "run_extract", "read_activations"]
+__all__ = ["ExtractConfig", "ExtractResult", "extract_activations", "run_extract"]
 
 CROPS = ("none", "person")
 FORMAT = "conceptrank-extract"
@@ -764,14 +764,3 @@ def _reused(out: Path, layer: str, manifest: cache.Manifest, t0: float) -> Extra
         return None
     return ExtractResult(out=out, layer=layer, n_images=n_images, n_units=n_units, n_skipped=len(skipped),
                          skipped=skipped, timings={"total": round(time.perf_counter() - t0, 4)}, reused=True)
-
-
-def read_activations(path: str | Path) -> dict[str, np.ndarray]:
-    """Read ``activations.npz`` (or the folder holding it) into a dict of arrays (no pickle)."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / "activations.npz"
-    if not p.is_file():
-        raise ConceptrankError(f"activations not found: {p} (run `conceptrank extract` first)")
-    with np.load(p, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}

@@ -253,6 +253,7 @@ def rank(
     categories: Optional[str] = typer.Option(None, "--categories", help="Comma-separated categories whose labels count."),
     seed: int = typer.Option(0, "--seed", help="Seed of the train/test split and the SVM."),
     grid: bool = typer.Option(False, "--grid", help="paper protocol: grid-search C instead of C=0.001."),
+    ranker: Optional[str] = typer.Option(None, "--ranker", help="paper, aggregate, presence, contribution, net2vec, ibd or tcav (default: net2vec for standard when probe_activations.npz is beside the tally, else paper; see README 'Rankers')."),
 ) -> None:
     """Local (per image) and global (per class, linear SVM) concept rankings."""
     from conceptrank.stages.rank import RankConfig, run_rank
@@ -260,7 +261,7 @@ def rank(
     cfg = RankConfig(
         protocol=protocol, top_local=top_local, top_global=top_global, min_iou=min_iou,
         categories=tuple(c.strip() for c in categories.split(",")) if categories else None,
-        seed=seed, grid=grid,
+        seed=seed, grid=grid, ranker=ranker,
     )
     res = _run(run_rank, activations, tally, out, cfg)
     typer.echo(res.summary())

@@ -51,6 +51,7 @@ class RunConfig:
     crop: str = "none"
     split_map: str = ""
     protocol: str = "standard"
+    ranker: str | None = None  # None: the protocol's (conceptrank.core.rankers.resolve_ranker)
     top_local: int = 10
     top_global: int = 10
     min_iou: float | None = None
@@ -72,7 +73,7 @@ _SECTIONS = {
               "stability_quantile": "stability_quantile",
               "tally": "tally"},
     "target": {"path": "target", "layout": "layout", "resize": "resize", "crop": "crop", "split_map": "split_map"},
-    "rank": {"protocol": "protocol", "top_local": "top_local", "top_global": "top_global", "min_iou": "min_iou",
+    "rank": {"protocol": "protocol", "ranker": "ranker", "top_local": "top_local", "top_global": "top_global", "min_iou": "min_iou",
              "grid": "grid"},
     "evaluate": {"configs": "configs", "truth": "truth"},
     "run": {"device": "device", "batch_size": "batch_size", "workers": "workers", "seed": "seed", "report": "report",
@@ -162,6 +163,7 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> Pipelin
         (dres,) = run_dissect(model, None, cfg.layer, BrodenDataset(cfg.probe, cfg.categories), out / "dissect", dcfg)
         tally = out / "dissect" / "tally.csv"
         echo(dres.summary())
+        _probe_activations_if_needed(cfg, model, out / "dissect", echo)
     timings["dissect"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -173,7 +175,7 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> Pipelin
 
     t0 = time.perf_counter()
     rcfg = RankConfig(protocol=cfg.protocol, top_local=cfg.top_local, top_global=cfg.top_global, min_iou=cfg.min_iou,
-                      categories=cfg.categories, seed=cfg.seed, grid=cfg.grid)
+                      categories=cfg.categories, seed=cfg.seed, grid=cfg.grid, ranker=cfg.ranker)
     rres = run_rank(out / "extract", tally, out / "rank", rcfg)
     echo(rres.summary())
     timings["rank"] = time.perf_counter() - t0
@@ -275,6 +277,18 @@ def _write_world_manifest(out: Path, params: dict) -> None:
         "cache": {"format": cache.CACHE_FORMAT, "stage": "synth", "key": _world_key(params), "params": params,
                   "package_versions": cache.package_versions()},
     })
+
+
+def _probe_activations_if_needed(cfg: RunConfig, model, dissect_dir: Path, echo: Callable[[str], None]) -> None:
+    """probe_activations.npz beside the tally when the run's ranker learns from the probe set."""
+    from conceptrank.core.rankers import ranker_needs, resolve_ranker
+    from conceptrank.stages.probe import run_probe_activations
+
+    name, _ = resolve_ranker(cfg.protocol, cfg.ranker, ("max", "thresholds", "probe"))
+    if "probe" in ranker_needs(name):
+        path = run_probe_activations(model, cfg.layer, cfg.probe, dissect_dir, batch_size=cfg.batch_size,
+                                     workers=cfg.workers, device=cfg.device)
+        echo(f"[probe] per-image probe activations for the {name} ranker → {path}")
 
 
 # -- the ranker benchmark's worlds (issue 13): generated here, above the synthetic layer ------------

@@ -379,15 +379,17 @@ class ConceptRanker(BaseEstimator):
         return self
 
     def _check_inputs(self, bank: UnitBank, X_max, probe, U: int) -> None:
-        name = type(self).__name__
+        name = next((k for k, v in _CLASSES.items() if v is type(self)), type(self).__name__)
         if bank.num_units != U:
-            raise ConceptrankError(f"{name}: the unit bank has {bank.num_units} units, the activations {U}")
+            raise ConceptrankError(f"ranker {name}: the unit bank has {bank.num_units} units, the activations {U}")
         if "max" in self.needs and X_max is None:
-            raise ConceptrankError(f"{name} needs the per-image maxima (activations.npz 'max')")
+            raise ConceptrankError(f"ranker {name} needs the per-image maxima (activations.npz 'max', written by extract)")
         if "thresholds" in self.needs and bank.thresholds is None:
-            raise ConceptrankError(f"{name} needs the dissection thresholds (thresholds.npy next to tally.csv)")
+            raise ConceptrankError(f"ranker {name} needs the dissection thresholds (thresholds.npy beside tally.csv, "
+                                   "written by dissect)")
         if "probe" in self.needs and probe is None:
-            raise ConceptrankError(f"{name} needs probe-set activations (probe_activations.npz)")
+            raise ConceptrankError(f"ranker {name} needs the probe set's per-image activations (probe_activations.npz "
+                                   "beside tally.csv: `conceptrank probe-activations --out <dissect folder>`)")
 
     @property
     def n_concepts(self) -> int:
@@ -497,7 +499,7 @@ class PresenceRanker(ConceptRanker):
 
     def local_scores(self, X, X_max=None):
         if X_max is None:
-            raise ConceptrankError("PresenceRanker needs the per-image maxima (activations.npz 'max')")
+            raise ConceptrankError("ranker presence needs the per-image maxima (activations.npz 'max')")
         return self.presence(X_max)
 
 
@@ -573,7 +575,7 @@ class Net2VecRanker(ConceptRanker):
 
     def local_scores(self, X, X_max=None):
         if X_max is None:
-            raise ConceptrankError("Net2VecRanker needs the per-image maxima (activations.npz 'max')")
+            raise ConceptrankError("ranker net2vec needs the per-image maxima (activations.npz 'max')")
         F = self._features(X, X_max)
         return _sigmoid(F @ self.coef_.T + self.intercept_), self._units(F)
 

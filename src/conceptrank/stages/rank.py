@@ -61,6 +61,7 @@ from conceptrank.core.ranking import (
     protocol_pools,
     unit_concept_table,
 )
+from conceptrank.core.rankers import RANKERS, ProbeActivations, UnitBank, rank_lists, resolve_ranker
 from conceptrank.errors import ConceptrankError
 from conceptrank.io import cache
 from conceptrank.io.activations import Activations, load_activations, npz_path
@@ -86,6 +87,7 @@ from conceptrank.io.rankings import (
 )
 from conceptrank.io.svm import load_svm, save_svm
 from conceptrank.io.tally_csv import UnitLabels, read_tally
+from conceptrank.stages.probe import PROBE_FILE, load_probe_activations, stored_fingerprints
 
 __all__ = ["RankConfig", "RankResult", "rank_concepts", "run_rank", "check_compatible"]
 
@@ -113,6 +115,9 @@ class RankConfig:
     c_grid : candidate values of C.
     folds : number of CV folds (the paper protocol uses this many KFold folds too; default 5).
     max_iter : liblinear iteration cap.
+    ranker : a ranker of :mod:`conceptrank.core.rankers`; None — the protocol's: ``paper`` for the
+        paper protocol, ``DEFAULT_RANKER`` for the standard one when its inputs are there (else
+        ``paper``, with a note).
     """
 
     protocol: Protocol = "standard"
@@ -125,9 +130,12 @@ class RankConfig:
     c_grid: tuple[float, ...] = DEFAULT_C_GRID
     folds: int = 5
     max_iter: int = 20000
+    ranker: str | None = None
 
     def validate(self) -> None:
         """Raise :class:`ConceptrankError` for an invalid setting."""
+        if self.ranker is not None and self.ranker not in RANKERS:
+            raise ConceptrankError(f"unknown ranker {self.ranker!r}: expected one of {', '.join(RANKERS)}")
         if self.protocol not in PROTOCOLS:
             raise ConceptrankError(f"unknown protocol {self.protocol!r}: expected one of {', '.join(PROTOCOLS)}")
         if self.top_local < 1 or self.top_global < 1:
@@ -189,6 +197,7 @@ class RankResult:
     warnings : notes worth reading (convergence, classes missing from a paper fold model, ...).
     out : the output folder (:func:`run_rank` only); ``reused`` True when an earlier run's
         outputs for the same inputs were reused.
+    ranker : the ranker that made the lists; ``ranker_note`` why the default gave way, or None.
     """
 
     protocol: Protocol
@@ -217,6 +226,8 @@ class RankResult:
     warnings: tuple[str, ...] = field(default_factory=tuple)
     out: Path | None = None
     reused: bool = False
+    ranker: str = "paper"
+    ranker_note: str | None = None
 
     @property
     def cv_scores(self) -> dict:
@@ -239,6 +250,8 @@ class RankResult:
             f"  best C {self.best_C:g}; {self.evaluated_split} accuracy {self.test_accuracy:.3f}, "
             f"macro F1 {self.macro_f1:.3f} (train {self.n_train}, evaluated {self.n_test} images)",
         ]
+        if self.ranker != "paper" or self.ranker_note:
+            lines.append(f"  ranker {self.ranker}" + (f" ({self.ranker_note})" if self.ranker_note else ""))
         if self.out is not None:
             lines.append(f"  → {self.out}")
         lines += [f"  warning: {w}" for w in self.warnings]
@@ -369,14 +382,17 @@ def _svm_params(model: GlobalRanker, classes: list[str]) -> SVMParams:
     )
 
 
-def rank_concepts(act: Activations, labels: UnitLabels, cfg: RankConfig) -> RankResult:
+def rank_concepts(act: Activations, labels: UnitLabels, cfg: RankConfig, *, thresholds: np.ndarray | None = None,
+                  probe: ProbeActivations | None = None) -> RankResult:
     """Rank concepts locally (per image) and globally (per class, from a linear SVM).
 
     Parameters
     ----------
-    act : per-image mean activations (N, U) with images, classes and splits (N,).
+    act : per-image mean activations (N, U) with images, classes and splits (N,) (and ``max``).
     labels : Network Dissection labels of the U units (``tally.csv``).
     cfg : :class:`RankConfig`.
+    thresholds : (U,) the dissection's thresholds; probe : the probe set's activations — what the
+        rankers beyond the paper's need (:func:`conceptrank.core.rankers.resolve_ranker`).
 
     Returns
     -------
@@ -391,9 +407,14 @@ def rank_concepts(act: Activations, labels: UnitLabels, cfg: RankConfig) -> Rank
     y = act.classes
     metrics = classification_metrics(y[fit.eval_index], model.predict(X[fit.eval_index]), model.classes_)
     classes = [str(c) for c in model.classes_]
-    local = local_rankings(act.mean, unit_concepts, cfg.top_local, cfg.local_pool)
-    pos = global_rankings(model.coef_, unit_concepts, cfg.top_global, cfg.global_pool, "+")
-    neg = global_rankings(model.coef_, unit_concepts, cfg.top_global, cfg.global_pool, "-")
+    available = [n for n, v in (("max", act.max), ("thresholds", thresholds), ("probe", probe)) if v is not None]
+    ranker, note = resolve_ranker(cfg.protocol, cfg.ranker, available)
+    rows = np.flatnonzero(fit.splits == "train") if cfg.protocol == "standard" else np.arange(N)
+    mx = None if act.max is None else np.asarray(act.max, dtype=np.float64)
+    _, local, pos, neg = rank_lists(
+        ranker, X[rows], y[rows], act.mean, UnitBank(unit_concepts, thresholds), model, k=cfg.top_local,
+        g=cfg.top_global, max_fit=None if mx is None else mx[rows], max_all=mx, probe=probe,
+        local_pool=cfg.local_pool, global_pool=cfg.global_pool)
     return RankResult(
         protocol=cfg.protocol, classes=tuple(classes),
         images=tuple(act.images.tolist()), image_classes=tuple(y.tolist()), splits=tuple(fit.splits.tolist()),
@@ -404,6 +425,7 @@ def rank_concepts(act: Activations, labels: UnitLabels, cfg: RankConfig) -> Rank
         n_train=int(fit.n_train), n_test=int(len(fit.eval_index)), n_units=int(U),
         n_labelled_units=int((ids >= 0).sum()), n_concepts=len(names), n_iter=model.n_iter_,
         missing_classes=tuple(model.missing_classes_), cv_description=fit.cv_description, warnings=fit.notes,
+        ranker=ranker, ranker_note=note,
     )
 
 
@@ -468,14 +490,34 @@ def _rank_inputs(activations: Path, tally: Path, cfg: RankConfig) -> _RankInputs
     params = {"format": RANK_FORMAT, "config": cfg.as_json(), "inputs": [str(act_path), str(tally)]}
     key = fingerprints = None
     if act_path.is_file() and tally.is_file():
+        beside = [tally.parent / "thresholds.npy", tally.parent / PROBE_FILE]  # the rankers' extra inputs
         fingerprints = {
             "activations_sha256": file_sha256(act_path),
             "tally_sha256": file_sha256(tally),
+            "ranker_inputs_sha256": [file_sha256(p) if p.is_file() else None for p in beside],
             "extract": (extract_meta or {}).get("fingerprints"),
             "dissect": (dissect_meta or {}).get("fingerprints"),
         }
         key = stage_key("rank", fingerprints, params)
     return _RankInputs(act_path, tally, extract_json, dissect_json, extract_meta, dissect_meta, fingerprints, key, params)
+
+
+def _ranker_inputs(inp: _RankInputs) -> tuple[np.ndarray | None, ProbeActivations | None]:
+    """``thresholds.npy`` and ``probe_activations.npz`` beside the tally, when there (the probe file only
+    when it was made with the dissection's model and layer)."""
+    folder = inp.tally.parent
+    thresholds = None
+    if (folder / "thresholds.npy").is_file():
+        try:
+            thresholds = np.load(folder / "thresholds.npy", allow_pickle=False).astype(np.float64).reshape(-1)
+        except (OSError, ValueError) as e:
+            raise ConceptrankError(f"cannot read {folder / 'thresholds.npy'}: {e}") from None
+    probe = None
+    stored = stored_fingerprints(folder / PROBE_FILE) if (folder / PROBE_FILE).is_file() else None
+    meta = inp.dissect_meta or {}
+    if stored and stored["model"] == (meta.get("fingerprints") or {}).get("model") and stored["layer"] == meta.get("layer"):
+        probe = load_probe_activations(folder / PROBE_FILE)
+    return thresholds, probe
 
 
 def _invalidate(out: Path) -> None:
@@ -537,6 +579,8 @@ def _write_rank_manifest(out: Path, res: RankResult, cfg: RankConfig, inp: _Rank
         "stage": "rank",
         "config": inp.params["config"],
         "protocol": cfg.protocol,
+        "ranker": res.ranker,
+        "ranker_note": res.ranker_note,
         "top_local": cfg.top_local,
         "top_global": cfg.top_global,
         "min_iou": cfg.effective_min_iou,
@@ -583,7 +627,8 @@ def run_rank(activations: Path, tally: Path, out: Path, cfg: RankConfig) -> Rank
     act = load_activations(inp.act_path)
     labels = read_tally(inp.tally)
     check_compatible(inp.extract_meta, inp.dissect_meta, str(inp.extract_json), str(inp.dissect_json))
-    res = rank_concepts(act, labels, cfg)
+    thresholds, probe = _ranker_inputs(inp)
+    res = rank_concepts(act, labels, cfg, thresholds=thresholds, probe=probe)
     _invalidate(out)
     _write_rank_outputs(out, res, cfg)
     _write_rank_manifest(out, res, cfg, inp)
@@ -614,6 +659,7 @@ def _reused_result(out: Path, manifest: Manifest) -> RankResult | None:
             n_concepts=int(meta["n_concepts"]), n_iter=int((clf.get("svm") or {}).get("n_iter", 0)),
             missing_classes=tuple(clf.get("missing_classes") or ()), cv_description=str(clf.get("cv", "")),
             warnings=tuple(str(w) for w in clf.get("warnings", ())), out=out, reused=True,
+            ranker=str(meta.get("ranker", "paper")), ranker_note=meta.get("ranker_note"),
         )
     except (OSError, ValueError, KeyError, TypeError, ConceptrankError):
         return None

@@ -326,8 +326,8 @@ def relate(
     """KG relations among the ranked concepts, grounded in the model's own activation maps (relations.csv/json)."""
     from conceptrank.stages.relate import RelateConfig, run_relate
 
-    cfg = RelateConfig(kg=kg, kg_format=kg_format, overrides=concept_map, top_global=top_global, top_local=top_local,
-                       split=split, min_support=min_support, seed=seed)
+    cfg = _run(RelateConfig, kg=kg, kg_format=kg_format, overrides=concept_map, top_global=top_global,
+               top_local=top_local, split=split, min_support=min_support, seed=seed)
     res = _run(run_relate, run, cfg)
     typer.echo(res.summary())
 

@@ -74,6 +74,16 @@ class RelateConfig:
     draws: int = 200
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.kg_format not in ("auto", "conceptnet", "kgtk", "wordnet"):
+            raise ConceptrankError(f"--kg-format {self.kg_format!r}: choose auto, conceptnet, kgtk or wordnet")
+        if self.split not in ("test", "train", "all"):
+            raise ConceptrankError(f"--split {self.split!r}: choose test, train or all")
+        for name in ("min_fit", "min_support"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ConceptrankError(f"--{name.replace('_', '-')} must be between 0 and 1, got {v}")
+
 
 @dataclass(frozen=True)
 class ConceptEdge:

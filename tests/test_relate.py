@@ -155,3 +155,18 @@ def test_cli_relate_and_bad_kg(run_dir, tmp_path):
     assert r.exit_code == 2 and "kg.csv.gz" in r.output
     r = CliRunner().invoke(app, ["relate", "--run", str(run_dir), "--split", "val"])
     assert r.exit_code == 2 and "--split" in r.output
+
+
+def test_explain_lists_the_relations_that_hold_in_the_image(run_dir):
+    from conceptrank.stages.explain import run_explain
+    from conceptrank.stages.relate import image_relations, run_relate
+
+    run_relate(run_dir, RelateConfig(draws=5))
+    with open(run_dir / "relate" / "relations.csv", newline="") as f:
+        image = next(r["where"] for r in csv.DictReader(f) if r["scope"] == "image" and r["grounding_score"])
+    res = run_explain(run_dir, [image])
+    record = json.loads(res.images[0].json_path.read_text())
+    expected = [x for x in image_relations(run_dir, image) if x["fits"]]
+    assert record["relations"] == expected
+    if expected:
+        assert any(n.startswith("relations that hold in it:") for n in res.images[0].notes)

@@ -37,7 +37,7 @@ from conceptrank.core.relations import (
 )
 from conceptrank.errors import ConceptrankError
 
-__all__ = ["RelateConfig", "ConceptEdge", "ClassRelations", "Relations", "relate_concepts", "run_relate",
+__all__ = ["RelateConfig", "RelateResult", "kg_of_run", "image_relations", "ConceptEdge", "ClassRelations", "Relations", "relate_concepts", "run_relate",
            "concept_edges", "RELATE_OUTPUTS"]
 
 RELATE_OUTPUTS = ("relations.csv", "relations.json")
@@ -332,18 +332,23 @@ def _truth(path: Path | None) -> tuple[dict | None, Path | None]:
 
 
 def _concept_masks(maps: np.ndarray, thresholds: np.ndarray, unit_concept: np.ndarray, n_concepts: int,
-                   size: tuple[int, int]):
-    """(C, H, W) bool regions of one image: the union of each concept's units' above-threshold maps."""
+                   size: tuple[int, int]) -> np.ndarray:
+    """(n, C, H, W) bool regions: per image, the union of each concept's units' upsampled maps above threshold.
+
+    ``maps`` is (n, U, h, w); ``unit_concept`` (U,) the concept index of each unit (-1 unlabelled).
+    """
     import torch
 
     from conceptrank.core.upsample import upsample_bilinear
+    from conceptrank.stages.dissect import float32_floor  # dissect's own comparison: float32 value > floor(thr)
 
-    up = upsample_bilinear(torch.from_numpy(np.asarray(maps, np.float32)), size)
-    active = (up > torch.from_numpy(thresholds.astype(np.float32))[:, None, None]).reshape(len(thresholds), -1)
-    onehot = torch.zeros(n_concepts, len(thresholds))
+    n, U, h, w = maps.shape
+    up = upsample_bilinear(torch.from_numpy(np.asarray(maps, np.float32).reshape(n * U, h, w)), size)
+    active = (up.reshape(n, U, -1) > torch.from_numpy(float32_floor(thresholds))[None, :, None]).float()
+    onehot = torch.zeros(n_concepts, U)
     labelled = np.flatnonzero(unit_concept >= 0)
     onehot[unit_concept[labelled], labelled] = 1.0
-    return ((onehot @ active.float()) > 0).reshape(n_concepts, *size)
+    return (torch.einsum("cu,nup->ncp", onehot, active) > 0).reshape(n, n_concepts, *size).numpy()
 
 
 def _geometry(run: Path, rels: list[str], unit_concept: np.ndarray, n_concepts: int, thresholds: np.ndarray,
@@ -362,7 +367,7 @@ def _geometry(run: Path, rels: list[str], unit_concept: np.ndarray, n_concepts: 
     for s in range(0, len(rels), chunk):
         maps, pics, _ = layer_maps(run_cfg, extract_meta, rels[s:s + chunk])
         size = pics[0].shape[:2]
-        masks = np.stack([_concept_masks(m, thresholds, unit_concept, n_concepts, size).numpy() for m in maps])
+        masks = _concept_masks(np.stack(maps), thresholds, unit_concept, n_concepts, size)
         parts.append(pair_geometry(masks, max(1, round(radius * max(size)))))
         bar.update(len(maps))
     bar.close()
@@ -495,6 +500,35 @@ def _unit_table(run: Path, rank_meta: dict, concepts_only: bool = False):
     if len(thresholds) != len(uc):
         raise ConceptrankError(f"{thr} has {len(thresholds)} thresholds but {tally} {len(uc)} units")
     return concepts, unit_concept, thresholds
+
+
+def image_relations(run: str | Path, image: str) -> list[dict]:
+    """The KG relations among an image's top local concepts, from ``RUN/relate/relations.csv`` (``[]`` when
+    ``relate`` has not run), each with its grounding score in the image and whether it fits there."""
+    from conceptrank.io.cache import read_json
+
+    path = Path(run) / "relate" / "relations.csv"
+    if not path.is_file():
+        return []
+    min_fit = float(((read_json(path.with_name("relations.json")) or {}).get("config") or {}).get("min_fit", 0.5))
+    out = []
+    for r in _read_csv(path):
+        if r["scope"] == "image" and r["where"] == image:
+            score = float(r["grounding_score"]) if r["grounding_score"] else None
+            out.append({"head": r["head"], "relation": r["relation"], "tail": r["tail"], "grounding_score": score,
+                        "fits": score is not None and score >= min_fit})
+    return out
+
+
+def kg_of_run(run: str | Path) -> Path | None:
+    """The synthetic world's knowledge graph named by the run's truth file, None when there is none."""
+    from conceptrank.io.cache import read_json
+
+    run = Path(run)
+    run_cfg = (read_json(run / "run.json") if (run / "run.json").is_file() else {}).get("config") or {}
+    truth_path, _ = _default_kg(run_cfg, run)
+    kg = _truth(truth_path)[1]
+    return kg if kg is not None and kg.is_file() else None
 
 
 def run_relate(run: str | Path, cfg: RelateConfig = RelateConfig()) -> RelateResult:

@@ -23,6 +23,7 @@ writes ``RUN/relate/relations.csv`` and ``RUN/relate/relations.json``.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import math
 from dataclasses import dataclass, field
@@ -317,6 +318,30 @@ def _tops(rank_dir: Path, top_global: int | None, top_local: int | None):
     return glob, loc
 
 
+def image_agreement(images, image_truth: Mapping[str, set], min_fit: float) -> dict[str, float]:
+    """Per-image check against the world: of the KG relations among an image's local concepts, those that fit
+    its maps (score ≥ ``min_fit``) vs those that hold in it (``image_truth``, keyed by file name)."""
+    hit = fit = held = 0
+    for name, _, found in images:
+        truth = image_truth.get(PurePosixPath(name).name)
+        if truth is None:
+            continue
+        for e, score in found:
+            ok = not math.isnan(score) and score >= min_fit
+            fit += ok
+            held += e.relation in truth
+            hit += ok and e.relation in truth
+    return {"image_precision": hit / fit if fit else math.nan, "image_recall": hit / held if held else math.nan,
+            "image_relations_fitting": fit}
+
+
+def _image_truth(path: Path | None) -> dict[str, set]:
+    from conceptrank.io.cache import read_json
+
+    rel = (read_json(path) or {}).get("relations") or {} if path is not None and Path(path).is_file() else {}
+    return {n: {oriented(*r) for r in rs} for n, rs in (rel.get("images") or {}).items()}
+
+
 def _truth(path: Path | None) -> tuple[dict | None, Path | None]:
     """(class → planted relations, the world's KG path) from a synthetic world's truth.json."""
     if path is None or not Path(path).is_file():
@@ -400,6 +425,10 @@ class RelateResult:
                          f"precision {s['precision']:.2f}, recall {s['recall']:.2f} (KG alone: precision "
                          f"{s['kg_only_precision']:.2f}, recall {s['kg_only_recall']:.2f}; degree-matched random: "
                          f"precision {s['chance_precision']:.2f}, recall {s['chance_recall']:.2f}; lift {s['lift']:.1f}×)")
+            if "image_precision" in s:
+                lines.append(f"[relate] per image: {s['image_relations_fitting']} relations fit the maps; precision "
+                             f"{_f(s['image_precision'])}, recall {_f(s['image_recall'])} against the relations that "
+                             "hold in each image")
             for c in self.relations.classes:
                 if c.planted:
                     lines.append(f"  {c.klass:<16} P {_f(c.precision)}  R {_f(c.recall)}  (random P {_f(c.chance_precision)}"
@@ -561,6 +590,9 @@ def run_relate(run: str | Path, cfg: RelateConfig = RelateConfig()) -> RelateRes
     truth = _match_truth(planted, glob) if planted is not None else None
     rel = relate_concepts(edges, concepts, geom, chosen, [loc[n][0] for n in chosen], glob,
                           {n: loc[n][2] for n in chosen}, truth, cfg)
+    image_truth = _image_truth(truth_path)
+    if image_truth:
+        rel = dataclasses.replace(rel, summary={**rel.summary, **image_agreement(rel.images, image_truth, cfg.min_fit)})
     notes = []
     if truth is None:
         notes.append("no planted relations (truth.json without a 'relations' section): precision and recall not computed")

@@ -313,8 +313,29 @@ def explain(
 
 
 @app.command()
+def relate(
+    run: Path = typer.Option(..., "--run", help="A run folder made by `demo` or `run`."),
+    kg: Optional[Path] = typer.Option(None, "--kg", help="Knowledge graph: ConceptNet assertions .csv.gz, KGTK .tsv, a WordNet folder (/usr/share/wordnet), or a folder holding one (default: the synthetic world's knowledge.csv.gz)."),
+    kg_format: str = typer.Option("auto", "--kg-format", help="auto, conceptnet, kgtk or wordnet."),
+    concept_map: Optional[Path] = typer.Option(None, "--concept-map", help="CSV concept,term overriding the concept-name normalisation (an empty term leaves a concept unmapped)."),
+    top_global: Optional[int] = typer.Option(None, "--top-global", help="G global concepts per class (default: as ranked)."),
+    top_local: Optional[int] = typer.Option(None, "--top-local", help="K local concepts per image (default: as ranked)."),
+    split: str = typer.Option("test", "--split", help="Images used for grounding: test, train or all."),
+    min_support: float = typer.Option(0.3, "--min-support", help="Share of a class's images a relation must fit in to count as grounded."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the degree-matched chance baseline."),
+) -> None:
+    """KG relations among the ranked concepts, grounded in the model's own activation maps (relations.csv/json)."""
+    from conceptrank.stages.relate import RelateConfig, run_relate
+
+    cfg = _run(RelateConfig, kg=kg, kg_format=kg_format, overrides=concept_map, top_global=top_global,
+               top_local=top_local, split=split, min_support=min_support, seed=seed)
+    res = _run(run_relate, run, cfg)
+    typer.echo(res.summary())
+
+
+@app.command()
 def fetch(
-    dataset: str = typer.Argument(..., metavar="DATASET", help="What to download: broden or stanford40."),
+    dataset: str = typer.Argument(..., metavar="DATASET", help="What to download: broden, stanford40 or conceptnet."),
     to: Path = typer.Option(..., "--to", help="Folder to download and extract into."),
     variant: str = typer.Option("224", "--variant", help="Broden only: 224 (broden1_224) or 227 (broden1_227)."),
     base_url: Optional[str] = typer.Option(None, "--base-url", help="Mirror to download from instead of the official address."),

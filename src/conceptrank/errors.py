@@ -20,6 +20,7 @@ __all__ = [
     "UnknownLayerError",
     "DownloadError",
     "StaleInputError",
+    "KnowledgeGraphError",
     "user_error_types",
 ]
 
@@ -38,6 +39,10 @@ class TargetError(ConceptrankError):
 
 class TallyError(ConceptrankError):
     """A tally.csv that cannot be read; the message names the file and line."""
+
+
+class KnowledgeGraphError(ConceptrankError):
+    """A knowledge-graph file (ConceptNet, KGTK, WordNet) that cannot be read; the message names the file."""
 
 
 class ModelError(ConceptrankError):

@@ -1,6 +1,7 @@
-"""Download and unpack the real data sets: Broden (probe set) and Stanford 40 Actions (target set).
+"""Download and unpack the real data sets: Broden (probe set), Stanford 40 Actions (target set), and
+ConceptNet 5.7's assertions (a knowledge graph, kept as the downloaded ``.csv.gz``).
 
-``conceptrank fetch broden|stanford40 --to DIR`` calls :func:`fetch_dataset`, which for every
+``conceptrank fetch broden|stanford40|conceptnet --to DIR`` calls :func:`fetch_dataset`, which for every
 archive of the data set
 
 1. skips everything when the archive's extracted content is already complete (its *marker*
@@ -75,8 +76,10 @@ MANIFEST_NAME = ".conceptrank-fetch.json"
 _CHUNK = 1 << 16
 _BRODEN_BASE = "http://netdissect.csail.mit.edu/data/"
 _STANFORD_BASE = "http://vision.stanford.edu/Datasets/"
+_CONCEPTNET_BASE = "https://s3.amazonaws.com/conceptnet/downloads/2019/edges/"
+_CONCEPTNET_FILE = "conceptnet-assertions-5.7.0.csv.gz"
 _BRODEN_VARIANTS = ("224", "227")
-DATASETS = ("broden", "stanford40")
+DATASETS = ("broden", "stanford40", "conceptnet")
 """Names accepted by :func:`fetch_dataset` (``stanford-40`` and ``stanford_40`` work too)."""
 
 
@@ -102,7 +105,8 @@ class Resource:
         A single top-level folder of that same name inside the archive is not repeated.
     marker : str
         Path, relative to ``DIR/<extract_to>``, whose existence means the content is complete
-        (``index.csv``, ``ImageSplits/actions.txt``, ...).
+        (``index.csv``, ``ImageSplits/actions.txt``, ...). An empty ``extract_to`` means the file is
+        used as downloaded (ConceptNet's ``.csv.gz``): nothing is extracted.
     """
 
     name: str
@@ -116,6 +120,8 @@ class Resource:
     @property
     def official_url(self) -> str:
         """The official address of this archive (``url`` may point at a mirror)."""
+        if not self.extract_to:
+            return _CONCEPTNET_BASE + self.filename
         base = _STANFORD_BASE if self.extract_to == "Stanford40" else _BRODEN_BASE
         return base + self.filename
 
@@ -152,10 +158,12 @@ class FetchResult:
         else:
             how = "nothing downloaded"
         lines = [f"{self.dataset} ready in {self.root}  ({how})"]
-        for f in self.files:
+        for f in self.files if self.dataset != "conceptnet" else ():
             lines.append(f"  archive: {f}  (may be deleted; the extracted folder is what is used)")
         root = shlex.quote(str(self.root))
-        if self.dataset == "broden":
+        if self.dataset == "conceptnet":
+            lines.append(f"next: conceptrank relate --run runs/demo --kg {root}")
+        elif self.dataset == "broden":
             lines.append("next: conceptrank dissect --model resnet18 --weights IMAGENET1K_V1 --layer layer4 "
                          f"--probe {root} --out runs/dissect-resnet18")
         else:
@@ -173,6 +181,8 @@ def _canonical_name(name: str) -> str:
         return "broden"
     if key in ("stanford40", "stanford40actions"):
         return "stanford40"
+    if key in ("conceptnet", "conceptnet5", "conceptnet57", "conceptnetassertions"):
+        return "conceptnet"
     raise ConceptrankError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
 
@@ -213,6 +223,9 @@ def resources(name: str, variant: str | int = "224", base_url: str | None = None
         In download order.
     """
     ds = _canonical_name(name)
+    if ds == "conceptnet":
+        fn = _CONCEPTNET_FILE
+        return (Resource("conceptnet-assertions-5.7.0", _mirror(base_url, _CONCEPTNET_BASE, fn), fn, None, None, ""),)
     if ds == "broden":
         v = _canonical_variant(variant)
         fn = f"broden1_{v}.zip"
@@ -657,6 +670,8 @@ def _record(to: Path, manifest: dict[str, Any], res: Resource, digest: str, size
 
 
 def _layout(ds: str, to: Path, res: tuple[Resource, ...]) -> list[str]:
+    if ds == "conceptnet":
+        return [f"{to / res[0].filename}  (the .csv.gz as downloaded; it is read without unpacking)"]
     if ds == "broden":
         r = res[0]
         return [f"{to / r.extract_to / r.marker}  (plus images/, category.csv, label.csv, c_*.csv; "
@@ -717,7 +732,7 @@ def fetch_dataset(name: str, to: Path, *, variant: str = "224", base_url: str | 
     resumed = False
     for i, r in enumerate(res):
         archive = to / r.filename
-        if (to / r.extract_to / r.marker).exists():
+        if r.extract_to and (to / r.extract_to / r.marker).exists():
             if archive.exists():
                 files.append(archive)
             continue
@@ -729,7 +744,8 @@ def fetch_dataset(name: str, to: Path, *, variant: str = "224", base_url: str | 
             got = _download(r.url, archive, sha256=expected, size=expected_size, timeout=float(timeout),
                             progress=progress, recorded=bool(expected) and not r.sha256)
         except DownloadError as e:
-            pending = [x for x in res[i:] if not (to / x.extract_to / x.marker).exists() and not (to / x.filename).exists()]
+            pending = [x for x in res[i:] if not (x.extract_to and (to / x.extract_to / x.marker).exists())
+                       and not (to / x.filename).exists()]
             if base_url is not None:
                 items = [(f"{x.url}  (official: {x.official_url})", to / x.filename) for x in pending]
             else:
@@ -747,9 +763,11 @@ def fetch_dataset(name: str, to: Path, *, variant: str = "224", base_url: str | 
     # phase 2: extract in registry order (the archive holding the data set's marker last)
     for r, got, placed in todo:
         archive = to / r.filename
-        extract_archive(archive, to / r.extract_to, r.marker, progress=progress)
+        if r.extract_to:
+            extract_archive(archive, to / r.extract_to, r.marker, progress=progress)
         if not (manifest["files"].get(r.filename) or {}).get("sha256"):  # trust on first use, once proven complete
             _record(to, manifest, r, got.sha256, got.size, "placed" if placed else "downloaded")
         files.append(archive)
 
-    return FetchResult(ds, to / res[0].extract_to, tuple(sorted(files, key=lambda p: p.name)), downloaded, resumed)
+    root = to / (res[0].extract_to or res[0].filename)
+    return FetchResult(ds, root, tuple(sorted(files, key=lambda p: p.name)), downloaded, resumed)

@@ -186,6 +186,13 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> Pipelin
     echo(vres.table())
     timings["evaluate"] = time.perf_counter() - t0
 
+    from conceptrank.stages.relate import RelateConfig, kg_of_run, run_relate
+
+    if kg_of_run(out) is not None:  # a synthetic world's KG: relations among the concepts, grounded and scored
+        t0 = time.perf_counter()
+        echo(run_relate(out, RelateConfig(seed=cfg.seed)).summary())
+        timings["relate"] = time.perf_counter() - t0
+
     report = None
     if cfg.report:
         from conceptrank.report import ReportOptions, write_report

@@ -25,6 +25,7 @@ from conceptrank.errors import ConceptrankError
 from conceptrank.report import figures as F
 from conceptrank.report import scores as S
 from conceptrank.report.data import RunData, load_run
+from conceptrank.report.relations import relations_section
 
 __all__ = ["ReportOptions", "write_report", "render_html"]
 
@@ -625,6 +626,7 @@ def write_report(run: str | Path, options: ReportOptions | None = None,
         "cards": cards,
         "labelled_total": len(data.labelled_units()),
         "sections": sections,
+        "relations": relations_section(root, figdir, opts.dpi),
         "classes": list(data.classes),
         "concepts": concepts,
         "notes": notes.items,

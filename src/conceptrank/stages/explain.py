@@ -41,6 +41,7 @@ from conceptrank.io.rankings import (
 )
 from conceptrank.io.svm import load_svm
 from conceptrank.stages.maps import layer_maps
+from conceptrank.stages.relate import image_relations
 
 __all__ = [
     "ConceptContribution",
@@ -489,6 +490,9 @@ def run_explain(run: str | Path, images: Sequence[str], top: int = 5, heatmaps: 
             record["heatmaps"] = _draw_heatmaps(png, rel, exp, inp.svm, maps[j], pics[j], heatmaps,
                                                   true_class=str(act.classes[r]))
             record["activation_check_max_abs_diff"] = check
+        held = [x for x in image_relations(run, rel) if x["fits"]]  # KG relations grounded in this image (`relate`)
+        record["relations"] = held
+        notes += [f"relations that hold in it: {'; '.join(' '.join((x['head'], x['relation'], x['tail'])) for x in held)}"] if held else []
         if notes:
             record["notes"] = notes
         jp = out / f"{name}.json"

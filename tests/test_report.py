@@ -443,10 +443,16 @@ def test_write_report_escapes_every_name(tiny_report):
 def test_write_report_is_repeatable(tmp_path):
     run = make_tiny_run(tmp_path)
     write_report(run)
-    stale = run / "figures" / "units" / "stale.jpg"
-    stale.write_bytes(b"x")
+    first = set(p.name for p in (run / "figures" / "units").iterdir())
+    users = run / "figures" / "units" / "mine.jpg"  # not written by report: never deleted
+    users.write_bytes(b"x")
     write_report(run, ReportOptions(unit_images=2, images_per_class=1, top_units=1, max_units=3))
-    assert not stale.exists()
+    assert users.read_bytes() == b"x"
+    second = set(p.name for p in (run / "figures" / "units").iterdir()) - {"mine.jpg"}
+    linked = {unquote(urlsplit(r).path).rsplit("/", 1)[-1] for r in local_refs(parse_html(
+        (run / "report.html").read_text(encoding="utf-8"))) if "/units/" in r}
+    assert second == linked and len(second) < len(first)  # the first report's other thumbnails are gone
+    assert not (run / ".report-staging").exists()
     doc = parse_html((run / "report.html").read_text(encoding="utf-8"))
     assert len(with_class(doc, "unit-card")) == 3
     assert len(with_class(doc, "image-panel")) == 3

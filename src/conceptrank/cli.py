@@ -5,6 +5,7 @@ Heavy imports (torch, sklearn, matplotlib) happen inside the commands so that ``
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, List, Optional
@@ -121,11 +122,63 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return user_error_types()
 
 
-def _run(fn, *args, **kwargs):
+def _user_paths(args, kwargs) -> list[Path]:
+    return [Path(a).absolute() for a in (*args, *kwargs.values()) if isinstance(a, Path)]
+
+
+def _os_error_line(e: OSError, paths: list[Path]) -> str | None:
+    """One line for an OSError that is the environment's or the user's doing, else None (a bug).
+
+    A full disk, a read-only file system or a missing permission is never a bug; any other OSError
+    counts as the user's only when it names a file at or below a path given on the command line.
+    """
+    import errno
+
+    name = Path(os.fsdecode(e.filename)).absolute() if e.filename else None
+    env = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+    given = name is not None and any(name == p or p in name.parents for p in paths)
+    if not (env or given):
+        return None
+    return f"{e.filename if e.filename else 'a file'}: {e.strerror or e}"
+
+
+VERIFY_CONTENT_HELP = ("Fingerprint every input file by its bytes for the cache key (default: bytes when the "
+                       "inputs total at most 256 MiB, else size + modification time).")
+
+
+def _verify_content(on: bool) -> None:
+    if on:
+        os.environ["CONCEPTRANK_VERIFY_CONTENT"] = "1"  # read by io.cache.files_fingerprint
+
+
+def _if_dir(path: Path) -> Path | None:
+    """``path`` when it is a folder (to lock), else None: a missing run folder is not created."""
+    return path if path.is_dir() else None
+
+
+def _run(fn, *args, _lock: Path | None = None, **kwargs):
+    """Call ``fn``; input, configuration and environment errors become one line and exit code 2.
+
+    ``_lock`` names the output folder this command writes: it is held (``io.cache.folder_lock``) for
+    the whole call, so a second command writing the same folder stops at once naming this one's pid.
+    """
+    import contextlib
+
+    from conceptrank.io import cache
+
     try:
-        return fn(*args, **kwargs)
+        cache.checkpoint_seconds()  # a bad CONCEPTRANK_CHECKPOINT_SECONDS fails before any work
+        with cache.folder_lock(_lock) if _lock is not None else contextlib.nullcontext():
+            return fn(*args, **kwargs)
     except _user_errors() as e:  # noqa: B030 - tuple computed lazily
         _fail(str(e))
+    except OSError as e:
+        line = _os_error_line(e, _user_paths(args, kwargs) + ([Path(_lock).absolute()] if _lock else []))
+        if line is None:
+            raise
+        _fail(line)
+    except MemoryError:
+        _fail("out of memory: lower --batch-size (or --resize), or use a machine with more memory")
 
 
 @app.command()
@@ -198,9 +251,12 @@ def dissect(
     engine: str = typer.Option("local", "--engine", help="local (this process) or ray (Ray actors over shards of the probe set)."),
     ray_address: str = typer.Option("auto", "--ray-address", help="With --engine ray: auto (a running cluster), local (start one here) or an address."),
     ray_workers: Optional[int] = typer.Option(None, "--ray-workers", help="With --engine ray: actors to start (default: one per GPU, else one per 2 CPUs)."),
+    verify_content: bool = typer.Option(False, "--verify-content", help=VERIFY_CONTENT_HELP),
 ) -> None:
     """Network Dissection: label every unit of a layer with its best concept (NetDissect-Lite tally.csv)."""
     from conceptrank.stages.dissect import DissectConfig, run_dissect
+
+    _verify_content(verify_content)
 
     cfg = DissectConfig(
         categories=tuple(c.strip() for c in categories.split(",")) if categories else None,
@@ -208,7 +264,8 @@ def dissect(
         batch_size=batch_size, workers=workers, device=device, store=store, stability_quantile=stability_quantile,
         engine=engine, ray_address=ray_address, ray_workers=ray_workers,
     )
-    results = _run(run_dissect, model, weights, list(layer), probe, out, cfg, thresholds)
+    _run(cfg.validate)  # every option checked before the model is loaded
+    results = _run(run_dissect, model, weights, list(layer), probe, out, cfg, thresholds, _lock=out)
     for r in results:
         typer.echo(r.summary())
 
@@ -230,14 +287,18 @@ def extract(
     engine: str = typer.Option("local", "--engine", help="local (this process) or ray (Ray actors over shards of the images)."),
     ray_address: str = typer.Option("auto", "--ray-address", help="With --engine ray: auto (a running cluster), local (start one here) or an address."),
     ray_workers: Optional[int] = typer.Option(None, "--ray-workers", help="With --engine ray: actors to start (default: one per GPU, else one per 2 CPUs)."),
+    verify_content: bool = typer.Option(False, "--verify-content", help=VERIFY_CONTENT_HELP),
 ) -> None:
     """Per image and unit: mean and max of the layer's activation map (activations.npz)."""
     from conceptrank.stages.extract import ExtractConfig, run_extract
 
+    _verify_content(verify_content)
+
     cfg = ExtractConfig(layout=layout, resize=resize, crop=crop, batch_size=batch_size, workers=workers, device=device,
                         split_map=split_map, engine=engine, ray_address=ray_address,
                         ray_workers=ray_workers)
-    res = _run(run_extract, model, weights, layer, dataset, out, cfg)
+    _run(cfg.validate)
+    res = _run(run_extract, model, weights, layer, dataset, out, cfg, _lock=out)
     typer.echo(res.summary())
 
 
@@ -263,7 +324,8 @@ def rank(
         categories=tuple(c.strip() for c in categories.split(",")) if categories else None,
         seed=seed, grid=grid, ranker=ranker,
     )
-    res = _run(run_rank, activations, tally, out, cfg)
+    _run(cfg.validate)
+    res = _run(run_rank, activations, tally, out, cfg, _lock=out)
     typer.echo(res.summary())
 
 
@@ -283,7 +345,8 @@ def evaluate(
 
     cfg = EvaluateConfig(configs=configs, split=split, truth=truth, seed=seed, n_perm=permutations,
                          n_draw=permutations, n_boot=permutations, faithfulness=faithfulness)
-    res = _run(run_evaluate, ranking, out, cfg)
+    _run(cfg.validate)
+    res = _run(run_evaluate, ranking, out, cfg, _lock=out or ranking)
     typer.echo(res.table())
 
 
@@ -296,7 +359,7 @@ def report(
     """Write DIR/report.html and DIR/figures/*.png."""
     from conceptrank.report import ReportOptions, write_report
 
-    path = _run(write_report, run, ReportOptions(max_units=max_units, seed=seed))
+    path = _run(write_report, run, ReportOptions(max_units=max_units, seed=seed), _lock=_if_dir(run))
     typer.echo(f"report: {path}")
 
 
@@ -308,7 +371,7 @@ def explain(
     """Why did the classifier decide as it did for these images: concept contributions to the SVM score."""
     from conceptrank.stages.explain import run_explain
 
-    res = _run(run_explain, run, images)
+    res = _run(run_explain, run, images, _lock=_if_dir(run))
     typer.echo(res.text())
 
 
@@ -357,15 +420,16 @@ def demo(
     """synth → dissect → extract → rank → evaluate → report on the synthetic world; prints a summary."""
     from conceptrank.pipeline import run_demo
 
-    _run(run_demo, out, quick=quick, seed=seed, echo=typer.echo)
+    _run(run_demo, out, quick=quick, seed=seed, echo=typer.echo, _lock=out)
 
 
 @app.command("run")
 def run_config(config: Path = typer.Argument(..., metavar="CONFIG", help="A TOML run configuration (see examples/).")) -> None:
     """Run the stages described by a TOML config file (real models and data)."""
-    from conceptrank.pipeline import run_from_config
+    from conceptrank.pipeline import load_run_config, run_pipeline
 
-    _run(run_from_config, config, echo=typer.echo)
+    cfg = _run(load_run_config, config)
+    _run(run_pipeline, cfg, echo=typer.echo, _lock=cfg.out)
 
 
 @app.command("probe-activations")

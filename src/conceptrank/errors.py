@@ -21,6 +21,11 @@ __all__ = [
     "DownloadError",
     "StaleInputError",
     "KnowledgeGraphError",
+    "ConfigError",
+    "RunFolderError",
+    "OutputError",
+    "DiskSpaceError",
+    "FolderBusyError",
     "user_error_types",
 ]
 
@@ -119,6 +124,37 @@ class StaleInputError(ConceptrankError):
 
 def _stale_input_error(message: str, path: str, manifest: str) -> "StaleInputError":
     return StaleInputError(message, path=Path(path), manifest=Path(manifest))
+
+
+class ConfigError(ConceptrankError):
+    """A run configuration (TOML file, option, environment variable) with a missing, unknown or
+    wrongly typed field; the message names the file and field (or the option)."""
+
+
+class RunFolderError(ConceptrankError):
+    """A run folder that is incomplete or not a run folder at all; the message says what is missing."""
+
+
+class OutputError(ConceptrankError):
+    """An output that cannot be written (read-only folder, no permission, disk full mid-write).
+
+    Attributes
+    ----------
+    path : str
+        The file or folder that could not be written.
+    """
+
+    def __init__(self, message: str, path: str | os.PathLike = "") -> None:
+        super().__init__(message)
+        self.path = str(path)
+
+
+class DiskSpaceError(OutputError):
+    """Not enough free space for what a stage is about to write; the message says how much and where."""
+
+
+class FolderBusyError(ConceptrankError):
+    """Another conceptrank process is writing the same output folder (it holds the folder's lock)."""
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:

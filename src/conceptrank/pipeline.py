@@ -10,15 +10,16 @@ parameters, the package versions or any of its files changed (``DIR/.world.json`
 
 from __future__ import annotations
 
+import math
 import time
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
-from conceptrank.errors import ConceptrankError
+from conceptrank.errors import ConceptrankError, ConfigError
 
-__all__ = ["RunConfig", "load_run_config", "run_pipeline", "run_demo", "run_from_config"]
+__all__ = ["RunConfig", "load_run_config", "validate_run_config", "run_pipeline", "run_demo", "run_from_config"]
 
 
 @dataclass(frozen=True)
@@ -88,12 +89,15 @@ def load_run_config(path: str | Path) -> RunConfig:
         raise ConceptrankError(f"config file not found: {path}")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a TOML file (not UTF-8 text: {e.reason} at byte {e.start})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConceptrankError(f"{path}: invalid TOML ({e})") from None
     kw: dict = {}
     base = path.parent
     for key, value in data.items():
         if key == "out":
+            _check_type(path, None, "out", value)
             kw["out"] = value
             continue
         if key not in _SECTIONS:
@@ -103,6 +107,7 @@ def load_run_config(path: str | Path) -> RunConfig:
         for k, v in value.items():
             if k not in _SECTIONS[key]:
                 raise ConceptrankError(f"{path}: unknown key {k!r} in [{key}]; expected {', '.join(_SECTIONS[key])}")
+            _check_type(path, key, k, v)
             kw[_SECTIONS[key][k]] = v
     for req in ("out", "model", "layer", "probe", "target"):
         if req not in kw and not (req == "probe" and "tally" in kw):
@@ -116,7 +121,70 @@ def load_run_config(path: str | Path) -> RunConfig:
         kw["categories"] = tuple(cats.split(",") if isinstance(cats, str) else cats)
     kw.setdefault("probe", None)
     names = {f.name for f in fields(RunConfig)}
-    return RunConfig(**{k: v for k, v in kw.items() if k in names})
+    cfg = RunConfig(**{k: v for k, v in kw.items() if k in names})
+    validate_run_config(cfg, path)
+    return cfg
+
+
+_STR, _INT, _NUM, _BOOL = (str,), (int,), (int, float), (bool,)
+_FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "out": (_STR, "a folder path"), "name": (_STR, "a model name or card path"), "weights": (_STR, "a string"),
+    "layer": (_STR, "a layer name"), "path": (_STR, "a path"), "categories": ((str, list), "a list of names"),
+    "quantile": (_NUM, "a number in (0, 1)"), "preprocess": (_STR, "'model' or 'netdissect'"),
+    "stability_quantile": (_NUM, "a number in (0, 1)"), "tally": (_STR, "a path to tally.csv"),
+    "layout": (_STR, "a layout name"), "resize": (_INT, "a number of pixels"), "crop": (_STR, "'none' or 'person'"),
+    "protocol": (_STR, "'standard' or 'paper'"), "top_local": (_INT, "an integer >= 1"),
+    "top_global": (_INT, "an integer >= 1"), "min_iou": (_NUM, "a number in [0, 1]"), "grid": (_BOOL, "true or false"),
+    "configs": (_STR, "K:G pairs such as \"5:1,10:10\""), "truth": (_STR, "a path to truth.json"),
+    "device": (_STR, "auto, cpu or cuda"), "batch_size": (_INT, "an integer >= 1"),
+    "workers": (_INT, "an integer >= 0"), "seed": (_INT, "an integer"), "report": (_BOOL, "true or false"),
+    "report_max_units": (_INT, "an integer >= 0"),
+}
+
+
+def _check_type(path: Path, section: str | None, key: str, value) -> None:
+    types, what = _FIELD_TYPES[key]
+    ok = isinstance(value, types) and (bool in types or not isinstance(value, bool))
+    if ok and isinstance(value, float) and not math.isfinite(value):
+        ok = False
+    if ok and isinstance(value, list):
+        ok = all(isinstance(v, str) for v in value)
+    if not ok:
+        where = f"[{section}] {key}" if section else key
+        raise ConfigError(f"{path}: {where} must be {what}, got {value!r} ({type(value).__name__})")
+
+
+def validate_run_config(cfg: RunConfig, path: str | Path = "config") -> None:
+    """Check every stage's settings of ``cfg`` before any stage runs (each stage's ``validate``).
+
+    Raises
+    ------
+    ConceptrankError
+        The first invalid setting, prefixed with ``path``.
+    """
+    from conceptrank.stages.dissect import DissectConfig
+    from conceptrank.stages.evaluate import EvaluateConfig, parse_configs
+    from conceptrank.stages.extract import ExtractConfig
+    from conceptrank.stages.rank import RankConfig
+
+    checks = [
+        lambda: DissectConfig(categories=cfg.categories, quantile=cfg.quantile, preprocess=cfg.preprocess,
+                              batch_size=cfg.batch_size, workers=cfg.workers, device=cfg.device,
+                              stability_quantile=cfg.stability_quantile).validate(),
+        lambda: ExtractConfig(layout=cfg.layout, resize=cfg.resize, crop=cfg.crop, batch_size=cfg.batch_size,
+                              workers=cfg.workers, device=cfg.device).validate(),
+        lambda: RankConfig(protocol=cfg.protocol, top_local=cfg.top_local, top_global=cfg.top_global,
+                           min_iou=cfg.min_iou, categories=cfg.categories, seed=cfg.seed, grid=cfg.grid).validate(),
+        lambda: EvaluateConfig(configs=cfg.configs, truth=cfg.truth, seed=cfg.seed).validate(),
+        lambda: parse_configs(cfg.configs),
+    ]
+    if cfg.report_max_units is not None and cfg.report_max_units < 0:
+        raise ConfigError(f"{path}: [run] report_max_units must be >= 0, got {cfg.report_max_units}")
+    for check in checks:
+        try:
+            check()
+        except ConceptrankError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -138,6 +206,7 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> Pipelin
     from conceptrank.stages.extract import ExtractConfig, run_extract
     from conceptrank.stages.rank import RankConfig, run_rank
 
+    validate_run_config(cfg)  # a bad setting of a later stage fails before the first one runs
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     timings = {}

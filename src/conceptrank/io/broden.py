@@ -147,6 +147,24 @@ def _float(v: str, path: Path, line: int, col: str) -> float:
         raise BrodenError(f"{path} line {line}: column {col!r} is not a number: {v!r}") from None
 
 
+PROBE_TABLES = ("index.csv", "category.csv", "label.csv")
+
+
+def _require_probe_tables(root: Path) -> None:
+    """Refuse a folder that is not a Broden probe set, saying what is missing (and what it looks like)."""
+    missing = [n for n in PROBE_TABLES if not (root / n).is_file()]
+    if not missing:
+        return
+    looks = ""
+    if (root / "JPEGImages").is_dir() or (root / "ImageSplits").is_dir():
+        looks = "; it looks like a Stanford 40 target set: give it to `extract --dataset`"
+    elif any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir()) and not (root / "images").is_dir():
+        looks = "; it looks like an image folder (target set): give it to `extract --dataset`"
+    raise BrodenError(
+        f"{root} is not a Broden probe set: missing {', '.join(missing)} (a probe set holds index.csv, "
+        f"category.csv, label.csv, c_<category>.csv and images/; `conceptrank fetch broden` downloads one){looks}")
+
+
 class BrodenDataset:
     """A Broden-format probe set.
 
@@ -174,6 +192,7 @@ class BrodenDataset:
         self.root = Path(root)
         if not self.root.is_dir():
             raise BrodenError(f"probe set directory not found: {self.root}")
+        _require_probe_tables(self.root)
         cat_rows = _read_csv(self.root / "category.csv")
         if cat_rows:
             _require(cat_rows[0], ["name"], self.root / "category.csv")
@@ -282,8 +301,19 @@ class BrodenDataset:
             raise BrodenError(f"{path}: no image has data in the selected categories {self.categories}")
 
     def _read_rows(self, path: Path, reader: csv.DictReader) -> None:
+        width = len(reader.fieldnames or [])
+        seen: dict[str, int] = {}
         for r in reader:
             line = reader.line_num  # physical line of this row (blank lines and CRLF counted right)
+            fields = width + len(r.get(None) or []) - sum(1 for v in r.values() if v is None)
+            if fields != width:
+                raise BrodenError(f"{path} line {line}: {fields} fields, the header has {width} "
+                                  "(a cell with a comma must be quoted)")
+            key = (r["image"] or "").strip()
+            if key in seen:
+                raise BrodenError(f"{path} line {line}: image {key!r} is listed again (first on line {seen[key]}); "
+                                  "each image must have one row (duplicates would be counted twice)")
+            seen[key] = line
             planes: list[str] = []
             scalars: list[int] = []
             for cat in self.categories:

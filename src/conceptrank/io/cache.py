@@ -19,17 +19,29 @@ Caching contract (shared by dissect, extract, rank and the pipeline's evaluate/s
   ``.partial/<key>/``) with :func:`write_checkpoint` every :class:`Checkpointer` interval, and
   resume from the last checkpoint whose key matches.
 
+Input files are fingerprinted by their bytes when that is cheap (listed files totalling at most
+:data:`CONTENT_HASH_MAX_BYTES`), else by size and modification time; ``--verify-content``
+(``CONCEPTRANK_VERIFY_CONTENT=1``) hashes the bytes whatever the size.
+
+Disk and writers: :func:`ensure_free_space` checks free space before a stage writes a large file and
+:func:`create_memmap` also reserves the file's blocks (a full disk is an error up front, never a
+``Bus error`` later); :func:`atomic_write` turns an ``OSError`` into one :class:`OutputError` line;
+:func:`folder_lock` lets one process at a time write an output folder.
+
 Environment variables: ``CONCEPTRANK_CHECKPOINT_SECONDS`` (minimum seconds between two
-checkpoints of a stage, default 60; 0 checkpoints after every batch).
+checkpoints of a stage, default 60; 0 checkpoints after every batch; anything else but a finite
+number >= 0 is an error) and ``CONCEPTRANK_VERIFY_CONTENT``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import glob
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -39,15 +51,22 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Iterator, Mapping
 
+from conceptrank.errors import ConfigError, DiskSpaceError, FolderBusyError, OutputError
+
 __all__ = [
     "CACHE_FORMAT",
     "Checkpointer",
+    "checkpoint_seconds",
     "Manifest",
     "array_sha256",
     "atomic_write",
     "atomic_write_text",
     "atomic_write_json",
     "clear_scratch",
+    "create_memmap",
+    "ensure_free_space",
+    "folder_lock",
+    "write_error",
     "file_sha256",
     "files_fingerprint",
     "hash_json",
@@ -55,13 +74,16 @@ __all__ = [
     "lookup",
     "manifest_section",
     "output_digests",
+    "publish_staged",
     "package_versions",
     "read_json",
     "remove_scratch",
     "remove_temps",
     "save_npz",
     "stage_key",
+    "staging_folder",
     "tree_fingerprint",
+    "verify_content",
     "why_recompute",
     "write_checkpoint",
 ]
@@ -69,6 +91,10 @@ __all__ = [
 CACHE_FORMAT = 1  # bump when the meaning of a key or of a cached output changes
 CHECKPOINT_SECONDS_ENV = "CONCEPTRANK_CHECKPOINT_SECONDS"
 DEFAULT_CHECKPOINT_SECONDS = 60.0
+VERIFY_CONTENT_ENV = "CONCEPTRANK_VERIFY_CONTENT"
+CONTENT_HASH_MAX_BYTES = 256 << 20  # listed input files up to this size are fingerprinted by content
+FREE_SPACE_MARGIN = 32 << 20  # left free beyond a stage's estimate (manifests, logs, other writers)
+LOCK_NAME = ".conceptrank.lock"
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -96,8 +122,11 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Ite
     A reader never sees a half-written file; an exception leaves the old file untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise write_error(path, e) from None
     os.close(fd)
     with contextlib.suppress(OSError):  # mkstemp makes 0600; outputs get the usual 0666 & ~umask
         os.chmod(tmp, 0o666 & ~_umask())
@@ -107,10 +136,33 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Ite
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if e.errno in WRITE_ERRNOS:
+            raise write_error(path, e) from None
+        raise
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG,
+                          errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.EIO})
+
+
+def write_error(path: str | os.PathLike, e: OSError) -> OutputError:
+    """The one-line error for an ``OSError`` raised while writing ``path`` (disk full, read-only, ...)."""
+    where = e.filename if e.filename else path
+    reason = e.strerror or type(e).__name__
+    hint = ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        hint = "; free some space or choose an --out on a disk with more room (previous outputs are kept)"
+    elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        hint = "; choose a writable --out"
+    cls = DiskSpaceError if e.errno in (errno.ENOSPC, errno.EDQUOT) else OutputError
+    return cls(f"cannot write {where}: {reason}{hint}", where)
 
 
 @functools.lru_cache(maxsize=1)
@@ -193,20 +245,40 @@ def array_sha256(a: Any) -> str:
     return h.hexdigest()
 
 
-def files_fingerprint(root: str | os.PathLike, rels: Iterable[str]) -> str:
-    """SHA-256 over ``(path, size, mtime_ns)`` of files under ``root`` (missing files count too).
+def verify_content() -> bool:
+    """True when ``CONCEPTRANK_VERIFY_CONTENT`` asks to fingerprint input files by their bytes."""
+    return os.environ.get(VERIFY_CONTENT_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
-    Cheap (one ``stat`` per file, no reading) and catches a file that was rewritten, replaced or
-    touched; a copy of the data that does not keep modification times recomputes (never stale).
+
+def files_fingerprint(root: str | os.PathLike, rels: Iterable[str], content: bool | None = None) -> str:
+    """SHA-256 over the files under ``root`` named by ``rels`` (missing files count too).
+
+    Each file contributes its path and either its bytes' SHA-256 (``content``) or its
+    ``(size, mtime_ns)``. ``content=None`` hashes the bytes when the files total at most
+    :data:`CONTENT_HASH_MAX_BYTES` or ``CONCEPTRANK_VERIFY_CONTENT`` is set, and trusts size and
+    modification time otherwise (one ``stat`` per file: catches a rewritten or touched file, but not
+    two same-size files swapped with their times restored).
     """
     root = Path(root)
-    h = hashlib.sha256()
+    stats = []
     for rel in rels:
+        p = root.joinpath(*PurePosixPath(str(rel).replace("\\", "/")).parts)
         try:
-            st = os.stat(root.joinpath(*PurePosixPath(str(rel).replace("\\", "/")).parts))
-            rec = (str(rel), st.st_size, st.st_mtime_ns)
+            st = os.stat(p)
+            stats.append((str(rel), p, st.st_size, st.st_mtime_ns))
         except OSError:
-            rec = (str(rel), -1, -1)
+            stats.append((str(rel), p, -1, -1))
+    if content is None:
+        content = verify_content() or sum(max(s[2], 0) for s in stats) <= CONTENT_HASH_MAX_BYTES
+    h = hashlib.sha256(b"content\n" if content else b"")
+    for rel, p, size, mtime in stats:
+        if content:
+            try:
+                rec: tuple = (rel, size, file_sha256(p) if size >= 0 else "")
+            except OSError:
+                rec = (rel, -1, "")
+        else:
+            rec = (rel, size, mtime)
         h.update(json.dumps(rec).encode())
         h.update(b"\n")
     return h.hexdigest()
@@ -219,7 +291,7 @@ def tree_fingerprint(root: str | os.PathLike) -> str:
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         base = Path(dirpath).relative_to(root)
-        rels += [(base / f).as_posix() for f in sorted(filenames)]
+        rels += [(base / f).as_posix() for f in sorted(filenames) if f != LOCK_NAME]
     return files_fingerprint(root, rels)
 
 
@@ -353,6 +425,197 @@ def why_recompute(path: str | os.PathLike, key: str, fingerprints: Mapping[str, 
     return reason
 
 
+# -- disk space and writers -------------------------------------------------------------------------
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def _existing_dir(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not path.is_dir() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def ensure_free_space(path: str | os.PathLike, nbytes: int, what: str, hint: str = "") -> None:
+    """Raise :class:`DiskSpaceError` unless the file system holding ``path`` has ``nbytes`` (plus a
+    :data:`FREE_SPACE_MARGIN`) free.
+
+    Parameters
+    ----------
+    path : the file or folder about to be written (it need not exist yet).
+    nbytes : the estimate of what will be written there.
+    what : what is written, for the message (e.g. ``"the feature cache of layer4"``).
+    hint : the way out, appended to the message (e.g. ``"pass --store float16 to halve it"``).
+    """
+    where = _existing_dir(Path(path))
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:  # cannot tell (odd file system): let the write itself report a problem
+        return
+    need = int(nbytes) + FREE_SPACE_MARGIN
+    if free < need:
+        raise DiskSpaceError(
+            f"not enough free space for {what}: needs {_fmt_bytes(need)} at {where}, only {_fmt_bytes(free)} free"
+            + (f"; {hint}" if hint else "") + " (previous outputs are kept)", where)
+
+
+def create_memmap(path: str | os.PathLike, dtype: Any, shape: tuple[int, ...], what: str, hint: str = "",
+                  extra_bytes: int = 0):
+    """A new ``.npy`` memmap (``np.lib.format.open_memmap(mode="w+")``) whose blocks are reserved.
+
+    Checks free space for the file plus ``extra_bytes`` (what the stage writes afterwards, e.g. its
+    outputs) with :func:`ensure_free_space`, then allocates the file's blocks (``posix_fallocate``),
+    so that a disk filling up is an error here and never a ``Bus error`` on a later write to the map.
+    """
+    import numpy as np
+
+    path = Path(path)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    ensure_free_space(path, nbytes + int(extra_bytes), what, hint)
+    try:
+        mm = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=tuple(shape))
+        _reserve_blocks(path)
+    except OSError as e:
+        raise write_error(path, e) from None
+    return mm
+
+
+def _reserve_blocks(path: Path) -> None:
+    if not hasattr(os, "posix_fallocate"):  # pragma: no cover - not Linux
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise OSError(e.errno, e.strerror, str(path)) from None
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike) -> Iterator[Path]:
+    """Hold the advisory lock of an output folder (``FOLDER/.conceptrank.lock``, ``fcntl.flock``).
+
+    One process at a time writes a folder: a second one fails at once with
+    :class:`FolderBusyError` naming the holder's pid (it does not wait). The lock goes away with the
+    process, also when it is killed; the lock file itself stays (deleting it would race), except
+    that a folder this call created and that is still empty at the end is removed again.
+    """
+    import fcntl
+
+    folder = Path(folder)
+    lock = folder / LOCK_NAME
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise write_error(lock, e) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise FolderBusyError(
+                f"{folder} is being written by another conceptrank process (pid {holder}); "
+                "wait for it to finish or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield folder
+    finally:
+        if created and not any(p.name != LOCK_NAME for p in folder.iterdir()):
+            with contextlib.suppress(OSError):  # a command that failed early leaves no empty folder behind
+                lock.unlink()
+                for p in created:
+                    p.rmdir()
+        os.close(fd)  # releases the lock
+
+
+def checkpoint_seconds() -> float:
+    """``CONCEPTRANK_CHECKPOINT_SECONDS`` as a number of seconds (default 60).
+
+    Raises
+    ------
+    ConfigError
+        When it is set to anything but a finite number >= 0.
+    """
+    raw = os.environ.get(CHECKPOINT_SECONDS_ENV)
+    if raw is None or not raw.strip():
+        return DEFAULT_CHECKPOINT_SECONDS
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{CHECKPOINT_SECONDS_ENV}={raw!r}: expected a number of seconds >= 0 (e.g. 60)")
+    return value
+
+
+# -- staged outputs ---------------------------------------------------------------------------------
+def staging_folder(parent: str | os.PathLike, name: str) -> Path:
+    """A fresh, empty ``parent/name`` to write a set of outputs into before :func:`publish_staged`
+    (a leftover of a run that was killed is removed: only this code writes there)."""
+    path = Path(parent) / name
+    shutil.rmtree(path, ignore_errors=True)
+    try:
+        path.mkdir(parents=True)
+    except OSError as e:
+        raise write_error(path, e) from None
+    return path
+
+
+def _published(dest: Path, manifest: str) -> set[str]:
+    try:
+        names = read_json(dest / manifest).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {n for n in names if isinstance(n, str) and ".." not in PurePosixPath(n).parts
+            and not PurePosixPath(n).is_absolute()}
+
+
+def publish_staged(staging: str | os.PathLike, dest: str | os.PathLike, manifest: str,
+                   commit: Any = None) -> list[str]:
+    """Move every file of ``staging`` to the same place under ``dest``, then call ``commit()`` (e.g.
+    the atomic write of the page that links them), record the files in ``dest/manifest`` and delete
+    the files that the previous publication recorded but this one did not write.
+
+    Files in ``dest`` that no publication recorded (a user's own) are never deleted. Until
+    ``commit`` runs, the previous outputs keep every file they link to.
+
+    Returns
+    -------
+    The published paths, relative to ``dest`` (POSIX, sorted).
+    """
+    staging, dest = Path(staging), Path(dest)
+    rels = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
+    old = _published(dest, manifest)
+    try:
+        for rel in rels:
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / rel, target)
+    except OSError as e:
+        raise write_error(dest / rel, e) from None
+    if commit is not None:
+        commit()
+    atomic_write_json(dest / manifest, {"files": rels})
+    for rel in sorted(old - set(rels)):
+        with contextlib.suppress(OSError):
+            (dest / rel).unlink()
+        parent = (dest / rel).parent
+        while parent != dest and parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
+            parent = parent.parent
+    shutil.rmtree(staging, ignore_errors=True)
+    return rels
+
+
 # -- checkpoints ------------------------------------------------------------------------------------
 def write_checkpoint(path: str | os.PathLike, meta: Mapping[str, Any], arrays: Mapping[str, Any] | None = None) -> None:
     """Atomically write a resume checkpoint: ``meta`` (JSON) plus named arrays, in one npz.
@@ -427,10 +690,7 @@ class Checkpointer:
     def __init__(self, stage: str, interval: float | None = None) -> None:
         self.stage = stage
         if interval is None:
-            try:
-                interval = float(os.environ.get(CHECKPOINT_SECONDS_ENV, DEFAULT_CHECKPOINT_SECONDS))
-            except ValueError:
-                interval = DEFAULT_CHECKPOINT_SECONDS
+            interval = checkpoint_seconds()
         self.interval = max(0.0, float(interval))
         self.last = time.monotonic()
         self.last_batches: int | None = None

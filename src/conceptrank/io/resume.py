@@ -45,12 +45,17 @@ class ResumableRows:
             return None
         return cache.load_checkpoint(self.checkpoint_path, self.key)
 
-    def create(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
-        """A new array ``name`` of ``shape`` (contents undefined until written)."""
+    def create(self, name: str, shape: tuple[int, ...], dtype, what: str | None = None,
+               hint: str = "free space or choose an --out on a disk with more room") -> np.ndarray:
+        """A new array ``name`` of ``shape`` (contents undefined until written).
+
+        On disk, the free space is checked and the file's blocks reserved first
+        (:func:`conceptrank.io.cache.create_memmap`); ``what`` and ``hint`` word the error.
+        """
         if self.folder is None:
             arr = np.empty(shape, dtype)
         else:
-            arr = np.lib.format.open_memmap(self.folder / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
+            arr = cache.create_memmap(self.folder / f"{name}.npy", dtype, shape, what or f"the partial array {name!r}", hint)
         self.arrays[name] = arr
         return arr
 

@@ -8,6 +8,7 @@ features the model was fit on (what the deletion test and ``explain`` set a remo
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,11 @@ def load_svm(path: str | Path) -> SVMParams:
         path = path / "svm.npz"
     if not path.exists():
         raise ConceptrankError(f"{path} not found (re-run `conceptrank rank`)")
-    with np.load(path, allow_pickle=False) as z:
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ConceptrankError(f"cannot read {path}: not a complete .npz archive ({e}); re-run `conceptrank rank`") from None
+    with z:
         missing = [k for k in _ARRAYS if k not in z.files]
         if missing:
             older = " (written by an older conceptrank: re-run `conceptrank rank`)" if set(missing) <= {

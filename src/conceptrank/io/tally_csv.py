@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 
 from conceptrank.errors import TallyError
 
-__all__ = ["TallyError", "UnitLabels", "read_tally", "format_tally"]
+__all__ = ["TallyError", "UnitLabels", "read_tally", "read_thresholds", "format_tally"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,13 @@ class UnitLabels:
         With ``categories`` the unit's best label among those categories is used (from the
         per-category columns); a unit whose IoU is below ``min_iou`` or whose label is '' gets None.
         """
+        if categories is not None:
+            unknown = [c for c in categories if c not in self.categories]
+            if unknown:
+                raise TallyError(f"unknown categor{'y' if len(unknown) == 1 else 'ies'} {unknown}: the tally "
+                                 f"{self.source} has {list(self.categories)}")
+        if not math.isfinite(min_iou):
+            raise TallyError(f"the minimum IoU must be a number in [0, 1], got {min_iou}")
         out: list[tuple[str, str, float] | None] = []
         for u in range(self.num_units):
             if categories is None:
@@ -69,6 +77,43 @@ class UnitLabels:
                 lab, cat, iou = best
             out.append((lab, cat, iou) if lab and iou >= min_iou and iou > 0 else None)
         return out
+
+
+def _score(value: str | None, path: Path, line: int, col: str) -> float:
+    """An IoU cell: empty means 0; anything but a finite number in [0, 1] is an error."""
+    try:
+        v = float(value or 0.0)
+    except (TypeError, ValueError):
+        raise TallyError(f"{path} line {line}: column {col!r} is not a number: {value!r}") from None
+    if not math.isfinite(v) or not 0.0 <= v <= 1.0:
+        raise TallyError(f"{path} line {line}: column {col!r} must be an IoU in [0, 1], got {value!r}")
+    return v
+
+
+def read_thresholds(path: str | os.PathLike, units: int | None = None) -> np.ndarray:
+    """Per-unit activation thresholds (``thresholds.npy``): a 1-D array of finite numbers.
+
+    Raises
+    ------
+    TallyError
+        Naming the file: missing, unreadable, pickled, not 1-D, NaN/inf, or not ``units`` long.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise TallyError(f"thresholds file not found: {path}")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise TallyError(f"{path}: not a readable .npy array of thresholds ({e})") from None
+    if not isinstance(arr, np.ndarray) or arr.ndim != 1 or arr.dtype.kind not in "fiu":
+        raise TallyError(f"{path}: thresholds must be a 1-D numeric array (one per unit), got "
+                         f"{getattr(arr, 'dtype', type(arr))} of shape {getattr(arr, 'shape', '?')}")
+    bad = np.flatnonzero(~np.isfinite(arr))
+    if bad.size:
+        raise TallyError(f"{path}: {bad.size} threshold(s) are NaN or infinite (first: unit {int(bad[0]) + 1})")
+    if units is not None and arr.shape[0] != units:
+        raise TallyError(f"{path}: {arr.shape[0]} thresholds, the layer has {units} units")
+    return arr
 
 
 def read_tally(path: str | os.PathLike) -> UnitLabels:
@@ -101,13 +146,10 @@ def read_tally(path: str | os.PathLike) -> UnitLabels:
         u = int(r["unit"]) - 1
         label[u] = r["label"] or ""
         category[u] = r["category"] or ""
-        try:
-            score[u] = float(r["score"] or 0.0)
-            for c in cats:
-                per[c][0][u] = r.get(f"{c}-label") or ""
-                per[c][1][u] = float(r.get(f"{c}-iou") or 0.0)
-        except ValueError as e:
-            raise TallyError(f"{path} line {line}: {e}") from None
+        score[u] = _score(r["score"], path, line, "score")
+        for c in cats:
+            per[c][0][u] = r.get(f"{c}-label") or ""
+            per[c][1][u] = _score(r.get(f"{c}-iou"), path, line, f"{c}-iou")
     return UnitLabels(
         tuple(label), tuple(category), score, tuple(cats),
         {c: (tuple(v[0]), v[1]) for c, v in per.items()}, str(path),

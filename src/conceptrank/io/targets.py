@@ -107,6 +107,7 @@ class TargetSet:
     items: tuple[TargetItem, ...]
     classes: tuple[str, ...]
     dropped: dict = field(default_factory=dict)
+    skipped: tuple[tuple[str, str], ...] = ()  # (path relative to root, reason) of entries left out
 
     @property
     def image_root(self) -> Path:
@@ -267,6 +268,9 @@ def _load_stanford40(root: Path) -> TargetSet:
                     raise TargetError(f"{where}: image {name!r} is listed twice (also {seen[rel]})")
                 seen[rel] = where
                 items.append(TargetItem(rel, cls, split))
+        if not any(it.cls == cls for it in items):
+            raise TargetError(f"action {cls!r} is listed in {actions} but {cls}_train.txt and {cls}_test.txt list "
+                              "no images; add its images or remove it from actions.txt")
     return TargetSet(root, "stanford40", _sorted_items(items, classes), classes)
 
 
@@ -275,19 +279,33 @@ def _load_imagefolder(root: Path) -> TargetSet:
         raise TargetError(f"dataset folder not found: {root}")
     items: list[TargetItem] = []
     classes: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    real_dirs = {d.resolve(): d.name for d in root.iterdir() if d.is_dir() and not d.is_symlink()}
     for d in sorted(root.iterdir(), key=lambda p: p.name):
-        if d.name.startswith(".") or not d.is_dir():
+        if d.name.startswith("."):
             continue
-        names = sorted(
-            f.name
-            for f in d.iterdir()
-            if not f.name.startswith(".") and f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()
-        )
+        if d.is_symlink() and not d.exists():
+            skipped.append((d.name, "broken or looping symlink"))
+            continue
+        if not d.is_dir():
+            continue
+        if d.is_symlink() and d.resolve() in real_dirs:
+            skipped.append((d.name, f"symlink to class folder {real_dirs[d.resolve()]!r}, not a class of its own"))
+            continue
+        names = []
+        for f in sorted(d.iterdir(), key=lambda p: p.name):
+            if f.name.startswith(".") or f.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            if f.is_file():
+                names.append(f.name)
+            elif f.is_symlink() and not f.exists():
+                skipped.append((f"{d.name}/{f.name}", "broken or looping symlink"))
         if not names:
+            skipped.append((d.name, "class folder without images"))
             continue
         classes.append(d.name)
         items.extend(TargetItem(f"{d.name}/{n}", d.name, "all") for n in names)
-    return TargetSet(root, "imagefolder", _sorted_items(items, tuple(classes)), tuple(classes))
+    return TargetSet(root, "imagefolder", _sorted_items(items, tuple(classes)), tuple(classes), skipped=tuple(skipped))
 
 
 def _load_manifest(csv_path: Path) -> TargetSet:
@@ -348,7 +366,7 @@ def _restrict(ts: TargetSet, split_file: str | os.PathLike) -> TargetSet:
         keep.add(rel)
     items = tuple(it for it in ts.items if it.rel in keep)
     classes = tuple(c for c in ts.classes if any(it.cls == c for it in items))
-    return TargetSet(ts.root, ts.layout, items, classes)
+    return TargetSet(ts.root, ts.layout, items, classes, skipped=ts.skipped)
 
 
 def parse_split_map(text: str | Mapping[str, str] | None) -> dict[str, str]:

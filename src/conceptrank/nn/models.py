@@ -29,6 +29,8 @@ __all__ = [
     "load_model",
     "save_model_card",
     "list_layers",
+    "ModelCard",
+    "read_model_card",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
 ]
@@ -115,7 +117,10 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        sd = load_file(str(path))
+        try:
+            sd = load_file(str(path))
+        except Exception as e:  # SafetensorError, OSError: truncated, corrupt or not safetensors
+            raise ModelError(f"cannot read weights {path}: not a complete .safetensors file ({e})") from None
     else:
         try:
             sd = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -185,38 +190,153 @@ def save_model_card(
     return path
 
 
-def _load_card(path: Path, weights: str | None) -> LoadedModel:
-    from conceptrank.nn.nets import ARCHITECTURES
+MAX_CLASSES = 1_000_000
+MAX_INPUT_SIDE = 4096
+ALLOW_EXTERNAL_WEIGHTS_ENV = "CONCEPTRANK_ALLOW_EXTERNAL_WEIGHTS"
 
+
+@dataclass(frozen=True)
+class ModelCard:
+    """The checked fields of a ``model.json`` (see :func:`read_model_card`)."""
+
+    path: Path
+    architecture: str
+    arch_kwargs: dict
+    num_classes: int
+    input_size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    weights: str
+    weights_sha256: str | None
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _card_numbers(path: Path, card: dict, key: str, n: int, low: float, high: float) -> tuple:
+    vals = card[key] if key != "mean" and key != "std" else card["normalization"].get(key)
+    ok = isinstance(vals, list) and len(vals) == n and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and low <= v <= high for v in vals)
+    if not ok:
+        raise ModelError(f"model card {path}: field {key!r} must be a list of {n} numbers in [{low:g}, {high:g}], "
+                         f"got {vals!r}")
+    return tuple(vals)
+
+
+def read_model_card(path: str | os.PathLike) -> ModelCard:
+    """Read and check a model card: every field's type and range, before anything is built.
+
+    Raises
+    ------
+    ModelError
+        Naming the card and the field at fault (missing, wrong type, out of range, unknown key).
+    """
+    path = Path(path)
     try:
-        card = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelError(f"model card {path} is not valid JSON ({e})") from None
+    if not isinstance(card, dict):
+        raise ModelError(f"model card {path} must hold a JSON object")
     for key in ("architecture", "num_classes", "input_size", "normalization", "weights"):
         if key not in card:
             raise ModelError(f"model card {path} lacks the field {key!r}")
-    arch = card["architecture"]
-    with torch.random.fork_rng(devices=[]):  # building initializes weights: keep the caller's RNG as it was
-        if arch in ARCHITECTURES:
-            module = ARCHITECTURES[arch](num_classes=int(card["num_classes"]), **card.get("arch_kwargs", {}))
-        else:
-            module = _torchvision_arch(arch, num_classes=int(card["num_classes"]))
-    wfile = Path(weights) if weights not in (None, "", "card") else path.parent / card["weights"]
-    if not wfile.is_absolute() and not wfile.exists():
+    if "format" in card and card["format"] != CARD_FORMAT:
+        raise ModelError(f"model card {path}: field 'format' must be {CARD_FORMAT!r}, got {card['format']!r}")
+    if not isinstance(card["architecture"], str) or not card["architecture"]:
+        raise ModelError(f"model card {path}: field 'architecture' must be a name, got {card['architecture']!r}")
+    n = card["num_classes"]
+    if not _is_int(n) or not 1 <= n <= MAX_CLASSES:
+        raise ModelError(f"model card {path}: field 'num_classes' must be an integer in [1, {MAX_CLASSES}], got {n!r}")
+    size = card["input_size"]
+    if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) and 1 <= v <= MAX_INPUT_SIDE for v in size)):
+        raise ModelError(f"model card {path}: field 'input_size' must be [height, width] in pixels, "
+                         f"each in [1, {MAX_INPUT_SIDE}], got {size!r}")
+    if not isinstance(card["normalization"], dict):
+        raise ModelError(f"model card {path}: field 'normalization' must be an object with 'mean' and 'std'")
+    mean = _card_numbers(path, card, "mean", 3, -1e3, 1e3)
+    std = _card_numbers(path, card, "std", 3, 1e-6, 1e3)
+    kwargs = card.get("arch_kwargs", {})
+    if not isinstance(kwargs, dict):
+        raise ModelError(f"model card {path}: field 'arch_kwargs' must be an object, got {kwargs!r}")
+    if not isinstance(card["weights"], str) or not card["weights"].strip():
+        raise ModelError(f"model card {path}: field 'weights' must be a file name, got {card['weights']!r}")
+    sha = card.get("weights_sha256")
+    if sha is not None and not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+        raise ModelError(f"model card {path}: field 'weights_sha256' must be 64 hex digits, got {sha!r}")
+    return ModelCard(path, card["architecture"], kwargs, n, (size[0], size[1]), mean, std, card["weights"], sha)
+
+
+def _build_card_module(card: ModelCard) -> nn.Module:
+    import inspect
+
+    from conceptrank.nn.nets import ARCHITECTURES
+
+    if card.architecture not in ARCHITECTURES:
+        if card.arch_kwargs:
+            raise ModelError(f"model card {card.path}: field 'arch_kwargs' applies only to conceptrank architectures "
+                             f"({', '.join(ARCHITECTURES)}), not {card.architecture!r}")
+        with torch.random.fork_rng(devices=[]):
+            return _torchvision_arch(card.architecture, num_classes=card.num_classes)
+    cls = ARCHITECTURES[card.architecture]
+    params = inspect.signature(cls).parameters
+    allowed = [k for k in params if k != "num_classes"]
+    unknown = sorted(set(card.arch_kwargs) - set(allowed))
+    if unknown:
+        raise ModelError(f"model card {card.path}: unknown arch_kwargs {unknown} for {card.architecture!r}; "
+                         f"it accepts {allowed}")
+    for k, v in card.arch_kwargs.items():
+        default = params[k].default
+        if isinstance(default, bool) and not isinstance(v, bool):
+            raise ModelError(f"model card {card.path}: arch_kwargs.{k} must be true or false, got {v!r}")
+        if _is_int(default) and not (_is_int(v) and 0 <= v <= 4096):
+            raise ModelError(f"model card {card.path}: arch_kwargs.{k} must be an integer in [0, 4096], got {v!r}")
+    try:
+        with torch.random.fork_rng(devices=[]):  # building initializes weights: keep the caller's RNG as it was
+            return cls(num_classes=card.num_classes, **card.arch_kwargs)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ModelError(f"model card {card.path}: cannot build {card.architecture!r} from arch_kwargs "
+                         f"{card.arch_kwargs} ({e})") from None
+
+
+def _card_weights(card: ModelCard) -> Path:
+    """The card's weights file, confined to the card's folder unless explicitly allowed."""
+    folder = card.path.parent.resolve()
+    wfile = (card.path.parent / card.weights).resolve()
+    allowed = os.environ.get(ALLOW_EXTERNAL_WEIGHTS_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    if folder not in wfile.parents and not allowed:
+        raise ModelError(
+            f"model card {card.path}: weights {card.weights!r} lie outside the card's folder {folder}; "
+            f"pass --weights {wfile} to use that file explicitly (or set {ALLOW_EXTERNAL_WEIGHTS_ENV}=1)")
+    return card.path.parent / card.weights
+
+
+def _load_card(path: Path, weights: str | None) -> LoadedModel:
+    card = read_model_card(path)
+    module = _build_card_module(card)
+    explicit = weights not in (None, "", "card")
+    wfile = Path(weights) if explicit else _card_weights(card)
+    if explicit and not wfile.is_absolute() and not wfile.exists():
         wfile = path.parent / wfile
+    if not wfile.is_file():
+        raise ModelError(f"weights file not found: {wfile}" + ("" if explicit else f" (named by {path})"))
+    digest = file_sha256(wfile)
+    if not explicit and card.weights_sha256 is not None and digest != card.weights_sha256:
+        raise ModelError(
+            f"weights {wfile} have SHA-256 {digest[:16]}…, but {path} records {card.weights_sha256[:16]}…: "
+            "the file was changed or replaced; restore it, or pass --weights to use it anyway")
     sd = _read_state_dict(wfile)
     _load_state(module, sd, str(wfile))
     module.eval()
-    norm = card["normalization"]
-    digest = file_sha256(wfile)
     return LoadedModel(
         module=module,
         name=str(path),
         weights=str(wfile),
-        input_size=tuple(int(s) for s in card["input_size"]),
-        mean=tuple(float(m) for m in norm["mean"]),
-        std=tuple(float(s) for s in norm["std"]),
-        fingerprint=hash_json({"architecture": arch, "kwargs": card.get("arch_kwargs", {}), "weights": digest}),
+        input_size=card.input_size,
+        mean=tuple(float(m) for m in card.mean),
+        std=tuple(float(s) for s in card.std),
+        fingerprint=hash_json({"architecture": card.architecture, "kwargs": card.arch_kwargs, "weights": digest}),
     )
 
 

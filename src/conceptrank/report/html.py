@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import math
 import re
-import shutil
 import time
 import zlib
 from collections import Counter
@@ -583,18 +582,21 @@ def write_report(run: str | Path, options: ReportOptions | None = None,
         When ``run`` is not a run folder. Missing parts of a run (no model, no probe set, a stage
         not run) are named in the report instead.
     """
-    from conceptrank.io.cache import atomic_write_text
+    from conceptrank.io import cache
+    from conceptrank.io.runfolder import check_run_folder
 
     opts = options or ReportOptions()
     t0 = time.perf_counter()
     root = Path(run)
+    check_run_folder(root, ("rank",), "a report")
     data = load_run(root)
     notes = _Notes(list(data.warnings))
-    figdir = root / "figures"
-    for sub in ("units", "images"):  # our thumbnails only; stale ones would otherwise pile up
-        shutil.rmtree(figdir / sub, ignore_errors=True)
-    figdir.mkdir(parents=True, exist_ok=True)
-    figs = _figures(data, figdir, root, opts.dpi, notes)
+    # Everything is drawn into a staging folder first and published only when the page is ready:
+    # a failure (or kill) leaves the previous report and its figures as they were.
+    staging = cache.staging_folder(root, ".report-staging")
+    figdir = staging / "figures"
+    root_for_links = staging  # links are relative to the run folder, where the files end up
+    figs = _figures(data, figdir, root_for_links, opts.dpi, notes)
     model = _load_model(data, notes) if (data.top_images is not None or data.images) else None
 
     unit_classes: dict[int, list[str]] = {}
@@ -607,9 +609,9 @@ def write_report(run: str | Path, options: ReportOptions | None = None,
                 lst = unit_classes.setdefault(uu, [])
                 if c not in lst:
                     lst.append(c)
-    cards = _unit_cards(data, model, opts, figdir, root, notes, unit_classes)
+    cards = _unit_cards(data, model, opts, figdir, root_for_links, notes, unit_classes)
     seed = opts.seed if opts.seed is not None else int(data.config.get("seed") or 0)
-    panels = _image_panels(data, model, opts, figdir, root, notes, seed)
+    panels = _image_panels(data, model, opts, figdir, root_for_links, notes, seed)
     sections = _class_sections(data, panels, {c["unit"] for c in cards})
 
     concepts = sorted({u.concept for u in data.labelled_units()}
@@ -635,7 +637,7 @@ def write_report(run: str | Path, options: ReportOptions | None = None,
     }
     html = render_html(context)
     out = root / "report.html"
-    atomic_write_text(out, html)
+    cache.publish_staged(staging, root, ".report-files.json", commit=lambda: cache.atomic_write_text(out, html))
     if echo is not None:
         echo(f"report: {out} ({len(cards)} unit cards, {len(sections)} classes) in {time.perf_counter() - t0:.1f}s")
     return out

@@ -100,6 +100,8 @@ class DissectConfig:
             raise ConceptrankError(f"--preprocess must be 'model' or 'netdissect', got {self.preprocess!r}")
         if not 0.0 < self.quantile < 1.0:
             raise ConceptrankError(f"--quantile must lie in (0, 1), got {self.quantile}")
+        if not 0.0 <= self.iou_threshold <= 1.0:  # also refuses NaN
+            raise ConceptrankError(f"--iou-threshold must lie in [0, 1], got {self.iou_threshold}")
         if self.store not in ("float32", "float16"):
             raise ConceptrankError(f"--store must be float32 or float16, got {self.store!r}")
         if self.batch_size < 1:
@@ -566,7 +568,8 @@ def _forward_pass(model, plan, probe, device, runs, rows: ResumableRows, start: 
         for name, f in feats.items():
             stored = plan.stored(f)
             if name not in rows.arrays:
-                rows.create(name, (N,) + tuple(f.shape[1:]), _store_dtype(plan))
+                rows.create(name, (N,) + tuple(f.shape[1:]), _store_dtype(plan), f"the feature cache of layer {name!r}",
+                            "pass --store float16 (half the bytes) or free space / choose an --out on a larger disk")
             rows.arrays[name][i0:i0 + B] = stored.numpy()
             runs[name].observe(stored, f.amax(dim=(2, 3)), i0)
         batches += 1
@@ -948,11 +951,11 @@ def _reuse_layer(name, key, outdir: Path, probe, label_cat, cfg, t_start) -> Lay
 def _read_thresholds(thresholds, layers: list[str]) -> dict | None:
     if thresholds is None or isinstance(thresholds, dict):
         return thresholds
-    if not Path(thresholds).exists():
-        raise ConceptrankError(f"--thresholds file not found: {thresholds}")
+    from conceptrank.io.tally_csv import read_thresholds
+
     if len(layers) != 1:
         raise ConceptrankError("--thresholds applies to a single --layer")
-    return {layers[0]: np.load(thresholds, allow_pickle=False)}
+    return {layers[0]: read_thresholds(thresholds)}
 
 
 def run_dissect(model, weights: str | None, layers: str | Sequence[str], probe, out: str | Path,
@@ -1000,11 +1003,10 @@ def run_dissect(model, weights: str | None, layers: str | Sequence[str], probe, 
 
 
 def _recompute(model, todo, probe, out: Path, outdirs, cfg, given, common, fps, keys, params) -> dict:
-    for name in todo:  # a stale manifest must never vouch for outputs being rewritten
+    for name in todo:  # the old manifest stays: its output hashes stop matching once an output is rewritten
         why = cache.why_recompute(outdirs[name] / "dissect.json", keys[name], fps[name], params)
         if why:
             print(f"dissect {name}: recomputing ({why})", file=sys.stderr, flush=True)
-        (outdirs[name] / "dissect.json").unlink(missing_ok=True)
         cache.remove_temps(outdirs[name], OUTPUTS + ("dissect.json",))
     run_key = cache.stage_key("dissect-run", {**common, "layers": todo,
                                               "thresholds": {n: fps[n]["thresholds"] for n in todo}}, params)

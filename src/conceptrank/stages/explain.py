@@ -292,8 +292,14 @@ class ExplainResult:
 
 
 def _safe_name(rel: str) -> str:
+    """A file name for the outputs of image ``rel``: a readable slug of its path plus a digest of the
+    exact path, so two images never share one (``a/img 0.jpg`` vs ``a/img_0.jpg``)."""
+    import hashlib
+
     stem = str(PurePosixPath(rel).with_suffix(""))
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in stem.replace("/", "__")) or "image"
+    slug = "".join(ch if ch.isascii() and (ch.isalnum() or ch in "-_.") else "_" for ch in stem.replace("/", "__"))
+    digest = hashlib.sha256(rel.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    return f"{slug.strip('.')[:80] or 'image'}-{digest}"
 
 
 def _signed_overlay(rgb: np.ndarray, m: np.ndarray, lim: float) -> np.ndarray:
@@ -459,9 +465,12 @@ def run_explain(run: str | Path, images: Sequence[str], top: int = 5, heatmaps: 
     Refuses (:class:`~conceptrank.errors.StaleInputError`) activations, a tally or rank outputs
     that are not the bytes ``rank.json`` recorded.
     """
+    from conceptrank.io.runfolder import check_run_folder
+
     run = Path(run)
     if not images:
         raise ConceptrankError("no images given")
+    check_run_folder(run, ("rank", "extract"), "explain")
     inp = _load_explain_inputs(run)
     act = inp.act
     rows = [resolve_image(q, act.images.tolist()) for q in images]

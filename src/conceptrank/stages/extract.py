@@ -101,8 +101,8 @@ class ExtractConfig:
         so that the CLI prints the error as one line)."""
         if self.crop not in CROPS:
             raise ConceptrankError(f"unknown crop {self.crop!r}; choose one of {', '.join(CROPS)}")
-        if self.resize is not None and int(self.resize) < 1:
-            raise ConceptrankError(f"resize must be a positive number of pixels, got {self.resize}")
+        if self.resize is not None and not 1 <= int(self.resize) <= 4096:
+            raise ConceptrankError(f"--resize must be a number of pixels in [1, 4096], got {self.resize}")
         if int(self.batch_size) < 1:
             raise ConceptrankError(f"batch_size must be >= 1, got {self.batch_size}")
         if int(self.workers) < 0:
@@ -654,7 +654,6 @@ def run_extract(
     if why:
         print(f"extract {layer}: recomputing ({why})", file=sys.stderr, flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "extract.json").unlink(missing_ok=True)  # never leave a previous run's manifest vouching for new outputs
     cache.remove_temps(out, ("extract.json", "activations.npz", "skipped.csv"))
     partial = out / ".partial" / key[:32]
     cache.clear_scratch(out / ".partial", keep=partial.name)
@@ -698,8 +697,7 @@ def _extract_key(loaded: LoadedModel, layer: str, targets: TargetSet, cfg: Extra
 
 def _write_activations(out: Path, acts: Activations, targets: TargetSet, partial: Path) -> None:
     """skipped.csv, then activations.npz (ConceptrankError when every image was skipped)."""
-    (out / "activations.npz").unlink(missing_ok=True)
-    _write_skipped(out / "skipped.csv", list(acts.skipped))
+    _write_skipped(out / "skipped.csv", list(targets.skipped) + list(acts.skipped))  # index-level skips too
     if not len(acts.images):
         cache.remove_scratch(partial)
         reasons = collections.Counter(r for _, r in acts.skipped)

@@ -408,3 +408,10 @@ def test_explain_names_never_collide():
     assert all(s == _safe_name(n) for s, n in zip(safe, names))  # deterministic
     assert all(all(ch.isascii() and (ch.isalnum() or ch in "-_.") for ch in s) and not s.startswith(".") for s in safe)
     assert safe[0].startswith("a__img_0-")
+
+
+def test_every_toml_key_has_a_checked_type():
+    from conceptrank import pipeline
+
+    keys = {k for section in pipeline._SECTIONS.values() for k in section} | {"out"}
+    assert keys <= set(pipeline._FIELD_TYPES), keys - set(pipeline._FIELD_TYPES)

@@ -23,7 +23,7 @@ __all__ = ["STAGE_MANIFESTS", "REQUIRED_FILES", "run_folder_problems", "check_ru
 STAGE_MANIFESTS = {"dissect": "dissect.json", "extract": "extract.json", "rank": "rank.json"}
 REQUIRED_FILES = {
     "rank": ("rank.json", "local_concepts.csv", "global_concepts.csv", "images.csv", "svm.npz"),
-    "extract": ("extract.json", "activations.npz"),
+    "extract": ("activations.npz",),  # an extract/ written by the Python API may lack its manifest
     "dissect": ("dissect.json", "tally.csv"),
 }
 
@@ -99,9 +99,13 @@ def run_folder_problems(root: str | Path, need: Sequence[str] = ("rank",)) -> li
                 problems.append(f"{folder} is missing (run `conceptrank {stage}` into it, or `conceptrank demo`/`run`)")
             continue
         mpath = folder / manifest_name
-        if not mpath.is_file():  # a dissect/ holding only an existing NetDissect tally.csv is fine when not needed
-            if stage in need:
+        if not mpath.is_file():  # e.g. a dissect/ holding only an existing NetDissect tally.csv
+            if stage in need and manifest_name in REQUIRED_FILES[stage]:
                 problems.append(f"{mpath} is missing: {stage}/ was half-written (interrupted) or not made by conceptrank")
+            elif stage in need:
+                problems += [f"{folder / n} is missing" for n in REQUIRED_FILES[stage] if not (folder / n).is_file()]
+            for npz in sorted(folder.glob("*.npz")):
+                _check_npz(npz, problems)
             continue
         manifest = _manifest(mpath, problems)
         if manifest is None:

@@ -199,6 +199,10 @@ def main() -> None:
     print(f"bare forward pass         {fwd:8.2f} s")
     print(f"whole dissect             {whole:8.2f} s   ratio {whole / fwd:.2f}x   (goal <= 1.1x)")
     print(f"  phases: " + ", ".join(f"{k} {v:.2f}s" for k, v in res.timings.items()))
+    t = res.timings
+    print(f"  within that run: total / its forward phase (loading, masks decoded in the loader) "
+          f"{t['total'] / t['forward']:.2f}x; tally after the forward pass {t['tally']:.2f} s "
+          f"({100 * t['tally'] / t['forward']:.0f}% of it)")
 
     # naive reference on a subset (it is slow): same thresholds → IoU difference; phase speed ratio
     sub = make_probe(args.work, args.naive_images, args.size)

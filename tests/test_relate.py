@@ -170,3 +170,16 @@ def test_explain_lists_the_relations_that_hold_in_the_image(run_dir):
     assert record["relations"] == expected
     if expected:
         assert any(n.startswith("relations that hold in it:") for n in res.images[0].notes)
+
+
+def test_rerun_reuses_the_geometry_and_writes_the_same_bytes(run_dir):
+    from conceptrank.stages.relate import run_relate
+
+    run_relate(run_dir, RelateConfig(draws=5))
+    first = (run_dir / "relate" / "relations.csv").read_bytes()
+    again = run_relate(run_dir, RelateConfig(draws=5))
+    assert any("reused" in n for n in again.notes)
+    assert (run_dir / "relate" / "relations.csv").read_bytes() == first
+    (run_dir / "relate" / "geometry.json").write_text("{}")  # a stale manifest recomputes
+    assert not any("reused" in n for n in run_relate(run_dir, RelateConfig(draws=5)).notes)
+    assert (run_dir / "relate" / "relations.csv").read_bytes() == first

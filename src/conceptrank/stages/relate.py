@@ -452,6 +452,11 @@ class RelateResult:
                          f"precision {s['precision']:.2f}, recall {s['recall']:.2f} (KG alone: precision "
                          f"{s['kg_only_precision']:.2f}, recall {s['kg_only_recall']:.2f}; degree-matched random: "
                          f"precision {s['chance_precision']:.2f}, recall {s['chance_recall']:.2f}; lift {s['lift']:.1f}×)")
+            if s.get("all_concepts_recall") is not None:
+                lines.append(f"[relate] among all {len(self.concepts)} labelled concepts instead of the top global ones: "
+                             f"precision {_f(s['all_concepts_precision'])}, recall {_f(s['all_concepts_recall'])} "
+                             f"(KG alone {_f(s['all_concepts_kg_only_precision'])} / {_f(s['all_concepts_kg_only_recall'])};"
+                             f" random {_f(s['all_concepts_chance_precision'])} / {_f(s['all_concepts_chance_recall'])})")
             if "image_precision" in s:
                 lines.append(f"[relate] per image: {s['image_relations_fitting']} relations fit the maps; precision "
                              f"{_f(s['image_precision'])}, recall {_f(s['image_recall'])} against the relations that "
@@ -466,7 +471,7 @@ class RelateResult:
 
 
 def _f(x: float) -> str:
-    return " –  " if math.isnan(x) else f"{x:.2f}"
+    return " –  " if x is None or math.isnan(x) else f"{x:.2f}"
 
 
 def _name(r: Relation) -> str:
@@ -617,6 +622,11 @@ def run_relate(run: str | Path, cfg: RelateConfig = RelateConfig()) -> RelateRes
     truth = _match_truth(planted, glob) if planted is not None else None
     rel = relate_concepts(edges, concepts, geom, chosen, [loc[n][0] for n in chosen], glob,
                           {n: loc[n][2] for n in chosen}, truth, cfg)
+    if truth is not None:  # the same over every labelled concept: grounding alone, whatever the ranking kept
+        every = relate_concepts(edges, concepts, geom, chosen, [loc[n][0] for n in chosen],
+                                {c: concepts for c in glob}, {}, truth, cfg).summary
+        rel = dataclasses.replace(rel, summary={**rel.summary, **{f"all_concepts_{k}": every.get(k) for k in (
+            "precision", "recall", "chance_precision", "chance_recall", "kg_only_precision", "kg_only_recall")}})
     image_truth = _image_truth(truth_path)
     if image_truth:
         rel = dataclasses.replace(rel, summary={**rel.summary, **image_agreement(rel.images, image_truth, cfg.min_fit)})

@@ -316,10 +316,10 @@ def _generator_fingerprint() -> str:
     import hashlib
 
     from conceptrank.nn import nets
-    from conceptrank.synthetic import backgrounds, build, drawing, train, world
+    from conceptrank.synthetic import backgrounds, build, drawing, knowledge, train, world
 
     h = hashlib.sha256()
-    for mod in (world, backgrounds, drawing, train, build, nets):
+    for mod in (world, backgrounds, drawing, train, build, knowledge, nets):
         h.update(Path(mod.__file__).read_bytes())
     for name in ("model.json", "weights.safetensors"):  # the shipped model
         f = build.SHIPPED_MODEL_DIR / name

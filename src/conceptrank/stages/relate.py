@@ -387,7 +387,7 @@ def _geometry(run: Path, rels: list[str], unit_concept: np.ndarray, n_concepts: 
     ej = run / "extract" / "extract.json"
     extract_meta = read_json(ej) if ej.is_file() else {}
     parts = []
-    chunk = 32
+    chunk = 100
     bar = Progress(len(rels), "relate: maps", "images")
     for s in range(0, len(rels), chunk):
         maps, pics, _ = layer_maps(run_cfg, extract_meta, rels[s:s + chunk])
@@ -397,6 +397,33 @@ def _geometry(run: Path, rels: list[str], unit_concept: np.ndarray, n_concepts: 
         bar.update(len(maps))
     bar.close()
     return PairGeometry(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("area", "inter", "near")))
+
+
+def _cached_geometry(run: Path, out: Path, rels: list[str], unit_concept: np.ndarray, n_concepts: int,
+                     thresholds: np.ndarray, radius: float) -> tuple[PairGeometry, bool]:
+    """:func:`_geometry`, or the copy in ``out/geometry.npz`` computed for the same model, images, units,
+    thresholds and radius (the expensive part of ``relate``: the maps)."""
+    from conceptrank.io import cache
+
+    ej = run / "extract" / "extract.json"
+    fingerprints = {
+        "extract": cache.file_sha256(ej) if ej.is_file() else None,
+        "run": cache.file_sha256(run / "run.json") if (run / "run.json").is_file() else None,
+        "images": cache.hash_json(rels), "units": cache.array_sha256(unit_concept),
+        "thresholds": cache.array_sha256(thresholds),
+    }
+    key = cache.stage_key("relate-geometry", fingerprints, {"radius": radius, "concepts": n_concepts})
+    path, meta = out / "geometry.npz", out / "geometry.json"
+    try:
+        if meta.is_file() and cache.read_json(meta).get("key") == key and path.is_file():
+            with np.load(path, allow_pickle=False) as z:
+                return PairGeometry(z["area"], z["inter"], z["near"]), True
+    except (OSError, ValueError, KeyError, AttributeError):
+        pass
+    geom = _geometry(run, rels, unit_concept, n_concepts, thresholds, radius)
+    cache.save_npz(path, area=geom.area, inter=geom.inter, near=geom.near)
+    cache.atomic_write_json(meta, {"stage": "relate-geometry", "key": key, "fingerprints": fingerprints})
+    return geom, False
 
 
 @dataclass(frozen=True)
@@ -425,6 +452,11 @@ class RelateResult:
                          f"precision {s['precision']:.2f}, recall {s['recall']:.2f} (KG alone: precision "
                          f"{s['kg_only_precision']:.2f}, recall {s['kg_only_recall']:.2f}; degree-matched random: "
                          f"precision {s['chance_precision']:.2f}, recall {s['chance_recall']:.2f}; lift {s['lift']:.1f}×)")
+            if s.get("all_concepts_recall") is not None:
+                lines.append(f"[relate] among all {len(self.concepts)} labelled concepts instead of the top global ones: "
+                             f"precision {_f(s['all_concepts_precision'])}, recall {_f(s['all_concepts_recall'])} "
+                             f"(KG alone {_f(s['all_concepts_kg_only_precision'])} / {_f(s['all_concepts_kg_only_recall'])};"
+                             f" random {_f(s['all_concepts_chance_precision'])} / {_f(s['all_concepts_chance_recall'])})")
             if "image_precision" in s:
                 lines.append(f"[relate] per image: {s['image_relations_fitting']} relations fit the maps; precision "
                              f"{_f(s['image_precision'])}, recall {_f(s['image_recall'])} against the relations that "
@@ -439,7 +471,7 @@ class RelateResult:
 
 
 def _f(x: float) -> str:
-    return " –  " if math.isnan(x) else f"{x:.2f}"
+    return " –  " if x is None or math.isnan(x) else f"{x:.2f}"
 
 
 def _name(r: Relation) -> str:
@@ -586,14 +618,19 @@ def run_relate(run: str | Path, cfg: RelateConfig = RelateConfig()) -> RelateRes
     chosen = sorted(n for n, (_, split, _) in loc.items() if cfg.split == "all" or split == cfg.split)
     if not chosen:
         raise ConceptrankError(f"no {cfg.split} images in {rank_dir / 'local_concepts.csv'}; choose --split all")
-    geom = _geometry(run, chosen, unit_concept, len(concepts), thresholds, cfg.radius)
+    geom, reused = _cached_geometry(run, out, chosen, unit_concept, len(concepts), thresholds, cfg.radius)
     truth = _match_truth(planted, glob) if planted is not None else None
     rel = relate_concepts(edges, concepts, geom, chosen, [loc[n][0] for n in chosen], glob,
                           {n: loc[n][2] for n in chosen}, truth, cfg)
+    if truth is not None:  # the same over every labelled concept: grounding alone, whatever the ranking kept
+        every = relate_concepts(edges, concepts, geom, chosen, [loc[n][0] for n in chosen],
+                                {c: concepts for c in glob}, {}, truth, cfg).summary
+        rel = dataclasses.replace(rel, summary={**rel.summary, **{f"all_concepts_{k}": every.get(k) for k in (
+            "precision", "recall", "chance_precision", "chance_recall", "kg_only_precision", "kg_only_recall")}})
     image_truth = _image_truth(truth_path)
     if image_truth:
         rel = dataclasses.replace(rel, summary={**rel.summary, **image_agreement(rel.images, image_truth, cfg.min_fit)})
-    notes = []
+    notes = ["region geometry reused from relate/geometry.npz (same model, images, units, thresholds)"] if reused else []
     if truth is None:
         notes.append("no planted relations (truth.json without a 'relations' section): precision and recall not computed")
     res = RelateResult(out, rel, kg, mapping.unmatched(kg.matched_terms), concepts, tuple(notes))

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Literal, Mapping
 
 from conceptrank.errors import ConceptrankError
+from conceptrank.synthetic.knowledge import write_knowledge
 from conceptrank.synthetic.train import TrainConfig, source_fingerprint, train_source_model
 from conceptrank.synthetic.world import WorldInfo, generate_world
 
@@ -118,6 +119,7 @@ def build_world(
     say = echo or ((lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None))
     info = generate_world(out, seed=seed, size=size, probe_images=probe_images,
                           images_per_class=images_per_class, progress=progress)
+    write_knowledge(info.out, seed=info.seed, size=info.size, images_per_class=info.images_per_class)  # world's KG
     if model == "none":
         return info
     model_dir = info.out / "model"

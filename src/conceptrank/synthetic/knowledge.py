@@ -44,16 +44,7 @@ Triple = tuple[str, str, str]
 
 def _object_parts() -> Mapping[str, tuple[str, ...]]:
     """Shape → the parts its objects can carry (the world's ``OBJECT_PARTS`` table)."""
-    table = getattr(W, "OBJECT_PARTS", None)
-    if table is not None:
-        return dict(table)
-    return {s: tuple(p for p in W.PARTS if not (s == "ring" and p == "core")) for s in W.SHAPES}
-
-
-def _spec_parts(spec) -> tuple[str, ...]:
-    if hasattr(spec, "parts"):
-        return tuple(spec.parts)
-    return tuple(p for p, on in (("rim", getattr(spec, "rim", False)), ("core", getattr(spec, "core", False))) if on)
+    return dict(W.OBJECT_PARTS)
 
 
 def _by_category(concepts: Sequence[str]) -> dict[str, list[str]]:
@@ -137,7 +128,7 @@ def image_relations(scene) -> list[Triple]:
         cand = [(s.shape, "HasProperty", s.color)]
         if s.material is not None:
             cand.append((s.shape, "MadeOf", s.material))
-        cand += [(p, "PartOf", s.shape) for p in _spec_parts(s)]
+        cand += [(p, "PartOf", s.shape) for p in s.parts]
         if scene_name is not None:
             cand.append((s.shape, "AtLocation", scene_name))
         out.update(r for r in cand if r[0] in seen and r[2] in seen)

@@ -592,7 +592,7 @@ def _check_params(seed, size, probe_images, images_per_class) -> None:
         )
 
 
-_WORLD_ENTRIES = {"probe", "target", "model", "truth.json"}
+_WORLD_ENTRIES = {"probe", "target", "model", "truth.json", "knowledge.csv.gz"}
 
 
 def _prepare_out(out: Path) -> None:

@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench model check-readme clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Retrain the synthetic world's source model and install it as the shipped one
+# (src/conceptrank/synthetic/model/); its card records this command, the seed and the code version.
+model: $(STAMP)
+	$(BIN)/conceptrank synth --out runs/model-world --retrain --ship-model
+
+# The README's results paragraph against a fresh demo run (after `make demo`).
+check-readme: $(STAMP)
+	$(BIN)/python bench/check_readme.py runs/demo
 
 bench: $(STAMP)
 	$(BIN)/python bench/dissect.py

@@ -285,7 +285,7 @@ def test_model_card_reproduces_the_trained_module(tiny_world):
     assert task["presence"]["concepts"] == list(presence_concepts()) == list(concept_vocabulary().names[1:])
     assert card["architecture"] == "worldnet"
     assert card["input_size"] == [w.size, w.size]
-    assert card["arch_kwargs"] == {"width": 32, "stem_pool": True, "layer4_stride": 4}
+    assert card["arch_kwargs"] == {"width": 32, "stem_pool": True, "layer4_stride": 4, "concept_units": len(concept_vocabulary().names) - 1}
     assert task["config"]["train_images"] == 384 and task["config"]["epochs"] == 2
     assert set(task["heldout_accuracy"]) == set(heads) | {"mean", "presence_f1"}
     assert w.source_accuracy == task["heldout_accuracy"]

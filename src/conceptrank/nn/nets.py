@@ -44,9 +44,10 @@ class WorldNet(nn.Module):
         Input pixels per ``layer4`` cell. With 4, ``layer3`` and ``layer4`` run at a quarter of the
         input resolution and ``layer4`` is dilated (×2) to keep its receptive field: finer maps for
         Network Dissection (small parts become separable) at about 1.25x the cost.
-    dense_outputs : int
-        Channels of an optional 1×1 convolution ``dense`` over ``layer4`` (per-cell predictions used
-        as an auxiliary training task, see :meth:`forward_dense`); 0 for none.
+    concept_units : int
+        How many of ``layer4``'s first units are read, one each, as per-cell concept logits
+        (``dense_scale[d] * layer4[d] + dense_bias[d]``, see :meth:`forward_dense`): the source
+        task can then train them as concept detectors (a concept bottleneck, Koh et al. 2020). 0: none.
 
     Input ``(B, 3, H, W)`` → logits ``(B, num_classes)``; ``layer4`` outputs
     ``(B, 4*width, H/layer4_stride, W/layer4_stride)``. Pooling layers hold no weights, so cards saved
@@ -54,7 +55,7 @@ class WorldNet(nn.Module):
     """
 
     def __init__(self, num_classes: int, width: int = 32, stem_pool: bool = False, layer4_stride: int = 8,
-                 dense_outputs: int = 0) -> None:
+                 concept_units: int = 0) -> None:
         super().__init__()
         if layer4_stride not in (4, 8):
             raise ValueError(f"layer4_stride must be 4 or 8, got {layer4_stride}")
@@ -72,8 +73,12 @@ class WorldNet(nn.Module):
         self.layer4 = _block(4 * width, 4 * width, dilation=2 if fine else 1)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(4 * width, num_classes)
-        if dense_outputs:
-            self.dense = nn.Conv2d(4 * width, dense_outputs, 1)
+        if not 0 <= concept_units <= 4 * width:
+            raise ValueError(f"concept_units must be between 0 and {4 * width}, got {concept_units}")
+        self.concept_units = concept_units
+        if concept_units:
+            self.dense_scale = nn.Parameter(torch.ones(concept_units))
+            self.dense_bias = nn.Parameter(torch.full((concept_units,), -2.0))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """``layer4``'s output ``(B, 4*width, H/stride, W/stride)``."""
@@ -86,9 +91,11 @@ class WorldNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(self.features(x)), 1))
 
     def forward_dense(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits ``(B, num_classes)`` and the ``dense`` head's per-cell logits ``(B, D, H/stride, W/stride)``."""
+        """Logits ``(B, num_classes)`` and the concept units' per-cell logits ``(B, D, H/stride, W/stride)``."""
         f = self.features(x)
-        return self.fc(torch.flatten(self.avgpool(f), 1)), self.dense(f)
+        d = self.concept_units
+        dense = f[:, :d] * self.dense_scale.view(1, d, 1, 1) + self.dense_bias.view(1, d, 1, 1)
+        return self.fc(torch.flatten(self.avgpool(f), 1)), dense
 
 
 #: Deprecated name of :class:`WorldNet` (it collided with the ConceptNet knowledge graph); kept so

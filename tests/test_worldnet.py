@@ -77,3 +77,42 @@ def test_parts_follow_the_object_parts_table():
             assert set(o.spec.parts) <= set(OBJECT_PARTS[o.spec.shape])
     assert seen == set(PARTS)
 
+
+# -- the shipped model ---------------------------------------------------------------------------
+def test_the_shipped_model_fits_the_default_world_and_reproduces_its_card():
+    from PIL import Image
+
+    from conceptrank.synthetic.build import SHIPPED_MODEL_DIR, shipped_model_fits
+    from conceptrank.synthetic.train import TrainConfig, render_source_images
+
+    fits, why = shipped_model_fits(64)
+    assert fits, why  # after a change to the renderer or the training code: `make model`
+    card = json.loads((SHIPPED_MODEL_DIR / "model.json").read_text())
+    task = card["source_task"]
+    assert card["architecture"] == "worldnet" and task["config"] == TrainConfig().to_json()
+    assert {"command", "code_version", "seed"} <= set(card["provenance"])
+    assert card["provenance"]["command"].startswith("conceptrank synth") and "--retrain" in card["provenance"]["command"]
+    text = (SHIPPED_MODEL_DIR / "MODEL_CARD.md").read_text()
+    assert card["provenance"]["code_version"] in text and card["weights_sha256"] in text
+    assert (SHIPPED_MODEL_DIR / "weights.safetensors").stat().st_size < 5 * 2**20
+    m = load_model(str(SHIPPED_MODEL_DIR))
+    images, _ = render_source_images(task["seed"], 64, 2, "heldout")
+    x = torch.stack([m.to_tensor(Image.fromarray(im)) for im in images])
+    with torch.no_grad():
+        np.testing.assert_allclose(m.module(x).numpy(), np.asarray(task["reference"]["logits"]), atol=1e-5, rtol=0)
+
+
+def test_build_world_uses_the_shipped_model_when_it_fits_and_trains_otherwise(tmp_path):
+    from conceptrank.synthetic.build import SHIPPED_MODEL_DIR, build_world
+    from conceptrank.synthetic.train import TrainConfig
+
+    said: list[str] = []
+    w = build_world(tmp_path / "a", seed=5, size=64, probe_images=4, images_per_class=10, progress=False, echo=said.append)
+    assert "shipped" in said[0] and w.model_note == "worldnet, shipped"
+    assert (w.model_dir / "weights.safetensors").read_bytes() == (SHIPPED_MODEL_DIR / "weights.safetensors").read_bytes()
+    said.clear()
+    tiny = TrainConfig(train_images=32, epochs=1, heldout_images=8, width=16)
+    w = build_world(tmp_path / "b", size=32, probe_images=4, images_per_class=10, config=tiny, progress=False,
+                    echo=said.append)
+    assert "training the source model" in said[0] and "32 px" in said[0] and w.model_note == "worldnet, trained here"
+    assert json.loads((w.model_dir / "model.json").read_text())["source_task"]["config"]["width"] == 16

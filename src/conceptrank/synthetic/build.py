@@ -169,5 +169,7 @@ def model_card_text(card: Mapping) -> str:
         f"- held-out accuracy: {acc}\n"
         f"- weights: `{card['weights']}` (sha256 {card['weights_sha256']})\n\n"
         "The source task (`conceptrank.synthetic.train`): shape, colour, material and scene of each image's\n"
-        "largest object, plus the presence of every concept of the world. Regenerate with `make model`.\n"
+        f"largest object, the presence of every concept of the world, and on `layer4`'s first "
+        f"{card['arch_kwargs'].get('concept_units', 0)} units\n"
+        "(concept units) each concept's coverage of every cell. Regenerate with `make model`.\n"
     )

@@ -92,8 +92,8 @@ class TrainConfig:
     threads : int — torch threads while training (1: the same result whatever the machine's core count).
     """
 
-    train_images: int = 6000
-    epochs: int = 6
+    train_images: int = 8000
+    epochs: int = 7
     heldout_images: int = 500
     batch_size: int = 32
     lr: float = 3e-3
@@ -102,7 +102,7 @@ class TrainConfig:
     head_weights: Mapping[str, float] = field(default_factory=lambda: dict(HEAD_WEIGHTS))
     presence_weight: float = 1.0
     presence_weights: Mapping[str, float] = field(default_factory=lambda: dict(PRESENCE_WEIGHTS))
-    dense_weight: float = 1.0
+    dense_weight: float = 2.0
     threads: int = 1
 
     def arch_kwargs(self) -> dict:

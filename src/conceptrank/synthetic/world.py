@@ -33,6 +33,7 @@ seed gives byte-identical files: every random draw comes from a ``numpy`` genera
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -446,7 +447,8 @@ def render_scene(rng: np.random.Generator, spec: SceneSpec, size: int) -> Render
     image = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
 
     # Only what is visible: labels of a pixel come from the last object drawn on it.
-    drawn = [type(d)(d.mask & (owner == k + 1), d.surface & (owner == k + 1), d.rgb, d.parts) for k, d in enumerate(drawn)]
+    drawn = [dataclasses.replace(d, mask=d.mask & (owner == k + 1), surface=d.surface & (owner == k + 1))
+             for k, d in enumerate(drawn)]
     planes = _label_planes(drawn, spec, size, num)
     visible = np.bincount(owner.ravel(), minlength=len(spec.objects) + 1)[1:]
     placed = tuple(PlacedObject(o, g.cx, g.cy, g.radius, g.angle, int(v)) for o, g, v in zip(spec.objects, geoms, visible))

@@ -5,7 +5,7 @@
 
 The paragraph (the one starting with ``What the demo shows``) is rebuilt from the run's files —
 ``world/model/model.json`` (source accuracy), ``dissect/dissect.json`` (detectors, concepts per
-category), ``rank/classifier.json`` (SVM accuracy) and ``rank/summary.json`` (agreement, lift,
+category), ``rank/classifier.json`` (SVM accuracy), ``rank/rank.json`` (the ranker) and ``rank/summary.json`` (agreement, lift,
 p-value, deletion ratio, ground-truth precision) — and must equal the README's word for word, so
 every number in it is checked.
 """
@@ -40,6 +40,7 @@ def results_paragraph(run: Path) -> str:
     card = _read(run / "world" / "model" / "model.json")
     counts = _read(run / "dissect" / "dissect.json")["counts"]
     clf = _read(run / "rank" / "classifier.json")
+    ranker = _read(run / "rank" / "rank.json").get("ranker", "paper")
     summary = _read(run / "rank" / "summary.json")
     acc = card["source_task"]["heldout_accuracy"]
     per_cat = ", ".join(f"{k} {v}" for k, v in counts["unique_concepts"].items())
@@ -52,7 +53,8 @@ def results_paragraph(run: Path) -> str:
         f"{acc['shape']:.2f} on shapes, {acc['color']:.2f} on colours, {acc['material']:.2f} on materials "
         f"and {acc['scene']:.2f} on scenes; dissection labels {counts['detectors']} of its {counts['units']} "
         f"`layer4` units (IoU ≥ 0.04) with {counts['concepts']} distinct concepts ({per_cat}); the SVM "
-        f"reaches {clf['test_accuracy']:.2f} test accuracy on the {n_classes} classes; agreement is "
+        f"reaches {clf['test_accuracy']:.2f} test accuracy on the {n_classes} classes; with the `{ranker}` "
+        f"ranker, agreement is "
         f"{agree['5L-1G']['mean']:.2f} ± {agree['5L-1G']['std']:.2f} at 5L-1G "
         f"({base['5L-1G']['permutation_lift']:.1f}× chance, "
         f"{_p_value(base['5L-1G']['permutation_p'], base['n_permutations'])}) and "

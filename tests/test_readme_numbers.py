@@ -28,6 +28,7 @@ def _fake_run(root: Path, detectors: int = 101) -> Path:
     put("dissect/dissect.json", {"counts": {"units": 128, "detectors": detectors, "concepts": 41, "unique_concepts": {
         "color": 10, "object": 9, "part": 5, "material": 5, "scene": 11, "texture": 1}}})
     put("rank/classifier.json", {"test_accuracy": 0.8375})
+    put("rank/rank.json", {"ranker": "net2vec"})
     put("rank/summary.json", {
         "n_classes": 10,
         "agreement": {"5L-1G": {"mean": 0.61, "std": 0.2}, "10L-10G": {"mean": 1.0, "std": 0.0}},
@@ -44,7 +45,7 @@ def test_paragraph_numbers_come_from_the_run(tmp_path):
     ck = _checker()
     text = ck.results_paragraph(_fake_run(tmp_path / "run"))
     for expected in ("0.81 on shapes", "labels 101 of its 128", "41 distinct concepts", "part 5", "0.84 test accuracy",
-                     "0.61 ± 0.20 at 5L-1G", "2.0× chance", "p ≤ 0.001", "chance gives 1.00", "7.3× more",
+                     "the `net2vec` ranker", "0.61 ± 0.20 at 5L-1G", "2.0× chance", "p ≤ 0.001", "chance gives 1.00", "7.3× more",
                      "for 8 of 10 classes", "random concepts: 1.0 of 10"):
         assert expected in text, expected
 

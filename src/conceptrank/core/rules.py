@@ -244,8 +244,9 @@ def _ripper_bodies(X: np.ndarray, y: np.ndarray, max_literals: int, max_rules: i
 
     df = pd.DataFrame(X.astype(np.int64), columns=[f"f{i}" for i in range(X.shape[1])])
     model = lw.RIPPER(max_rules=max_rules, max_rule_conds=max_literals, random_state=seed, verbosity=0)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # restores showwarning, which wittgenstein calls directly
         warnings.simplefilter("ignore")
+        warnings.showwarning = lambda *a, **k: None
         model.fit(df, y.astype(np.int64), pos_class=1)
     # wittgenstein's max_rule_conds bounds growing, not its optimisation pass: keep the first conditions
     return [tuple((int(c.feature[1:]), bool(int(c.val))) for c in rule.conds[:max_literals])

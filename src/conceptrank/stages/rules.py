@@ -8,7 +8,7 @@ k-fold cross-validation on the train split (surrogate fidelity of the chosen lea
 is never used to choose anything.
 
 ``run_rules`` reads a run folder, recomputes the layer maps of every target image once (batched;
-cached in ``RUN/rules/facts.npz``), and writes ``RUN/rules/``:
+cached in ``RUN/rules/map_stats.npz``), and writes ``RUN/rules/``:
 
 ``rules.txt``  the surrogate rules of the chosen learner and binarisation, readable;
 ``rules.lp``   the same rules as an answer-set program (clingo), with the priority policy;
@@ -108,6 +108,7 @@ class RulesResult:
     config: RulesConfig = RulesConfig()
     out: Path | None = None
     solver: dict = field(default_factory=dict)
+    maps_reused: bool = False
 
     def table(self) -> str:
         """The comparison as a fixed-width table (test split)."""
@@ -288,7 +289,7 @@ def _svm_predictions(svm, mean: np.ndarray) -> np.ndarray:
     return classes[d.argmax(axis=1)]
 
 
-def _map_statistics(inp: _RunInputs, cache_path: Path, batch_size: int) -> MapStats:
+def _map_statistics(inp: _RunInputs, cache_path: Path, batch_size: int) -> tuple[MapStats, bool]:
     """Share above threshold and L2 norm of every image's maps, from ``cache_path`` when its key matches.
 
     ``share`` is None when the run has no dissection thresholds.
@@ -303,7 +304,7 @@ def _map_statistics(inp: _RunInputs, cache_path: Path, batch_size: int) -> MapSt
     if cache_path.is_file():
         with np.load(cache_path, allow_pickle=False) as z:
             if {"key", "share", "l2", "has_share"} <= set(z.files) and str(z["key"]) == inp.key:
-                return MapStats(z["share"] if bool(z["has_share"]) else None, z["l2"])
+                return MapStats(z["share"] if bool(z["has_share"]) else None, z["l2"]), True
     n, u = len(inp.images), len(inp.unit_concepts)
     share, l2 = np.zeros((n, u)), np.zeros((n, u))
     thr = inp.thresholds if inp.thresholds is not None else np.full(u, np.inf)
@@ -317,7 +318,7 @@ def _map_statistics(inp: _RunInputs, cache_path: Path, batch_size: int) -> MapSt
     has_share = inp.thresholds is not None
     save_npz(cache_path, key=np.asarray(inp.key), images=inp.images.astype(str), share=share, l2=l2,
              has_share=np.asarray(has_share))
-    return MapStats(share if has_share else None, l2)
+    return MapStats(share if has_share else None, l2), False
 
 
 def run_rules(run: str | Path, cfg: RulesConfig = RulesConfig(), truth: str | Path | None = None,
@@ -330,7 +331,7 @@ def run_rules(run: str | Path, cfg: RulesConfig = RulesConfig(), truth: str | Pa
     out = Path(out) if out is not None else run / "rules"
     inp = _read_run(run, cfg)
     out.mkdir(parents=True, exist_ok=True)
-    stats = _map_statistics(inp, out / "facts.npz", cfg.batch_size)
+    stats, reused = _map_statistics(inp, out / "map_stats.npz", cfg.batch_size)
     truth = truth if truth is not None else inp.run_cfg.get("truth")
     planted = None
     if truth:
@@ -344,7 +345,7 @@ def run_rules(run: str | Path, cfg: RulesConfig = RulesConfig(), truth: str | Pa
               f"{facts.params}, learned on the train split from the SVM's predictions (a surrogate)"]
     lp, fl = rules_program(primary.ruleset, header), facts_program(inp.images, facts.names, facts.present)
     solver = _solver_check(primary.ruleset, facts, inp.images, lp, fl)
-    res = replace(res, out=out, solver=solver)
+    res = replace(res, out=out, solver=solver, maps_reused=reused)
     _write_outputs(out, res, inp, rules_text(primary.ruleset, header), lp, fl)
     return res
 

@@ -1,0 +1,118 @@
+"""The rules stage on a run folder of the tiny synthetic world: outputs, numbers recomputed by hand,
+clingo on rules.lp with each test image's facts, reuse, and bad input."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from conceptrank.cli import app
+from conceptrank.core.rules import asp_names, solve_program
+from conceptrank.errors import RulesError
+from conceptrank.stages.rules import RulesConfig, run_rules
+
+runner = CliRunner()
+FAST = RulesConfig(min_iou=0.0001, learner="tree", learners=("tree",), folds=2)  # the other learners: test_rules.py
+
+
+def _ok(args):
+    r = runner.invoke(app, [str(a) for a in args])
+    assert r.exit_code == 0, r.output
+    return r.output
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rules_run")
+    model, probe, target = tiny_world.model_dir, tiny_world.probe_dir, tiny_world.target_dir
+    _ok(["dissect", "--model", model, "--layer", "layer4", "--probe", probe, "--out", out / "dissect",
+         "--workers", "0", "--quantile", "0.02"])
+    _ok(["extract", "--model", model, "--layer", "layer4", "--dataset", target, "--out", out / "extract",
+         "--workers", "0"])
+    _ok(["rank", "--activations", out / "extract", "--tally", out / "dissect" / "tally.csv", "--out",
+         out / "rank", "--min-iou", "0.0001"])
+    (out / "run.json").write_text(json.dumps({"config": {"truth": str(tiny_world.truth_path)}}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def result(run_dir):
+    return run_rules(run_dir, FAST)
+
+
+def test_outputs_and_numbers_by_hand(run_dir, result):
+    folder = run_dir / "rules"
+    for name in ("rules.txt", "rules.lp", "facts.lp", "rules.json", "comparison.csv", "map_stats.npz"):
+        assert (folder / name).is_file(), name
+    doc = json.loads((folder / "rules.json").read_text())
+    facts = result.facts["share"]
+    images = np.load(run_dir / "extract" / "activations.npz")["images"].astype(str)
+    splits = np.load(run_dir / "extract" / "activations.npz")["splits"].astype(str)
+    asp = {p["asp"]: i for i, p in enumerate(doc["facts"]["predicates"])}
+    assert doc["rules"], "the tiny world should still give some rules"
+    for rule in doc["rules"]:
+        holds = np.ones(len(images), bool)
+        for lit in rule["literals"]:
+            col = facts.present[:, asp[lit["predicate"]]]
+            holds &= col if lit["positive"] else ~col
+        assert rule["fires_on"]["test"] == images[holds & (splits == "test")].tolist()
+        train = holds & (splits == "train")
+        assert rule["fires_train"] == int(train.sum()) == len(rule["fires_on"]["train"])
+        assert rule["confidence"] == pytest.approx(rule["support"] / max(rule["fires_train"], 1))
+        assert len(rule["literals"]) <= 3
+    assert result.solver == {"images": len(images), "agree": len(images)}
+    assert len(result.reports) == 2 * 1 * 2  # binarisations x learners x label sets
+    assert set(result.cv) == {0.0, 0.01, 0.02, 0.05}
+    assert "fidel" in result.table() and "clingo" in result.table()
+
+
+def test_clingo_on_each_test_image_matches_python(run_dir, result):
+    from conceptrank.core.rules import facts_program, predict
+
+    rs, facts = result.primary.ruleset, result.facts[result.primary.facts]
+    lp = (run_dir / "rules" / "rules.lp").read_text()
+    z = np.load(run_dir / "extract" / "activations.npz")
+    images, splits = z["images"].astype(str), z["splits"].astype(str)
+    labels, _ = predict(rs, facts.present)
+    heads = dict(zip(asp_names(rs.classes), rs.classes))
+    checked = 0
+    for i in np.nonzero(splits == "test")[0]:
+        solved = solve_program(lp, facts_program([images[i]], facts.names, facts.present[i:i + 1]))
+        assert heads.get(solved[images[i]][0], "") == labels[i], images[i]
+        checked += 1
+    assert checked == int((splits == "test").sum()) > 0
+
+
+def test_rerun_reuses_maps_and_gives_the_same_bytes(run_dir, result):
+    before = (run_dir / "rules" / "rules.json").read_bytes()
+    again = run_rules(run_dir, FAST)
+    assert again.maps_reused and not result.maps_reused
+    assert (run_dir / "rules" / "rules.json").read_bytes() == before
+
+
+def test_missing_thresholds_is_a_clear_error_and_keeps_outputs(run_dir, result, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "dissect" / "thresholds.npy").unlink()
+    before = (run / "rules" / "rules.json").read_bytes()
+    with pytest.raises(RulesError, match="thresholds.npy not found"):
+        run_rules(run, FAST)
+    assert (run / "rules" / "rules.json").read_bytes() == before
+    r = runner.invoke(app, ["rules", "--run", str(run), "--min-iou", "0.0001"])
+    assert r.exit_code == 2 and "thresholds.npy" in r.output and "Traceback" not in r.output
+    res = run_rules(run, RulesConfig(min_iou=0.0001, facts="nesyfold", compare=False, learner="tree"))
+    assert res.primary.facts == "nesyfold" and "share" not in res.facts
+
+
+def test_not_a_run_folder_and_bad_options(tmp_path):
+    with pytest.raises(RulesError, match="run.json"):
+        run_rules(tmp_path, FAST)
+    r = runner.invoke(app, ["rules", "--run", str(tmp_path), "--learner", "c45"])
+    assert r.exit_code == 2 and "--learner" in r.output
+
+
+def test_cli_prints_the_table(run_dir):
+    text = _ok(["rules", "--run", run_dir, "--min-iou", "0.0001", "--no-compare", "--learner", "tree"])
+    assert "tree" in text and "solver check" in text

@@ -33,6 +33,8 @@ def test_tree_finds_the_exact_body():
     X, y = _planted()
     rs = fit_rules(X, y, ("a", "b", "c"), NAMES, NAMES, "tree", max_literals=2, max_rules=5)
     assert ((0, True), (1, False)) in [r.body for r in rs.rules if r.head == "a"]
+    lap = [r.laplace for r in rs.rules]
+    assert lap == sorted(lap, reverse=True)  # the priority order
     top = [r for r in rs.rules if r.body == ((0, True), (1, False))][0]
     assert top.confidence == 1.0 and top.support == int((y == "a").sum())
 

@@ -113,6 +113,34 @@ def test_not_a_run_folder_and_bad_options(tmp_path):
     assert r.exit_code == 2 and "--learner" in r.output
 
 
-def test_cli_prints_the_table(run_dir):
-    text = _ok(["rules", "--run", run_dir, "--min-iou", "0.0001", "--no-compare", "--learner", "tree"])
+def test_cli_prints_the_table(run_dir, tmp_path):
+    shutil.copytree(run_dir, tmp_path / "run")  # leaves the module's rules.json as `result` wrote it
+    text = _ok(["rules", "--run", tmp_path / "run", "--min-iou", "0.0001", "--no-compare", "--learner", "tree"])
     assert "tree" in text and "solver check" in text
+
+
+def test_explain_names_the_deciding_rule_and_its_facts(run_dir, result):
+    import html
+
+    from conceptrank.core.rules import predict
+    from conceptrank.report.html import _environment
+    from conceptrank.report.rules import class_rules
+    from conceptrank.stages.rules import explain_rules, rules_summary
+
+    rs, facts = result.primary.ruleset, result.facts[result.primary.facts]
+    images = np.load(run_dir / "extract" / "activations.npz")["images"].astype(str)
+    labels, winner = predict(rs, facts.present)
+    lines = explain_rules(run_dir, images.tolist())
+    for img, lab, w in zip(images, labels, winner):
+        first = lines[img][0]
+        assert (f"r{w + 1} decided {lab}:" in first) if w >= 0 else ("no rule fired" in first)
+    assert any(w >= 0 for w in winner)
+    summary = rules_summary(run_dir)
+    assert summary["test"] == result.primary.test and len(summary["comparison"]) == len(result.reports)
+    cr = class_rules(run_dir)
+    assert cr["available"] and sum(len(v["rules"]) for v in cr["classes"].values()) == len(rs.rules)
+    cls = rs.rules[0].head
+    page = _environment().get_template("_class_rules.html").render(s={"name": cls}, class_rules=cr)
+    assert html.escape(cr["classes"][cls]["rules"][0]["clause"]) in page
+    missing = class_rules(run_dir / "nowhere")
+    assert not missing["available"] and "conceptrank rules" in missing["about"]

@@ -32,7 +32,7 @@ from conceptrank.core.rules import LEARNERS, Learner, RuleSet, fit_rules, score_
 from conceptrank.errors import RulesError
 
 __all__ = ["RulesConfig", "RuleReport", "RulesResult", "learn_rules", "run_rules", "MIN_SHARE_GRID",
-           "rules_json", "explain_rules"]
+           "rules_json", "read_rules", "rules_summary", "explain_rules"]
 
 MIN_SHARE_GRID = (0.0, 0.01, 0.02, 0.05)
 Target = Literal["svm", "true"]
@@ -364,8 +364,8 @@ def _solver_check(ruleset: RuleSet, facts: Facts, images: np.ndarray, lp: str, f
     return {"images": int(len(images)), "agree": int(agree)}
 
 
-POLICY = ("An image gets the class of the highest-priority rule that fires on it; priority: confidence on the "
-          "train split (desc), support (desc), fewer literals, class order, learner order. An image on which "
+POLICY = ("An image gets the class of the highest-priority rule that fires on it; priority: Laplace confidence "
+          "(support + 1) / (fires + 2) on the train split (desc), support (desc), fewer literals, class order, learner order. An image on which "
           "no rule fires is uncovered: no class, counted wrong in accuracy and fidelity.")
 _SCORE_COLUMNS = ("rules", "literals_per_rule", "max_rules_per_class", "coverage", "accuracy", "fidelity",
                   "positive_literal_precision", "accuracy_covered", "fidelity_covered")
@@ -390,7 +390,8 @@ def rules_json(res: RulesResult, images: np.ndarray, splits: np.ndarray, labels:
         on = fires[:, i]
         rules.append({
             "id": f"r{i + 1}", "priority": i + 1, "class": r.head, "clause": clause, "literals": body,
-            "support": r.support, "confidence": r.confidence, "coverage": r.coverage, "fires_train": r.fires,
+            "support": r.support, "confidence": r.confidence, "laplace": r.laplace, "coverage": r.coverage,
+            "fires_train": r.fires,
             "test": {"fires": int((on & test).sum()), "decides": int(((winner == i) & test).sum()),
                      "correct": int((on & test & (labels == r.head)).sum()),
                      "agrees_with_svm": int((on & test & (svm_pred == r.head)).sum())},
@@ -434,3 +435,68 @@ def _write_outputs(out: Path, res: RulesResult, inp: _RunInputs, text: str, lp: 
     atomic_write_text(out / "comparison.csv", buf.getvalue())
     atomic_write_json(out / "rules.json", doc)  # last: its presence means the others are complete
 
+
+
+# ---------------------------------------------------------------------------------------------
+# readers for evaluate, explain and the report
+# ---------------------------------------------------------------------------------------------
+
+
+def read_rules(path: str | Path) -> dict | None:
+    """``rules.json`` (given it or its run folder / rules folder), or None when there is none."""
+    from conceptrank.io.cache import read_json
+
+    path = Path(path)
+    for p in (path, path / "rules.json", path / "rules" / "rules.json"):
+        if p.is_file():
+            try:
+                doc = read_json(p)
+            except (OSError, ValueError) as e:
+                raise RulesError(f"cannot read {p}: {e}") from None
+            if not isinstance(doc, dict) or doc.get("format") != "conceptrank-rules" or "rules" not in doc:
+                raise RulesError(f"{p}: not a conceptrank rules.json")
+            return doc
+    return None
+
+
+def rules_summary(path: str | Path) -> dict | None:
+    """The numbers of ``rules.json`` for ``evaluate``'s summary: the written rules' test scores and the
+    comparison (test split), or None when the run has no rules."""
+    doc = read_rules(path)
+    if doc is None:
+        return None
+    return {"learner": doc["learner"], "facts": doc["facts"]["method"], "facts_params": doc["facts"]["params"],
+            "svm_test_accuracy": doc["svm_test_accuracy"], "test": doc["scores"]["test"], "counts": doc["counts"],
+            "solver_check": doc.get("solver_check"),
+            "comparison": [{"facts": r["facts"], "learner": r["learner"], "labels": r["labels"], **r["test"]}
+                           for r in doc["comparison"]]}
+
+
+def explain_rules(run: str | Path, images: Sequence[str]) -> dict[str, list[str]]:
+    """Per image (as named in activations.npz) the lines saying which rule decided it and which facts
+    made it fire, or that none did; {} when the run has no rules."""
+    doc = read_rules(run)
+    if doc is None:
+        return {}
+    fired: dict[str, list[dict]] = {}
+    for rule in doc["rules"]:  # in priority order
+        for split_images in rule["fires_on"].values():
+            for img in split_images:
+                fired.setdefault(img, []).append(rule)
+    out = {}
+    for img in images:
+        rules = fired.get(str(img), [])
+        if not rules:
+            out[str(img)] = [f"rules ({doc['learner']}): no rule fired — uncovered, no class"]
+            continue
+        w = rules[0]
+        have = [lit["predicate"] for lit in w["literals"] if lit["positive"]]
+        lack = [lit["predicate"] for lit in w["literals"] if not lit["positive"]]
+        why = "; ".join(x for x in (("present: " + ", ".join(have)) if have else "",
+                                    ("absent: " + ", ".join(lack)) if lack else "") if x) or "no condition"
+        lines = [f"rules ({doc['learner']}): {w['id']} decided {w['class']}: {w['clause']} "
+                 f"(support {w['support']}, confidence {w['confidence']:.2f})", f"  because {why}"]
+        if len(rules) > 1:
+            lines.append("  also fired (lower priority): " + ", ".join(f"{r['id']} ({r['class']})" for r in rules[1:]))
+        out[str(img)] = lines
+    return out

@@ -46,3 +46,16 @@ def test_nesyfold_threshold_by_hand():
     np.testing.assert_array_equal(f.present[:, 1], [True, True, True, False])  # θ = 0.6·5 + 0 = 3
     with pytest.raises(ValueError):
         nesyfold_facts(l2, np.zeros(4, bool), ["a", None])
+
+
+def test_truth_facts_and_the_ceiling():
+    from conceptrank.core.facts import truth_facts
+    from conceptrank.core.rules import facts_ceiling
+
+    f = truth_facts([frozenset({"b", "a"}), frozenset(), frozenset({"c"})])
+    assert f.names == ("a", "b", "c") and f.method == "truth"
+    np.testing.assert_array_equal(f.present, [[1, 1, 0], [0, 0, 0], [0, 0, 1]])
+    X = np.eye(3, dtype=bool).repeat(10, axis=0)
+    y = np.array(["x", "y", "z"]).repeat(10)
+    assert facts_ceiling(X, y, X, y) == 1.0
+    assert facts_ceiling(X, np.full(30, "x"), X, y) is None  # one class: nothing to fit

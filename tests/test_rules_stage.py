@@ -63,7 +63,8 @@ def test_outputs_and_numbers_by_hand(run_dir, result):
         assert rule["confidence"] == pytest.approx(rule["support"] / max(rule["fires_train"], 1))
         assert len(rule["literals"]) <= 3
     assert result.solver == {"images": len(images), "agree": len(images)}
-    assert len(result.reports) == 2 * 1 * 2  # binarisations x learners x label sets
+    assert len(result.reports) == 3 * 1 * 2  # binarisations (share, nesyfold, truth) x learners x label sets
+    assert set(result.ceiling) == {"share", "nesyfold", "truth"}
     assert set(result.cv) == {0.0, 0.01, 0.02, 0.05}
     assert "fidel" in result.table() and "clingo" in result.table()
 

@@ -16,6 +16,9 @@ per-image means of ``activations.npz``):
     filter; NeSyFOLD names a filter after its semantic concept afterwards, so the predicate is
     ``<concept>_u<unit>`` (``u<unit>`` for a filter dissection did not label; ``unit`` numbered from 1
     as in ``tally.csv``), and its concept is the filter's dissection label.
+``truth`` (synthetic worlds only, a reference)
+    the concepts truth.json says are visible in the image: what a perfect detector of every
+    concept would give. Rules over them show what the concepts can explain at all.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch
 
 from conceptrank.core.upsample import upsample_bilinear
 
-__all__ = ["FactsMethod", "MapStats", "Facts", "map_stats", "concept_facts", "nesyfold_facts",
+__all__ = ["FactsMethod", "MapStats", "Facts", "map_stats", "concept_facts", "nesyfold_facts", "truth_facts",
            "NESYFOLD_ALPHA", "NESYFOLD_GAMMA"]
 
 FactsMethod = Literal["share", "nesyfold"]
@@ -153,3 +156,13 @@ def nesyfold_facts(l2: np.ndarray, train: np.ndarray, unit_concepts: Sequence[st
     names = tuple(f"{c}_u{u + 1}" if c else f"u{u + 1}" for u, c in enumerate(concepts))
     units = tuple((u,) for u in range(len(concepts)))
     return Facts(names, concepts, units, present, "nesyfold", {"alpha": float(alpha), "gamma": float(gamma)})
+
+
+def truth_facts(visible: Sequence[frozenset | set]) -> Facts:
+    """Reference facts from a synthetic world's truth: per image (N) the set of concepts visible in it."""
+    names = tuple(sorted({c for v in visible for c in v}))
+    col = {c: i for i, c in enumerate(names)}
+    present = np.zeros((len(visible), len(names)), dtype=bool)
+    for i, v in enumerate(visible):
+        present[i, [col[c] for c in v]] = True
+    return Facts(names, names, tuple(() for _ in names), present, "truth", {})

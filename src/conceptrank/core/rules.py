@@ -32,7 +32,7 @@ from typing import Literal, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["Learner", "LEARNERS", "Rule", "RuleSet", "fit_rules", "fire_matrix", "predict", "score_ruleset",
+__all__ = ["Learner", "LEARNERS", "Rule", "RuleSet", "fit_rules", "facts_ceiling", "fire_matrix", "predict", "score_ruleset",
            "asp_names", "rules_text", "rules_program", "facts_program", "solve_program"]
 
 Learner = Literal["ripper", "skope", "tree"]
@@ -216,6 +216,18 @@ def fit_rules(present: np.ndarray, labels: np.ndarray, classes: Sequence[str], n
     params = {"max_literals": max_literals, "max_rules": max_rules, "seed": seed}
     return RuleSet(tuple(names), tuple(concepts), tuple(classes), tuple(t[2] for t in found), learner,
                    tuple(no_pos), params)
+
+
+def facts_ceiling(train: np.ndarray, y_train: np.ndarray, test: np.ndarray, y_test: np.ndarray, seed: int = 0) -> float | None:
+    """Agreement with ``y_test`` of an unconstrained model on the same facts (L2 logistic regression,
+    C = 1): how much of the labels the facts can explain at all, whatever the rule budget."""
+    from sklearn.linear_model import LogisticRegression
+
+    y_train = np.asarray(y_train).astype(str)
+    if len(np.unique(y_train)) < 2 or train.shape[1] == 0:
+        return None
+    model = LogisticRegression(C=1.0, max_iter=5000, random_state=seed).fit(train.astype(np.float64), y_train)
+    return float((model.predict(test.astype(np.float64)) == np.asarray(y_test).astype(str)).mean())
 
 
 def _contradictory(body: Body) -> bool:

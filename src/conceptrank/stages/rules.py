@@ -27,8 +27,8 @@ from typing import Literal, Mapping, Sequence
 
 import numpy as np
 
-from conceptrank.core.facts import Facts, FactsMethod, MapStats, concept_facts, nesyfold_facts
-from conceptrank.core.rules import LEARNERS, Learner, RuleSet, fit_rules, score_ruleset
+from conceptrank.core.facts import Facts, FactsMethod, MapStats, concept_facts, nesyfold_facts, truth_facts
+from conceptrank.core.rules import LEARNERS, Learner, RuleSet, facts_ceiling, fit_rules, score_ruleset
 from conceptrank.errors import RulesError
 
 __all__ = ["RulesConfig", "RuleReport", "RulesResult", "learn_rules", "run_rules", "MIN_SHARE_GRID",
@@ -96,6 +96,7 @@ class RulesResult:
     facts : the binarisations used, by method.
     svm_accuracy : the SVM's test accuracy against the true labels.
     cv : min_share → mean cross-validated surrogate fidelity on train ({} when not chosen by CV).
+    ceiling : binarisation → test fidelity of an unconstrained logistic regression on the same facts.
     counts : bad cases, counted (images without any fact per split, classes without positives).
     """
 
@@ -109,6 +110,7 @@ class RulesResult:
     out: Path | None = None
     solver: dict = field(default_factory=dict)
     maps_reused: bool = False
+    ceiling: dict = field(default_factory=dict)
 
     def table(self) -> str:
         """The comparison as a fixed-width table (test split)."""
@@ -125,9 +127,12 @@ class RulesResult:
                          f"{_f(t['positive_literal_precision'])}{mark}")
         share = self.facts.get("share")
         if share is not None:
-            how = "by CV on train" if self.cv else "given"
-            lines.append(f"share facts: min_share {share.params['min_share']} ({how}); "
-                         f"nesyfold facts: α {self.facts['nesyfold'].params['alpha'] if 'nesyfold' in self.facts else '-'}")
+            how = "chosen by CV on train" if self.cv else "given"
+            lines.append(f"share facts: a unit fires above its dissection threshold on > {share.params['min_share']} "
+                         f"of its map ({how}); nesyfold facts: ‖map‖₂ ≥ 0.6·mean + 0.7·std; truth: planted, visible")
+        if self.ceiling:
+            lines.append("ceiling (logistic regression on the same facts, no budget), fidelity: "
+                         + ", ".join(f"{m} {_f(v).strip()}" for m, v in self.ceiling.items()))
         lines.append("counts: " + ", ".join(f"{k} {v}" for k, v in self.counts.items()))
         if self.solver:
             lines.append(f"solver check (clingo vs Python): {self.solver['agree']}/{self.solver['images']} images agree")
@@ -149,7 +154,8 @@ def _f(x: float | None) -> str:
 
 def learn_rules(stats: MapStats, unit_concepts: Sequence[str | None], labels: np.ndarray, splits: np.ndarray,
                 svm_pred: np.ndarray, classes: Sequence[str], cfg: RulesConfig = RulesConfig(),
-                planted: Mapping[str, Sequence[str]] | None = None) -> RulesResult:
+                planted: Mapping[str, Sequence[str]] | None = None,
+                visible: Sequence[frozenset] | None = None) -> RulesResult:
     """Facts → rules → scores.
 
     Parameters
@@ -157,30 +163,18 @@ def learn_rules(stats: MapStats, unit_concepts: Sequence[str | None], labels: np
     stats : per image (N) and unit (U) map statistics; unit_concepts : U concepts (None: unlabelled).
     labels, splits, svm_pred : (N,) true classes, 'train'/'test', the SVM's predicted classes.
     planted : class → planted concepts (synthetic world) for the positive-literal precision.
+    visible : per image the concepts truth says are in it (synthetic world): adds the ``truth``
+        facts to the comparison, as the reference a perfect concept detector would give.
     """
     cfg.validate()
     labels, splits, svm_pred = (np.asarray(a).astype(str) for a in (labels, splits, svm_pred))
     train, test = splits == "train", splits == "test"
     if not train.any() or not test.any():
         raise RulesError(f"rules need train and test images; got {int(train.sum())} train, {int(test.sum())} test")
-    if stats.share is None and (cfg.facts == "share" or cfg.compare):
-        raise RulesError("the share binarisation needs the dissection thresholds")
-    facts: dict[str, Facts] = {}
-    cv: dict = {}
-    methods = ["share", "nesyfold"] if cfg.compare else [cfg.facts]
-    if "share" in methods:
-        if not any(unit_concepts):
-            raise RulesError(f"no unit has a concept with IoU ≥ {cfg.min_iou}: nothing to state facts about")
-        share = cfg.min_share
-        if share is None:
-            cv = _cv_min_share(stats.share, unit_concepts, svm_pred, train, classes, cfg)
-            share = max(cv, key=lambda s: (cv[s], -s))
-        facts["share"] = concept_facts(stats.share, unit_concepts, share)
-    if "nesyfold" in methods:
-        facts["nesyfold"] = nesyfold_facts(stats.l2, train, unit_concepts)
+    facts, cv = _binarise(stats, unit_concepts, svm_pred, train, classes, cfg, visible)
     combos = [(cfg.facts, cfg.learner, "svm")]
     if cfg.compare:
-        combos += [(m, ln, t) for m in methods for ln in cfg.learners for t in ("svm", "true")
+        combos += [(m, ln, t) for m in facts for ln in cfg.learners for t in ("svm", "true")
                    if (m, ln, t) != combos[0]]
     reports = []
     for method, learner, target in combos:
@@ -191,9 +185,35 @@ def learn_rules(stats: MapStats, unit_concepts: Sequence[str | None], labels: np
         reports.append(RuleReport(method, learner, target, rs,
                                   score_ruleset(rs, f.present[test], labels[test], svm_pred[test], planted),
                                   score_ruleset(rs, f.present[train], labels[train], svm_pred[train], planted)))
+    ceiling = {m: facts_ceiling(f.present[train], svm_pred[train], f.present[test], svm_pred[test], cfg.seed)
+               for m, f in facts.items()}
     counts = _counts(facts[cfg.facts], splits, reports[0].ruleset)
     svm_acc = float((svm_pred[test] == labels[test]).mean())
-    return RulesResult(reports[0], tuple(reports), facts, svm_acc, cv, counts, cfg)
+    return RulesResult(reports[0], tuple(reports), facts, svm_acc, cv, counts, cfg, ceiling=ceiling)
+
+
+def _binarise(stats: MapStats, unit_concepts, svm_pred, train, classes, cfg: RulesConfig,
+              visible) -> tuple[dict[str, Facts], dict]:
+    """The facts of every binarisation used (the chosen one first) and the CV scores of min_share."""
+    if stats.share is None and (cfg.facts == "share" or cfg.compare):
+        raise RulesError("the share binarisation needs the dissection thresholds")
+    methods = [cfg.facts] + ([m for m in ("share", "nesyfold") if m != cfg.facts] if cfg.compare else [])
+    facts: dict[str, Facts] = {}
+    cv: dict = {}
+    for method in methods:
+        if method == "share":
+            if not any(unit_concepts):
+                raise RulesError(f"no unit has a concept with IoU ≥ {cfg.min_iou}: nothing to state facts about")
+            share = cfg.min_share
+            if share is None:
+                cv = _cv_min_share(stats.share, unit_concepts, svm_pred, train, classes, cfg)
+                share = max(cv, key=lambda s: (cv[s], -s))
+            facts["share"] = concept_facts(stats.share, unit_concepts, share)
+        else:
+            facts["nesyfold"] = nesyfold_facts(stats.l2, train, unit_concepts)
+    if cfg.compare and visible is not None:
+        facts["truth"] = truth_facts(visible)
+    return facts, cv
 
 
 def _cv_min_share(share: np.ndarray, unit_concepts, svm_pred, train, classes, cfg: RulesConfig) -> dict:
@@ -333,12 +353,18 @@ def run_rules(run: str | Path, cfg: RulesConfig = RulesConfig(), truth: str | Pa
     out.mkdir(parents=True, exist_ok=True)
     stats, reused = _map_statistics(inp, out / "map_stats.npz", cfg.batch_size)
     truth = truth if truth is not None else inp.run_cfg.get("truth")
-    planted = None
+    planted, visible = None, None
     if truth:
+        from conceptrank.core.groundtruth import image_key
         from conceptrank.io.truth import read_truth
 
-        planted = read_truth(truth).classes
-    res = learn_rules(stats, inp.unit_concepts, inp.labels, inp.splits, inp.svm_pred, inp.classes, cfg, planted)
+        t = read_truth(truth)
+        planted = t.classes
+        keys = [image_key(i) for i in inp.images]
+        if t.images and all(k in t.images for k in keys):
+            visible = [t.images[k] for k in keys]
+    res = learn_rules(stats, inp.unit_concepts, inp.labels, inp.splits, inp.svm_pred, inp.classes, cfg, planted,
+                      visible)
     primary = res.primary
     facts = res.facts[primary.facts]
     header = [f"conceptrank rules of {run}: learner {primary.learner}, {primary.facts} facts "
@@ -404,6 +430,7 @@ def rules_json(res: RulesResult, images: np.ndarray, splits: np.ndarray, labels:
                   "predicates": [{"name": n, "asp": a, "concept": c, "units": [u + 1 for u in us]}
                                  for n, a, c, us in zip(facts.names, preds, facts.concepts, facts.units)]},
         "svm_test_accuracy": res.svm_accuracy, "cv_min_share": {str(k): v for k, v in res.cv.items()},
+        "ceiling_fidelity": res.ceiling,
         "counts": res.counts, "classes_without_positive_train_image": list(rs.no_positives),
         "solver_check": res.solver, "scores": {"test": p.test, "train": p.train}, "rules": rules,
         "comparison": [{"facts": r.facts, "learner": r.learner, "labels": r.target, "test": r.test, "train": r.train,

@@ -63,6 +63,9 @@ def test_outputs_and_numbers_by_hand(run_dir, result):
         assert rule["confidence"] == pytest.approx(rule["support"] / max(rule["fires_train"], 1))
         assert len(rule["literals"]) <= 3
     assert result.solver == {"images": len(images), "agree": len(images)}
+    empty = facts.empty_images  # images in which no concept is present are counted, not dropped
+    assert doc["counts"]["images_without_facts_test"] == int((empty & (splits == "test")).sum())
+    assert doc["counts"]["images_without_facts_train"] == int((empty & (splits == "train")).sum())
     assert len(result.reports) == 3 * 1 * 2  # binarisations (share, nesyfold, truth) x learners x label sets
     assert set(result.ceiling) == {"share", "nesyfold", "truth"}
     assert set(result.cv) == {0.0, 0.01, 0.02, 0.05}

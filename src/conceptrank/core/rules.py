@@ -206,7 +206,7 @@ def fit_rules(present: np.ndarray, labels: np.ndarray, classes: Sequence[str], n
         bodies = fit(present, y, max_literals, max_rules, seed) if not y.all() else [()]
         seen: set = set()
         for order, body in enumerate(bodies):
-            body = tuple(sorted(set(body)))
+            body = tuple(sorted(set(body), key=lambda lit: (not lit[1], lit[0])))  # positive literals first
             if body in seen or _contradictory(body):
                 continue
             seen.add(body)
@@ -339,7 +339,8 @@ def rules_program(ruleset: RuleSet, header: Sequence[str] = ()) -> str:
     preds = asp_names(ruleset.names)
     heads = dict(zip(ruleset.classes, asp_names(ruleset.classes)))
     lines = [f"% {h}" for h in header]
-    lines += ["% Facts of an image x: image(x). and p(x). for every predicate p that holds in x.",
+    lines += ["% Run: python -m clingo rules.lp facts.lp  (the clingo package's solver)",
+              "% Facts of an image x: image(x). and p(x). for every predicate p that holds in x.",
               "% rule(Id, Class, Priority): the rule with the smallest Priority that fires wins.", ""]
     used = sorted({preds[v] for r in ruleset.rules for v, _ in r.body})
     lines += [f"#defined {p}/1." for p in ["image"] + used]

@@ -280,13 +280,19 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> Pipelin
 
 def _rules(out: Path, cfg: RunConfig, echo: Callable[[str], None], timings: dict):
     """Class rules and their comparison table; NeSyFOLD facts alone when there are no dissection thresholds."""
+    from conceptrank.errors import RulesError
     from conceptrank.stages.rules import RulesConfig, run_rules
 
     t0 = time.perf_counter()
     has_thresholds = (out / "dissect" / "thresholds.npy").is_file()
     kw = {"seed": cfg.seed, "min_iou": cfg.min_iou if cfg.min_iou is not None else 0.04}
     rcfg = RulesConfig(**kw) if has_thresholds else RulesConfig(**kw, facts="nesyfold", compare=False)
-    res = run_rules(out, rcfg, cfg.truth)
+    try:
+        res = run_rules(out, rcfg, cfg.truth)
+    except RulesError as e:  # e.g. no unit labelled at this IoU: the run stands without rules, and says so
+        echo(f"[rules] no rules learned: {e}")
+        timings["rules"] = time.perf_counter() - t0
+        return None
     echo(res.table() + ("" if has_thresholds else "\n(no dissection thresholds: NeSyFOLD facts only)"))
     timings["rules"] = time.perf_counter() - t0
     return res

@@ -148,3 +148,16 @@ def test_explain_names_the_deciding_rule_and_its_facts(run_dir, result):
     assert html.escape(cr["classes"][cls]["rules"][0]["clause"]) in page
     missing = class_rules(run_dir / "nowhere")
     assert not missing["available"] and "conceptrank rules" in missing["about"]
+
+
+def test_batched_maps_equal_the_per_image_ones(run_dir):
+    from conceptrank.io.cache import read_json
+    from conceptrank.stages.maps import iter_layer_maps, layer_maps
+
+    cfg, meta = read_json(run_dir / "run.json")["config"], read_json(run_dir / "extract" / "extract.json")
+    images = np.load(run_dir / "extract" / "activations.npz")["images"].astype(str)[:7].tolist()
+    single, _, _ = layer_maps(cfg, meta, images)
+    batches = list(iter_layer_maps(cfg, meta, images, batch_size=3))
+    assert [b[0] for b in batches] == [0, 3, 6]
+    batched = np.concatenate([b[1] for b in batches])
+    np.testing.assert_allclose(batched, np.stack(single), rtol=1e-5, atol=1e-5)

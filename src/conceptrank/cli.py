@@ -351,6 +351,28 @@ def evaluate(
 
 
 @app.command()
+def rules(
+    run: Path = typer.Option(..., "--run", help="A run folder made by `demo` or `run` (dissect, extract, rank)."),
+    learner: str = typer.Option("ripper", "--learner", help="ripper (wittgenstein), skope (imodels) or tree (sklearn)."),
+    facts: str = typer.Option("share", "--facts", help="share (dissection thresholds) or nesyfold (filter L2 norms)."),
+    max_literals: int = typer.Option(3, "--max-literals", help="Literals per rule at most."),
+    max_rules: int = typer.Option(5, "--max-rules", help="Rules per class at most."),
+    min_share: Optional[float] = typer.Option(None, "--min-share", help="Share of a unit's map above threshold for a fact (default: by CV on train)."),
+    min_iou: float = typer.Option(0.04, "--min-iou", help="IoU for a unit to name its concept."),
+    compare: bool = typer.Option(True, "--compare/--no-compare", help="Also learn every learner x binarisation x label set."),
+    truth: Optional[Path] = typer.Option(None, "--truth", help="truth.json (default: the run's) for the planted-concept precision."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Class rules over concept facts (RUN/rules/: rules.txt, rules.lp for clingo, rules.json), scored on test."""
+    from conceptrank.stages.rules import RulesConfig, run_rules
+
+    cfg = RulesConfig(learner=learner, facts=facts, max_literals=max_literals, max_rules=max_rules,
+                      min_share=min_share, min_iou=min_iou, compare=compare, seed=seed)
+    res = _run(run_rules, run, cfg, truth)
+    typer.echo(res.summary())
+
+
+@app.command()
 def report(
     run: Path = typer.Option(..., "--run", help="A run folder made by `demo` or `run`."),
     max_units: Optional[int] = typer.Option(None, "--max-units", help="Draw unit cards for at most this many units (best IoU first)."),

@@ -26,6 +26,7 @@ __all__ = [
     "OutputError",
     "DiskSpaceError",
     "FolderBusyError",
+    "RulesError",
     "user_error_types",
 ]
 
@@ -155,6 +156,10 @@ class DiskSpaceError(OutputError):
 
 class FolderBusyError(ConceptrankError):
     """Another conceptrank process is writing the same output folder (it holds the folder's lock)."""
+
+
+class RulesError(ConceptrankError):
+    """Inputs from which class rules cannot be learned (missing thresholds, no images, bad options)."""
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:

@@ -65,6 +65,7 @@ class RunConfig:
     seed: int = 0
     report: bool = True
     report_max_units: int | None = 300  # unit cards need a forward pass over their top probe images
+    rules: bool = True  # learn class rules over concept facts (RUN/rules/)
     tally: Path | None = None  # start from an existing NetDissect-Lite tally.csv instead of dissecting
 
 
@@ -78,7 +79,7 @@ _SECTIONS = {
              "grid": "grid"},
     "evaluate": {"configs": "configs", "truth": "truth"},
     "run": {"device": "device", "batch_size": "batch_size", "workers": "workers", "seed": "seed", "report": "report",
-            "report_max_units": "report_max_units"},
+            "report_max_units": "report_max_units", "rules": "rules"},
 }
 
 
@@ -139,7 +140,7 @@ _FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "configs": (_STR, "K:G pairs such as \"5:1,10:10\""), "truth": (_STR, "a path to truth.json"),
     "device": (_STR, "auto, cpu or cuda"), "batch_size": (_INT, "an integer >= 1"),
     "workers": (_INT, "an integer >= 0"), "seed": (_INT, "an integer"), "report": (_BOOL, "true or false"),
-    "report_max_units": (_INT, "an integer >= 0"),
+    "report_max_units": (_INT, "an integer >= 0"), "rules": (_BOOL, "true or false"),
 }
 
 
@@ -197,6 +198,7 @@ class PipelineResult:
     evaluate: object
     report: Path | None
     timings: dict = field(default_factory=dict)
+    rules: object | None = None
 
 
 def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> PipelineResult:
@@ -250,6 +252,8 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> Pipelin
     echo(rres.summary())
     timings["rank"] = time.perf_counter() - t0
 
+    rules = _rules(out, cfg, echo, timings) if cfg.rules else None  # before evaluate, which reports its numbers
+
     t0 = time.perf_counter()
     vcfg = EvaluateConfig(configs=cfg.configs, truth=cfg.truth, seed=cfg.seed)
     vres = run_evaluate(out / "rank", out / "rank", vcfg)
@@ -271,7 +275,27 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> Pipelin
         report = write_report(out, ReportOptions(max_units=cfg.report_max_units, seed=cfg.seed))
         timings["report"] = time.perf_counter() - t0
         echo(f"report: {Path(report).resolve()}")
-    return PipelineResult(out, dres, eres, rres, vres, report, timings)
+    return PipelineResult(out, dres, eres, rres, vres, report, timings, rules)
+
+
+def _rules(out: Path, cfg: RunConfig, echo: Callable[[str], None], timings: dict):
+    """Class rules and their comparison table; NeSyFOLD facts alone when there are no dissection thresholds."""
+    from conceptrank.errors import RulesError
+    from conceptrank.stages.rules import RulesConfig, run_rules
+
+    t0 = time.perf_counter()
+    has_thresholds = (out / "dissect" / "thresholds.npy").is_file()
+    kw = {"seed": cfg.seed, "min_iou": cfg.min_iou if cfg.min_iou is not None else 0.04}
+    rcfg = RulesConfig(**kw) if has_thresholds else RulesConfig(**kw, facts="nesyfold", compare=False)
+    try:
+        res = run_rules(out, rcfg, cfg.truth)
+    except RulesError as e:  # e.g. no unit labelled at this IoU: the run stands without rules, and says so
+        echo(f"[rules] no rules learned: {e}")
+        timings["rules"] = time.perf_counter() - t0
+        return None
+    echo(res.table() + ("" if has_thresholds else "\n(no dissection thresholds: NeSyFOLD facts only)"))
+    timings["rules"] = time.perf_counter() - t0
+    return res
 
 
 def run_from_config(path: str | Path, echo: Callable[[str], None] = print) -> PipelineResult:

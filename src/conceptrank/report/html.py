@@ -25,6 +25,7 @@ from conceptrank.report import figures as F
 from conceptrank.report import scores as S
 from conceptrank.report.data import RunData, load_run
 from conceptrank.report.relations import relations_section
+from conceptrank.report.rules import class_rules
 
 __all__ = ["ReportOptions", "write_report", "render_html"]
 
@@ -629,6 +630,7 @@ def write_report(run: str | Path, options: ReportOptions | None = None,
         "labelled_total": len(data.labelled_units()),
         "sections": sections,
         "relations": relations_section(root, figdir, opts.dpi),
+        "class_rules": class_rules(root),
         "classes": list(data.classes),
         "concepts": concepts,
         "notes": notes.items,

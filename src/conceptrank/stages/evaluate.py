@@ -227,6 +227,7 @@ class EvaluateResult:
     ranking_sha256: str | None = None
     out: Path | None = None
     reused: bool = False
+    rules: dict | None = None  # the class rules' numbers (RUN/rules/rules.json, stages/rules.rules_summary)
 
     @property
     def names(self) -> list[str]:
@@ -258,6 +259,8 @@ class EvaluateResult:
         s["stability"] = self.stability
         if self.notes:
             s["evaluation_notes"] = list(self.notes)
+        if self.rules is not None:
+            s["rules"] = self.rules
         s["details"] = "evaluation.json"
         return s
 
@@ -277,7 +280,7 @@ class EvaluateResult:
             deletion=s.get("deletion"), stability=s.get("stability") or {},
             notes=tuple(s.get("evaluation_notes") or ()), details=read_json(out / "evaluation.json"),
             truth=s.get("truth"), ranking_sha256=(s.get("inputs") or {}).get("rank.json_sha256"),
-            out=out, reused=True,
+            out=out, reused=True, rules=s.get("rules"),
         )
 
     def table(self) -> str:
@@ -743,6 +746,7 @@ def _cache_key(rk: Ranking, cfg: EvaluateConfig, out: Path) -> tuple[str, dict, 
     _, tally = ranking_input_paths(rk.path, rk.meta)
     fingerprints["dissect.json"] = digest(tally.parent / "dissect.json") if tally is not None else None
     fingerprints["truth"] = digest(Path(cfg.truth)) if cfg.truth is not None else None
+    fingerprints["rules.json"] = digest(rk.path.parent / "rules" / "rules.json")
     params = {"config": asdict(cfg), "out": str(out)}
     return cache.stage_key("evaluate", fingerprints, params), fingerprints, params
 
@@ -794,6 +798,8 @@ def run_evaluate(ranking: Path, out: Path | None, cfg: EvaluateConfig) -> Evalua
         from conceptrank.io.truth import read_truth
 
         truth = read_truth(cfg.truth)
-    res = evaluate_ranking(rk, cfg, load_evaluation_inputs(rk), truth)
+    from conceptrank.stages.rules import rules_summary
+
+    res = replace(evaluate_ranking(rk, cfg, load_evaluation_inputs(rk), truth), rules=rules_summary(rk.path.parent))
     _write_evaluate_outputs(out, res, key, fingerprints, params)
     return replace(res, out=out)

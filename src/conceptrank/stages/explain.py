@@ -255,6 +255,7 @@ class ImageExplanation:
     png_path: Path | None
     activation_check: float | None  # max |recomputed − stored mean activation|, None when not recomputed
     notes: tuple[str, ...] = ()
+    rules: tuple[str, ...] = ()  # which class rule decided the image (RUN/rules), see stages/rules.explain_rules
 
 
 @dataclass(frozen=True)
@@ -286,6 +287,7 @@ class ExplainResult:
             )
             files = str(ie.json_path) + (f", {ie.png_path}" if ie.png_path else "")
             lines.append(f"  → {files}")
+            lines.extend(f"  {r}" for r in ie.rules)
             for n in ie.notes:
                 lines.append(f"  note: {n}")
         return "\n".join(lines)
@@ -478,6 +480,9 @@ def run_explain(run: str | Path, images: Sequence[str], top: int = 5, heatmaps: 
     out = run / "explain"
     out.mkdir(parents=True, exist_ok=True)
     maps, pics, map_note = _maps_or_note(inp, rels)
+    from conceptrank.stages.rules import explain_rules
+
+    rule_lines = explain_rules(run, rels)  # which class rule decided each image (`rules`), {} without rules
     results = []
     for j, (r, rel) in enumerate(zip(rows, rels)):
         exp = explain_vector(act.mean[r], inp.svm, inp.unit_concepts, top)
@@ -504,7 +509,10 @@ def run_explain(run: str | Path, images: Sequence[str], top: int = 5, heatmaps: 
         notes += [f"relations that hold in it: {'; '.join(' '.join((x['head'], x['relation'], x['tail'])) for x in held)}"] if held else []
         if notes:
             record["notes"] = notes
+        if rel in rule_lines:
+            record["rules"] = rule_lines[rel]
         jp = out / f"{name}.json"
         atomic_write_json(jp, record)
-        results.append(ImageExplanation(rel, str(act.classes[r]), str(act.splits[r]), exp, jp, png, check, tuple(notes)))
+        results.append(ImageExplanation(rel, str(act.classes[r]), str(act.splits[r]), exp, jp, png, check, tuple(notes),
+                                        tuple(rule_lines.get(rel, ()))))
     return ExplainResult(out, tuple(results))

@@ -2,22 +2,50 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from conceptrank.errors import ConceptrankError
 
-__all__ = ["layer_maps"]
+__all__ = ["layer_maps", "iter_layer_maps"]
 
 
-def layer_maps(run_cfg: dict, extract_meta: dict, rels: list[str]) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
-    """Rerun the model on images: per image its (U, h, w) layer maps and its resized RGB array."""
-    import torch
+@dataclass(frozen=True)
+class _RunModel:
+    loaded: object
+    layer: str
+    size: tuple[int, int]
+    crop: str
+    image_root: Path
 
-    from conceptrank.io.images import load_rgb
+    def image(self, rel: str):
+        from conceptrank.io.images import load_rgb
+
+        img = load_rgb(self.image_root.joinpath(*PurePosixPath(rel).parts))
+        if self.crop == "person":
+            from conceptrank.stages.extract import _crop_person
+
+            img = _crop_person(img, str(self.image_root), rel, 1)
+        return img
+
+    def forward(self, x) -> np.ndarray:
+        """(B, 3, H, W) → the layer's (B, U, h, w) float32 maps."""
+        import torch
+
+        from conceptrank.nn.hooks import record_layers
+
+        module = self.loaded.module.eval()
+        with torch.inference_mode(), record_layers(module, [self.layer]) as store:
+            module(x)
+            a = store[self.layer].float().cpu().numpy()
+        return a[:, :, None, None] if a.ndim == 2 else a
+
+
+def _run_model(run_cfg: dict, extract_meta: dict) -> _RunModel:
     from conceptrank.io.targets import TargetSet, load_targets
-    from conceptrank.nn.hooks import record_layers
     from conceptrank.nn.models import load_model
 
     model_spec = run_cfg.get("model") or (extract_meta.get("model") or {}).get("model")
@@ -35,21 +63,28 @@ def layer_maps(run_cfg: dict, extract_meta: dict, rels: list[str]) -> tuple[list
     except ConceptrankError:
         targets = None
     image_root = targets.image_root if targets is not None else Path(root)
-    maps, pics, notes = [], [], []
-    module = loaded.module.eval()
-    for rel in rels:
-        img = load_rgb(image_root.joinpath(*PurePosixPath(rel).parts))
-        if crop == "person":
-            from conceptrank.stages.extract import _crop_person
+    return _RunModel(loaded, str(layer), size, crop, image_root)
 
-            img = _crop_person(img, str(image_root), rel, 1)
-        x = loaded.to_tensor(img, size)[None]
-        with torch.inference_mode(), record_layers(module, [layer]) as store:
-            module(x)
-            a = store[layer][0].float().cpu().numpy()
-        if a.ndim == 1:
-            a = a[:, None, None]
+
+def layer_maps(run_cfg: dict, extract_meta: dict, rels: list[str]) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
+    """Rerun the model on images: per image its (U, h, w) layer maps and its resized RGB array."""
+    rm = _run_model(run_cfg, extract_meta)
+    maps, pics, notes = [], [], []
+    for rel in rels:
+        img = rm.image(rel)
+        a = rm.forward(rm.loaded.to_tensor(img, rm.size)[None])[0]
         maps.append(a.astype(np.float64))
-        resized = img.resize((size[1], size[0]))
+        resized = img.resize((rm.size[1], rm.size[0]))
         pics.append(np.asarray(resized))
     return maps, pics, notes
+
+
+def iter_layer_maps(run_cfg: dict, extract_meta: dict, rels: Sequence[str],
+                    batch_size: int = 64) -> Iterator[tuple[int, np.ndarray, tuple[int, int]]]:
+    """Rerun the model on images in batches: yields ``(start, maps (B, U, h, w) float32, input size)``."""
+    import torch
+
+    rm = _run_model(run_cfg, extract_meta)
+    for start in range(0, len(rels), batch_size):
+        x = torch.stack([rm.loaded.to_tensor(rm.image(r), rm.size) for r in rels[start:start + batch_size]])
+        yield start, rm.forward(x), rm.size

@@ -104,13 +104,16 @@ def test_evaluate_after_redissect_refuses_naming_both_files(tmp_path):
     assert any(w.startswith("PARTS OF DIFFERENT RUNS") and "tally.csv" in w for w in load_run(run).warnings)
 
 
-def test_evaluate_and_explain_after_reextract_refuse(tmp_path):
+def test_evaluate_explain_and_relate_after_reextract_refuse(tmp_path):
+    from conceptrank.stages.relate import run_relate
+
     run = run_folder(tmp_path)
     rank(run)
     other = run_folder(tmp_path / "other", seed=1)
     (run / "extract" / "activations.npz").write_bytes((other / "extract" / "activations.npz").read_bytes())
     for call in (lambda: run_evaluate(run / "rank", None, FAST),
-                 lambda: run_explain(run, ["A_000.jpg"], heatmaps=0)):
+                 lambda: run_explain(run, ["A_000.jpg"], heatmaps=0),
+                 lambda: run_relate(run)):
         with pytest.raises(StaleInputError) as e:
             call()
         assert str(run / "extract" / "activations.npz") in str(e.value) and "rank.json" in str(e.value)

@@ -194,3 +194,17 @@ def test_target_split_names_are_validated_when_read(tmp_path):
         load_targets(m)
     assert load_targets(m, split_map="all=test").items[2].split in ("test", "train")
     assert {it.split for it in load_targets(_manifest(tmp_path, ["", "", ""])).items} == {"all"}
+
+
+def test_rank_refuses_activations_that_extract_json_does_not_describe(tmp_path):
+    run = run_folder(tmp_path)
+    npz = run / "extract" / "activations.npz"
+    manifest = {"layer": "layer4", "cache": {"outputs": {"activations.npz": {"sha256": "0" * 64, "bytes": 1}}}}
+    (run / "extract" / "extract.json").write_text(json.dumps(manifest))  # written for other bytes
+    with pytest.raises(StaleInputError, match=r"activations\.npz .* is not the file .*extract\.json wrote"):
+        rank(run)
+    from conceptrank.io.cache import file_sha256
+
+    manifest["cache"]["outputs"]["activations.npz"]["sha256"] = file_sha256(npz)
+    (run / "extract" / "extract.json").write_text(json.dumps(manifest))
+    rank(run)  # the manifest describes these bytes: accepted

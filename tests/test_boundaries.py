@@ -104,13 +104,16 @@ def test_evaluate_after_redissect_refuses_naming_both_files(tmp_path):
     assert any(w.startswith("PARTS OF DIFFERENT RUNS") and "tally.csv" in w for w in load_run(run).warnings)
 
 
-def test_evaluate_and_explain_after_reextract_refuse(tmp_path):
+def test_evaluate_explain_and_relate_after_reextract_refuse(tmp_path):
+    from conceptrank.stages.relate import run_relate
+
     run = run_folder(tmp_path)
     rank(run)
     other = run_folder(tmp_path / "other", seed=1)
     (run / "extract" / "activations.npz").write_bytes((other / "extract" / "activations.npz").read_bytes())
     for call in (lambda: run_evaluate(run / "rank", None, FAST),
-                 lambda: run_explain(run, ["A_000.jpg"], heatmaps=0)):
+                 lambda: run_explain(run, ["A_000.jpg"], heatmaps=0),
+                 lambda: run_relate(run)):
         with pytest.raises(StaleInputError) as e:
             call()
         assert str(run / "extract" / "activations.npz") in str(e.value) and "rank.json" in str(e.value)
@@ -191,3 +194,17 @@ def test_target_split_names_are_validated_when_read(tmp_path):
         load_targets(m)
     assert load_targets(m, split_map="all=test").items[2].split in ("test", "train")
     assert {it.split for it in load_targets(_manifest(tmp_path, ["", "", ""])).items} == {"all"}
+
+
+def test_rank_refuses_activations_that_extract_json_does_not_describe(tmp_path):
+    run = run_folder(tmp_path)
+    npz = run / "extract" / "activations.npz"
+    manifest = {"layer": "layer4", "cache": {"outputs": {"activations.npz": {"sha256": "0" * 64, "bytes": 1}}}}
+    (run / "extract" / "extract.json").write_text(json.dumps(manifest))  # written for other bytes
+    with pytest.raises(StaleInputError, match=r"activations\.npz .* is not the file .*extract\.json wrote"):
+        rank(run)
+    from conceptrank.io.cache import file_sha256
+
+    manifest["cache"]["outputs"]["activations.npz"]["sha256"] = file_sha256(npz)
+    (run / "extract" / "extract.json").write_text(json.dumps(manifest))
+    rank(run)  # the manifest describes these bytes: accepted

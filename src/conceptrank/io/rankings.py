@@ -46,6 +46,7 @@ __all__ = [
     "rankings_document",
     "ranking_input_paths",
     "check_input_hash",
+    "check_written_by",
     "check_ranking_outputs",
     "check_ranking_inputs",
     "run_folder_mismatches",
@@ -330,6 +331,18 @@ def check_input_hash(path: Path, recorded: str | None, manifest: Path, what: str
         raise StaleInputError(
             f"{what} {path} (SHA-256 {_short(actual)}…) is not the file {manifest} was computed from "
             f"(SHA-256 {_short(recorded)}…): it changed after that stage ran; {rerun}",
+            path=path, manifest=manifest,
+        )
+
+
+def check_written_by(path: Path, actual: str, manifest: Path, meta: dict | None, rerun: str) -> None:
+    """Raise :class:`StaleInputError` when ``path`` (SHA-256 ``actual``) is not the output that
+    the upstream manifest ``meta`` (read from ``manifest``) recorded under its file name."""
+    rec = ((((meta or {}).get("cache") or {}).get("outputs") or {}).get(path.name) or {}).get("sha256")
+    if rec and rec != actual:
+        raise StaleInputError(
+            f"{path} (SHA-256 {_short(actual)}…) is not the file {manifest} wrote (SHA-256 {_short(rec)}…): "
+            f"it was replaced after that stage ran, so {manifest.name} does not describe it; {rerun}",
             path=path, manifest=manifest,
         )
 

@@ -46,6 +46,13 @@ from pathlib import Path
 import numpy as np
 
 from conceptrank.core.faithfulness import SVMParams
+from conceptrank.core.rankers import (
+    RANKERS,
+    ProbeActivations,
+    UnitBank,
+    rank_lists,
+    resolve_ranker,
+)
 from conceptrank.core.ranking import (
     DEFAULT_C_GRID,
     PROTOCOLS,
@@ -54,14 +61,11 @@ from conceptrank.core.ranking import (
     Protocol,
     RankedConcept,
     classification_metrics,
-    global_rankings,
-    local_rankings,
     protocol_fixed_C,
     protocol_min_iou,
     protocol_pools,
     unit_concept_table,
 )
-from conceptrank.core.rankers import RANKERS, ProbeActivations, UnitBank, rank_lists, resolve_ranker
 from conceptrank.errors import ConceptrankError
 from conceptrank.io import cache
 from conceptrank.io.activations import Activations, load_activations, npz_path
@@ -79,6 +83,7 @@ from conceptrank.io.cache import (
 from conceptrank.io.rankings import (
     EVALUATE_OUTPUTS,
     RANK_OUTPUTS,
+    check_written_by,
     global_concepts_text,
     images_text,
     local_concepts_text,
@@ -87,7 +92,11 @@ from conceptrank.io.rankings import (
 )
 from conceptrank.io.svm import load_svm, save_svm
 from conceptrank.io.tally_csv import UnitLabels, read_tally
-from conceptrank.stages.probe import PROBE_FILE, load_probe_activations, stored_fingerprints
+from conceptrank.stages.probe import (
+    PROBE_FILE,
+    load_probe_activations,
+    stored_fingerprints,
+)
 
 __all__ = ["RankConfig", "RankResult", "rank_concepts", "run_rank", "check_compatible"]
 
@@ -499,6 +508,10 @@ def _rank_inputs(activations: Path, tally: Path, cfg: RankConfig) -> _RankInputs
             "dissect": (dissect_meta or {}).get("fingerprints"),
         }
         key = stage_key("rank", fingerprints, params)
+        check_written_by(act_path, fingerprints["activations_sha256"], extract_json, extract_meta,
+                         "re-run `conceptrank extract` (or remove that manifest)")
+        check_written_by(tally, fingerprints["tally_sha256"], dissect_json, dissect_meta,
+                         "re-run `conceptrank dissect` (or remove that manifest)")
     return _RankInputs(act_path, tally, extract_json, dissect_json, extract_meta, dissect_meta, fingerprints, key, params)
 
 

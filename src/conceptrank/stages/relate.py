@@ -37,6 +37,7 @@ from conceptrank.core.relations import (
     oriented, precision_recall, support_table,
 )
 from conceptrank.errors import ConceptrankError
+from conceptrank.io.rankings import check_ranking_inputs, check_ranking_outputs, ranking_input_paths
 
 __all__ = ["RelateConfig", "RelateResult", "kg_of_run", "image_relations", "ConceptEdge", "ClassRelations", "Relations", "relate_concepts", "run_relate",
            "concept_edges", "RELATE_OUTPUTS"]
@@ -602,6 +603,8 @@ def run_relate(run: str | Path, cfg: RelateConfig = RelateConfig()) -> RelateRes
     if not (rank_dir / "rank.json").is_file():
         raise ConceptrankError(f"{rank_dir / 'rank.json'} not found (is {run} a run folder made by `demo` or `run`?)")
     rank_meta = read_json(rank_dir / "rank.json")
+    check_ranking_inputs(rank_dir, rank_meta, *ranking_input_paths(rank_dir, rank_meta))  # refuse a re-run upstream
+    check_ranking_outputs(rank_dir)
     run_cfg = (read_json(run / "run.json") if (run / "run.json").is_file() else {}).get("config") or {}
     truth_path, _ = _default_kg(run_cfg, run)
     planted, world_kg = _truth(truth_path)

@@ -135,7 +135,7 @@ _FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "stability_quantile": (_NUM, "a number in (0, 1)"), "tally": (_STR, "a path to tally.csv"),
     "layout": (_STR, "a layout name"), "split_map": (_STR, "a split map such as \"val=train,all=drop\""),
     "resize": (_INT, "a number of pixels"), "crop": (_STR, "'none' or 'person'"),
-    "protocol": (_STR, "'standard' or 'paper'"), "top_local": (_INT, "an integer >= 1"),
+    "protocol": (_STR, "'standard' or 'paper'"), "ranker": (_STR, "a ranker name"), "top_local": (_INT, "an integer >= 1"),
     "top_global": (_INT, "an integer >= 1"), "min_iou": (_NUM, "a number in [0, 1]"), "grid": (_BOOL, "true or false"),
     "configs": (_STR, "K:G pairs such as \"5:1,10:10\""), "truth": (_STR, "a path to truth.json"),
     "device": (_STR, "auto, cpu or cuda"), "batch_size": (_INT, "an integer >= 1"),

@@ -560,7 +560,7 @@ def _forward_pass(model, plan, probe, device, runs, rows: ResumableRows, start: 
     N = plan.images
     offsets, mask_dtype = mask_layout(probe)
     if "masks" not in rows.arrays:
-        rows.create("masks", (int(offsets[-1]),), mask_dtype)
+        rows.create("masks", (int(offsets[-1]),), mask_dtype, "the decoded-mask cache")
     masks = rows.arrays["masks"]
     for i0, feats, packed in forward_batches(model, plan, probe, device, start, N, progress, mask_dtype=mask_dtype):
         B = len(packed)

@@ -5,8 +5,20 @@ from __future__ import annotations
 import numpy as np
 
 from conceptrank.core.relations import (
-    Relation, canonical_relation, coverage, degree_matched_chance, degree_pools, entailed, fit_scores,
-    grounding_kind, is_negative, is_symmetric, oriented, pair_geometry, precision_recall, support_table,
+    Relation,
+    canonical_relation,
+    coverage,
+    degree_matched_chance,
+    degree_pools,
+    entailed,
+    fit_scores,
+    grounding_kind,
+    is_negative,
+    is_symmetric,
+    oriented,
+    pair_geometry,
+    precision_recall,
+    support_table,
 )
 
 

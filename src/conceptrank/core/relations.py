@@ -69,6 +69,10 @@ CONCEPTNET_RELATIONS = frozenset({
 SYMMETRIC = frozenset({"RelatedTo", "SimilarTo", "Synonym", "Antonym", "DistinctFrom",
                        "EtymologicallyRelatedTo", "LocatedNear"})
 
+#: Relations that deny something; besides these, every ``Not*`` name is negative.
+NEGATIVE = frozenset({"Antonym", "DistinctFrom", "NotDesires", "NotUsedFor", "NotCapableOf", "NotHasProperty",
+                      "NotIsA", "NotHasA", "NotMadeOf", "NotPartOf", "NotAtLocation"})
+
 #: child → parent of the entailment hierarchy.
 ENTAILS: Mapping[str, str] = {
     "PartOf": "AtLocation", "AtLocation": "LocatedNear", "LocatedNear": "RelatedTo",
@@ -126,7 +130,7 @@ def is_symmetric(relation: str) -> bool:
 
 
 def is_negative(relation: str) -> bool:
-    return relation.startswith("Not") or relation in ("Antonym", "DistinctFrom")
+    return relation in NEGATIVE or relation.startswith("Not")
 
 
 def entailed(relation: str) -> tuple[str, ...]:

@@ -33,8 +33,16 @@ from typing import Literal, Mapping, Sequence
 import numpy as np
 
 from conceptrank.core.relations import (
-    PairGeometry, Relation, coverage, degree_matched_chance, degree_pools, grounding_kind, is_negative,
-    oriented, precision_recall, support_table,
+    PairGeometry,
+    Relation,
+    coverage,
+    degree_matched_chance,
+    degree_pools,
+    grounding_kind,
+    is_negative,
+    oriented,
+    precision_recall,
+    support_table,
 )
 from conceptrank.errors import ConceptrankError
 from conceptrank.io.rankings import check_ranking_inputs, check_ranking_outputs, ranking_input_paths

@@ -91,7 +91,7 @@ def test_sharded_dissect_merges_to_the_local_result_and_the_driver_resumes(tmp_p
         assert dissect_stage._label_stability(run.acc, run.alt, ds, CFG) == res.stability
 
 
-def test_sharded_extract_gives_the_local_rows(tmp_path):
+def test_sharded_extract_gives_the_local_rows(tmp_path, monkeypatch, capsys):
     from conceptrank.nn.models import load_model, save_model_card
     from conceptrank.nn.nets import ConceptNet
 
@@ -103,7 +103,11 @@ def test_sharded_extract_gives_the_local_rows(tmp_path):
     cfg = ExtractConfig(workers=0, batch_size=3, device="cpu")
     local = extract_stage.extract_activations(model, "layer3", targets, cfg)
     stream = extract_stage.image_stream(model, targets, cfg)
-    rows = extract_stage.sharded_rows(LocalEngine(), model, "layer3", stream, targets, cfg)
+    monkeypatch.setenv("CONCEPTRANK_CHECKPOINT_SECONDS", "0")
+    with pytest.raises(_Crash):  # the driver dies after 2 of 4 shards
+        extract_stage.sharded_rows(_CrashingEngine(2), model, "layer3", stream, targets, cfg, tmp_path / "w", "k")
+    rows = extract_stage.sharded_rows(LocalEngine(), model, "layer3", stream, targets, cfg, tmp_path / "w", "k")
+    assert "resuming from a checkpoint (2 shards done)" in capsys.readouterr().err
     got = extract_stage._activations(rows, targets, "layer3")
     assert got.mean.tobytes() == local.mean.tobytes() and got.max.tobytes() == local.max.tobytes()
     assert got.images.tolist() == local.images.tolist() and got.skipped == local.skipped and len(got.skipped) == 1

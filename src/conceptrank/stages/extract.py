@@ -567,7 +567,7 @@ def sharded_rows(engine, model: LoadedModel, layer: str, stream: _ImageStream, t
     state = _ShardedRows(ResumableRows(resume_dir, resume_key + "/sharded", "extract"), total)
     state.resume()
     todo = [sh for sh in shards if sh.index not in state.done]
-    work = _ExtractShards(dataclasses.replace(model), layer, stream, cfg, targets.items)
+    work = _ExtractShards(model, layer, stream, cfg, targets.items)
     with Progress(sum(len(sh) for sh in todo), f"extract {layer} ({engine.workers} workers)") as bar:
         for shard, part in engine.map(work, todo, bar):
             state.place(shard, *part)

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from conceptrank.cli import app
 from conceptrank.core.rules import asp_names, solve_program
-from conceptrank.errors import RulesError
+from conceptrank.errors import ConceptrankError, RulesError
 from conceptrank.stages.rules import RulesConfig, run_rules
 
 runner = CliRunner()
@@ -101,6 +101,9 @@ def test_missing_thresholds_is_a_clear_error_and_keeps_outputs(run_dir, result, 
     shutil.copytree(run_dir, run)
     (run / "dissect" / "thresholds.npy").unlink()
     before = (run / "rules" / "rules.json").read_bytes()
+    with pytest.raises(ConceptrankError, match="thresholds.npy is missing"):  # dissect.json lists it
+        run_rules(run, FAST)
+    (run / "dissect" / "dissect.json").unlink()  # now like a folder holding a NetDissect-Lite tally.csv only
     with pytest.raises(RulesError, match="thresholds.npy not found"):
         run_rules(run, FAST)
     assert (run / "rules" / "rules.json").read_bytes() == before
@@ -111,7 +114,7 @@ def test_missing_thresholds_is_a_clear_error_and_keeps_outputs(run_dir, result, 
 
 
 def test_not_a_run_folder_and_bad_options(tmp_path):
-    with pytest.raises(RulesError, match="run.json"):
+    with pytest.raises(ConceptrankError, match="not a complete run folder"):
         run_rules(tmp_path, FAST)
     r = runner.invoke(app, ["rules", "--run", str(tmp_path), "--learner", "c45"])
     assert r.exit_code == 2 and "--learner" in r.output

@@ -361,7 +361,7 @@ def rules(
     min_iou: float = typer.Option(0.04, "--min-iou", help="IoU for a unit to name its concept."),
     compare: bool = typer.Option(True, "--compare/--no-compare", help="Also learn every learner x binarisation x label set."),
     truth: Optional[Path] = typer.Option(None, "--truth", help="truth.json (default: the run's) for the planted-concept precision."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Seed of the learners and of the CV folds."),
 ) -> None:
     """Class rules over concept facts (RUN/rules/: rules.txt, rules.lp for clingo, rules.json), scored on test."""
     from conceptrank.stages.rules import RulesConfig, run_rules

@@ -270,10 +270,12 @@ def _read_run(run: Path, cfg: RulesConfig) -> _RunInputs:
     from conceptrank.io.svm import load_svm
     from conceptrank.io.tally_csv import read_tally
 
-    for name in ("run.json", "extract/extract.json"):
-        if not (run / name).is_file():
-            raise RulesError(f"{run / name} not found: --run must be a run folder made by `demo` or `run`")
-    run_cfg = cache.read_json(run / "run.json").get("config") or {}
+    from conceptrank.io.runfolder import check_run_folder
+
+    check_run_folder(run, ("rank", "extract"), "rules")
+    if not (run / "extract" / "extract.json").is_file():
+        raise RulesError(f"{run / 'extract' / 'extract.json'} not found: the rules need to know the model and layer")
+    run_cfg = (cache.read_json(run / "run.json").get("config") or {}) if (run / "run.json").is_file() else {}
     meta = cache.read_json(run / "extract" / "extract.json")
     acts = load_activations(run / "extract")
     svm = load_svm(run / "rank")

@@ -35,20 +35,20 @@ def draw_relation_graph(path: Path, title: str, candidates: list[dict], recovere
         h, r, t = c["relation"]
         g.add_edge(h, t, relation=r, support=c.get("support"), grounded=tuple(c["relation"]) in recovered)
     pos = nx.circular_layout(sorted(g.nodes))
-    fig, ax = plt.subplots(figsize=(4.2, 3.6))
-    nx.draw_networkx_nodes(g, pos, ax=ax, node_color="#e8eef7", edgecolors="#4a6fa5", node_size=900)
-    nx.draw_networkx_labels(g, pos, ax=ax, font_size=7)
+    fig, ax = plt.subplots(figsize=(5.6, 4.6))
+    nx.draw_networkx_nodes(g, pos, ax=ax, node_color="#e8eef7", edgecolors="#4a6fa5", node_size=1400)
+    nx.draw_networkx_labels(g, pos, ax=ax, font_size=9)
     styles = {"grounded": ("#1b5e20", "solid", 2.2), "kg": ("#9e9e9e", "dashed", 1.0), "negative": ("#c62828", "dotted", 1.0)}
     labels = {}
     for k, (u, v, d) in enumerate(g.edges(data=True)):
         kind = "negative" if is_negative(d["relation"]) else ("grounded" if d["grounded"] else "kg")
         color, style, width = styles[kind]
         nx.draw_networkx_edges(g, pos, edgelist=[(u, v)], ax=ax, edge_color=color, style=style, width=width,
-                               arrows=True, arrowsize=10, node_size=900, connectionstyle=f"arc3,rad={0.08 * (k % 3)}")
+                               arrows=True, arrowsize=12, node_size=1400, connectionstyle=f"arc3,rad={0.08 * (k % 3)}")
         sup = d.get("support")
         labels.setdefault((u, v), []).append(d["relation"] + (f" {sup:.2f}" if isinstance(sup, (int, float)) else ""))
-    nx.draw_networkx_edge_labels(g, pos, edge_labels={e: "\n".join(v) for e, v in labels.items()}, ax=ax, font_size=6)
-    ax.set_title(title, fontsize=9)
+    nx.draw_networkx_edge_labels(g, pos, edge_labels={e: "\n".join(v) for e, v in labels.items()}, ax=ax, font_size=9)
+    ax.set_title(title, fontsize=10)
     ax.axis("off")
     fig.tight_layout()
     with atomic_write(path, "wb") as f:

@@ -241,8 +241,11 @@ def _pooled(classes: Sequence[ClassRelations]) -> dict[str, float]:
         "kg_only_precision": mean(c.kg_precision for c in scored), "kg_only_recall": mean(c.kg_recall for c in scored),
         "coverage": mean(c.coverage for c in classes),
     }
-    cp = out["chance_precision"]
-    out["lift"] = out["precision"] / cp if cp and not math.isnan(cp) and cp > 0 else math.inf
+    p, cp = out["precision"], out["chance_precision"]
+    if math.isnan(p) or math.isnan(cp) or (cp == 0 and p == 0):
+        out["lift"] = math.nan  # nothing found, or neither finds a planted relation: no ratio to state
+    else:
+        out["lift"] = p / cp if cp > 0 else math.inf
     return out
 
 
@@ -460,7 +463,8 @@ class RelateResult:
             lines.append(f"[relate] against the planted relations ({s['classes_with_truth']} classes): "
                          f"precision {s['precision']:.2f}, recall {s['recall']:.2f} (KG alone: precision "
                          f"{s['kg_only_precision']:.2f}, recall {s['kg_only_recall']:.2f}; degree-matched random: "
-                         f"precision {s['chance_precision']:.2f}, recall {s['chance_recall']:.2f}; lift {s['lift']:.1f}×)")
+                         f"precision {s['chance_precision']:.2f}, recall {s['chance_recall']:.2f}; lift "
+                         + ("undefined)" if math.isnan(s["lift"]) else f"{s['lift']:.1f}×)"))
             if s.get("all_concepts_recall") is not None:
                 lines.append(f"[relate] among all {len(self.concepts)} labelled concepts instead of the top global ones: "
                              f"precision {_f(s['all_concepts_precision'])}, recall {_f(s['all_concepts_recall'])} "

@@ -7,7 +7,6 @@ pickles. :func:`load_activations` is the one reader of this format.
 
 from __future__ import annotations
 
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import numpy as np
 
 from conceptrank.core.ranking import SPLITS
 from conceptrank.errors import ConceptrankError
+from conceptrank.io.cache import load_npz
 
 
 @dataclass(frozen=True)
@@ -53,18 +53,10 @@ def load_activations(activations: str | Path) -> Activations:
     path = npz_path(Path(activations))
     if not path.exists():
         raise ConceptrankError(f"activations file not found: {path} (run `conceptrank extract` first)")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in ("mean", "images", "classes", "splits") if k not in z.files]
-            if missing:
-                raise ConceptrankError(f"{path}: missing array(s) {', '.join(missing)}")
-            mean, images, classes, splits = (z[k] for k in ("mean", "images", "classes", "splits"))
-            mx = z["max"] if "max" in z.files else None
-            class_names = np.asarray(z["class_names"]).astype(str) if "class_names" in z.files else None
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        if isinstance(e, ConceptrankError):
-            raise
-        raise ConceptrankError(f"cannot read {path}: {e}") from None
+    z = load_npz(path, ("mean", "images", "classes", "splits"), optional=("max", "class_names"))
+    mean, images, classes, splits = (z[k] for k in ("mean", "images", "classes", "splits"))
+    mx = z.get("max")
+    class_names = np.asarray(z["class_names"]).astype(str) if "class_names" in z else None
     if mean.ndim != 2:
         raise ConceptrankError(f"{path}: 'mean' must be (images, units), got shape {mean.shape}")
     n = mean.shape[0]

@@ -51,7 +51,13 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Iterator, Mapping
 
-from conceptrank.errors import ConfigError, DiskSpaceError, FolderBusyError, OutputError
+from conceptrank.errors import (
+    ConceptrankError,
+    ConfigError,
+    DiskSpaceError,
+    FolderBusyError,
+    OutputError,
+)
 
 __all__ = [
     "CACHE_FORMAT",
@@ -307,6 +313,29 @@ def save_npz(path: str | os.PathLike, **arrays: Any) -> None:
                 info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
                 with zf.open(info, "w", force_zip64=True) as g:
                     np.lib.format.write_array(g, np.asarray(arr), allow_pickle=False)
+
+
+def load_npz(path: str | os.PathLike, required: Iterable[str], optional: Iterable[str] = ()) -> dict[str, Any]:
+    """All ``required`` (and the present ``optional``) arrays of an ``.npz``, read eagerly.
+
+    Raises
+    ------
+    ConceptrankError
+        Naming the file, when it is not a complete archive or lacks a required array.
+    """
+    import numpy as np
+
+    required = tuple(required)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in required if k not in z.files]
+            if missing:
+                raise ConceptrankError(f"{path}: missing array(s) {', '.join(missing)}")
+            return {k: z[k] for k in required + tuple(k for k in optional if k in z.files)}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        if isinstance(e, ConceptrankError):
+            raise
+        raise ConceptrankError(f"cannot read {path}: {e}") from None
 
 
 # -- manifests --------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import numpy as np
 
 from conceptrank.core.rankers import ProbeActivations
 from conceptrank.errors import ConceptrankError
+from conceptrank.io.cache import load_npz
 
 __all__ = ["PROBE_FILE", "load_probe_activations", "probe_activations", "probe_presence", "run_probe_activations",
            "stored_fingerprints"]
@@ -115,14 +116,8 @@ def load_probe_activations(path: str | Path) -> ProbeActivations:
         path = path / PROBE_FILE
     if not path.is_file():
         raise ConceptrankError(f"probe activations not found: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in ("mean", "max", "present", "concepts") if k not in z.files]
-            if missing:
-                raise ConceptrankError(f"{path}: missing array(s) {', '.join(missing)}")
-            mean, mx, present, concepts = (z[k] for k in ("mean", "max", "present", "concepts"))
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise ConceptrankError(f"cannot read {path}: {e}") from None
+    z = load_npz(path, ("mean", "max", "present", "concepts"))
+    mean, mx, present, concepts = (z[k] for k in ("mean", "max", "present", "concepts"))
     if mean.ndim != 2 or mx.shape != mean.shape or present.shape[0] != mean.shape[0] or present.shape[1] != concepts.shape[0]:
         raise ConceptrankError(f"{path}: inconsistent shapes mean {mean.shape}, max {mx.shape}, present "
                                f"{present.shape}, concepts {concepts.shape}")

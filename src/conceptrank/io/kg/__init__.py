@@ -15,7 +15,12 @@ from conceptrank.errors import KnowledgeGraphError
 from conceptrank.io.kg.conceptnet import read_conceptnet
 from conceptrank.io.kg.edges import KGEdge, KGRead
 from conceptrank.io.kg.kgtk import read_kgtk
-from conceptrank.io.kg.mapping import ConceptMapping, map_concepts, normalise_concept, read_overrides
+from conceptrank.io.kg.mapping import (
+    ConceptMapping,
+    map_concepts,
+    normalise_concept,
+    read_overrides,
+)
 from conceptrank.io.kg.wordnet import DEFAULT_WORDNET, is_wordnet_dir, read_wordnet
 
 __all__ = [

@@ -30,7 +30,13 @@ from typing import Iterable, TextIO
 
 from conceptrank.core.relations import canonical_relation, is_known
 from conceptrank.errors import KnowledgeGraphError
-from conceptrank.io.cache import atomic_write_json, atomic_write_text, file_sha256, hash_json, read_json
+from conceptrank.io.cache import (
+    atomic_write_json,
+    atomic_write_text,
+    file_sha256,
+    hash_json,
+    read_json,
+)
 from conceptrank.io.kg.edges import KGEdge, KGRead, MalformedLog
 
 __all__ = ["read_conceptnet", "filter_conceptnet_lines", "open_text", "merge_edges", "CACHE_VERSION"]

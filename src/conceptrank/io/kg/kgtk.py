@@ -18,7 +18,12 @@ from typing import Iterable
 
 from conceptrank.core.relations import canonical_relation, is_known
 from conceptrank.errors import KnowledgeGraphError
-from conceptrank.io.kg.conceptnet import _READ_ERRORS, merge_edges, open_text, read_errors
+from conceptrank.io.kg.conceptnet import (
+    _READ_ERRORS,
+    merge_edges,
+    open_text,
+    read_errors,
+)
 from conceptrank.io.kg.edges import KGRead, MalformedLog, term_of_label
 
 __all__ = ["read_kgtk", "REQUIRED_COLUMNS"]

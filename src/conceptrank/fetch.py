@@ -368,6 +368,73 @@ class _Downloaded:
     size: int
 
 
+def _open_range(url: str, dest: Path, part: Path, offset: int, timeout: float):
+    """Open ``url`` from byte ``offset`` (resuming ``part``): ``(response or None, offset, total, resumed)``.
+
+    The response is None when the server answers 416 for exactly the part's size (it is complete);
+    a stale part or a server that sends another range restarts from 0.
+    """
+    for _attempt in range(3):
+        try:
+            resp = _open(url, offset, timeout)
+        except urllib.error.HTTPError as e:
+            if e.code == 416 and offset > 0:  # range not satisfiable: complete already, or stale part
+                m = re.search(r"/(\d+)", e.headers.get("Content-Range", "") or "")
+                e.close()
+                if m and int(m.group(1)) == offset:
+                    return None, offset, offset, False
+                part.unlink(missing_ok=True)
+                offset = 0
+                continue
+            raise _fail(url, dest, part, e) from None
+        except _NET_ERRORS as e:
+            raise _fail(url, dest, part, e) from None
+        status = getattr(resp, "status", None) or resp.getcode()
+        if offset > 0 and status == 206:
+            m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", "") or "")
+            if not m or int(m.group(1)) != offset:  # not the range we asked for: start over
+                resp.close()
+                part.unlink(missing_ok=True)
+                offset = 0
+                continue
+            return resp, offset, (int(m.group(3)) if m.group(3) != "*" else None), True
+        clen = resp.headers.get("Content-Length")  # 200 (Range ignored, or a fresh download), or file://
+        return resp, 0, (int(clen) if clen and clen.isdigit() else None), False
+    raise _fail(url, dest, part, ConnectionError("the server kept answering with the wrong byte range"))  # pragma: no cover
+
+
+def _stream_into(resp, part: Path, h, *, url: str, dest: Path, append: bool, total: int | None, offset: int,
+                 progress: bool) -> int:
+    """Copy the response body into ``part`` (hashing it into ``h``), fsync it; returns the bytes received."""
+    from tqdm import tqdm
+
+    received = 0
+    bar = tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name,
+               file=sys.stderr, disable=not progress, leave=False, dynamic_ncols=True)
+    try:
+        with resp, open(part, "ab" if append else "wb") as f:
+            while True:
+                try:
+                    block = resp.read(_CHUNK)
+                except _NET_ERRORS as e:
+                    f.flush()
+                    raise _fail(url, dest, part, e) from None
+                if not block:
+                    break
+                try:
+                    f.write(block)
+                except OSError as e:
+                    raise ConceptrankError(f"could not write {part}: {e.strerror or e}") from None
+                h.update(block)
+                received += len(block)
+                bar.update(len(block))
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        bar.close()
+    return received
+
+
 def _download(url: str, dest: Path, *, sha256: str | None, size: int | None, timeout: float, progress: bool,
               recorded: bool = False) -> _Downloaded:
     dest = Path(dest)
@@ -391,86 +458,26 @@ def _download(url: str, dest: Path, *, sha256: str | None, size: int | None, tim
     except _NET_ERRORS as e:
         raise _fail(url, dest, part, e) from None
 
-    resumed = False
+    resp, offset, total, resumed = _open_range(url, dest, part, offset, timeout)
     received = 0
-    h = hashlib.sha256()
-    total: int | None = None
-    complete_already = False
-    resp = None
-    for _attempt in range(3):
-        try:
-            resp = _open(url, offset, timeout)
-        except urllib.error.HTTPError as e:
-            if e.code == 416 and offset > 0:  # range not satisfiable: complete already, or stale part
-                m = re.search(r"/(\d+)", e.headers.get("Content-Range", "") or "")
-                e.close()
-                if m and int(m.group(1)) == offset:
-                    complete_already = True
-                    break
-                part.unlink(missing_ok=True)
-                offset = 0
-                continue
-            raise _fail(url, dest, part, e) from None
-        except _NET_ERRORS as e:
-            raise _fail(url, dest, part, e) from None
-        status = getattr(resp, "status", None) or resp.getcode()
-        if offset > 0 and status == 206:
-            m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", "") or "")
-            if not m or int(m.group(1)) != offset:  # not the range we asked for: start over
-                resp.close()
-                part.unlink(missing_ok=True)
-                offset = 0
-                continue
-            total = int(m.group(3)) if m.group(3) != "*" else None
-            resumed = True
-        else:  # 200 (a server that ignores Range, or a fresh download), or a file:// URL
-            clen = resp.headers.get("Content-Length")
-            total = int(clen) if clen and clen.isdigit() else None
-            offset = 0
-        break
-    else:  # pragma: no cover - only a misbehaving server gets here
-        raise _fail(url, dest, part, ConnectionError("the server kept answering with the wrong byte range"))
-
-    if not complete_already:
+    if resp is None:  # the server says the part file is complete already
+        final_size = part.stat().st_size
+        digest = file_sha256(part)
+    else:
         if size is not None and total is not None and total != size:
             resp.close()
             raise ConceptrankError(
                 f"{url} has {total} bytes but {dest.name} should have {size}; refusing to download a different file"
             )
+        h = hashlib.sha256()
         if resumed:
             _hash_file_into(h, part)
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name,
-                   file=sys.stderr, disable=not progress, leave=False, dynamic_ncols=True)
-        try:
-            with resp, open(part, "ab" if resumed else "wb") as f:
-                while True:
-                    try:
-                        block = resp.read(_CHUNK)
-                    except _NET_ERRORS as e:
-                        f.flush()
-                        raise _fail(url, dest, part, e) from None
-                    if not block:
-                        break
-                    try:
-                        f.write(block)
-                    except OSError as e:
-                        raise ConceptrankError(f"could not write {part}: {e.strerror or e}") from None
-                    h.update(block)
-                    received += len(block)
-                    bar.update(len(block))
-                f.flush()
-                os.fsync(f.fileno())
-        finally:
-            bar.close()
+        received = _stream_into(resp, part, h, url=url, dest=dest, append=resumed, total=total, offset=offset,
+                                progress=progress)
         final_size = part.stat().st_size
         if total is not None and final_size != total:
             raise _fail(url, dest, part, http.client.IncompleteRead(b"", total - final_size))
         digest = h.hexdigest()
-    else:
-        final_size = part.stat().st_size
-        digest = file_sha256(part)
 
     _verify(part, url, digest, final_size, sha256, size, final=dest, recorded=recorded)
     os.replace(part, dest)

@@ -32,6 +32,7 @@ from typing import Literal, Mapping, Sequence
 
 import numpy as np
 
+from conceptrank.core.ranking import protocol_min_iou
 from conceptrank.core.relations import (
     PairGeometry,
     Relation,
@@ -45,7 +46,11 @@ from conceptrank.core.relations import (
     support_table,
 )
 from conceptrank.errors import ConceptrankError
-from conceptrank.io.rankings import check_ranking_inputs, check_ranking_outputs, ranking_input_paths
+from conceptrank.io.rankings import (
+    check_ranking_inputs,
+    check_ranking_outputs,
+    ranking_input_paths,
+)
 
 __all__ = ["RelateConfig", "RelateResult", "kg_of_run", "image_relations", "ConceptEdge", "ClassRelations", "Relations", "relate_concepts", "run_relate",
            "concept_edges", "RELATE_OUTPUTS"]
@@ -377,7 +382,9 @@ def _concept_masks(maps: np.ndarray, thresholds: np.ndarray, unit_concept: np.nd
     import torch
 
     from conceptrank.core.upsample import upsample_bilinear
-    from conceptrank.stages.dissect import float32_floor  # dissect's own comparison: float32 value > floor(thr)
+    from conceptrank.stages.dissect import (
+        float32_floor,  # dissect's own comparison: float32 value > floor(thr)
+    )
 
     n, U, h, w = maps.shape
     up = upsample_bilinear(torch.from_numpy(np.asarray(maps, np.float32).reshape(n * U, h, w)), size)
@@ -393,21 +400,17 @@ def _geometry(run: Path, rels: list[str], unit_concept: np.ndarray, n_concepts: 
     from conceptrank.core.relations import pair_geometry
     from conceptrank.io.cache import read_json
     from conceptrank.progress import Progress
-    from conceptrank.stages.maps import layer_maps
+    from conceptrank.stages.maps import iter_layer_maps
 
     run_cfg = (read_json(run / "run.json") if (run / "run.json").is_file() else {}).get("config") or {}
     ej = run / "extract" / "extract.json"
     extract_meta = read_json(ej) if ej.is_file() else {}
     parts = []
-    chunk = 100
-    bar = Progress(len(rels), "relate: maps", "images")
-    for s in range(0, len(rels), chunk):
-        maps, pics, _ = layer_maps(run_cfg, extract_meta, rels[s:s + chunk])
-        size = pics[0].shape[:2]
-        masks = _concept_masks(np.stack(maps), thresholds, unit_concept, n_concepts, size)
-        parts.append(pair_geometry(masks, max(1, round(radius * max(size)))))
-        bar.update(len(maps))
-    bar.close()
+    with Progress(len(rels), "relate: maps", "images") as bar:
+        for _, maps, size in iter_layer_maps(run_cfg, extract_meta, rels, batch_size=100):
+            masks = _concept_masks(maps, thresholds, unit_concept, n_concepts, size)
+            parts.append(pair_geometry(masks, max(1, round(radius * max(size)))))
+            bar.update(len(maps))
     return PairGeometry(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("area", "inter", "near")))
 
 
@@ -560,8 +563,7 @@ def _unit_table(run: Path, rank_meta: dict, concepts_only: bool = False):
     tally = Path((rank_meta.get("inputs") or {}).get("tally") or run / "dissect" / "tally.csv")
     if not tally.is_file():
         raise ConceptrankError(f"cannot find the tally of {run} ({tally})")
-    min_iou = rank_meta.get("min_iou")
-    min_iou = (0.0 if rank_meta.get("protocol") == "paper" else 0.04) if min_iou is None else float(min_iou)
+    min_iou = protocol_min_iou(rank_meta.get("protocol") or "standard", rank_meta.get("min_iou"))
     cats = rank_meta.get("categories")
     uc = read_tally(tally).concepts(min_iou, tuple(cats) if cats else None)
     concepts = tuple(sorted({x[0] for x in uc if x is not None}))

@@ -53,6 +53,7 @@ from conceptrank.core.groundtruth import (
     random_local_precision,
 )
 from conceptrank.core.rankers import RANKERS, ProbeActivations, UnitBank, make_ranker
+from conceptrank.core.ranking import DEFAULT_MIN_IOU
 from conceptrank.errors import ConceptrankError
 
 __all__ = [
@@ -106,7 +107,7 @@ class BenchmarkConfig:
     layer: str = "layer4"
     k: int = 5
     depth: int = 5
-    min_iou: float = 0.04
+    min_iou: float = DEFAULT_MIN_IOU["standard"]
     folds: int = 5
     n_random: int = 20
     n_draw: int = 200

@@ -27,8 +27,23 @@ from typing import Literal, Mapping, Sequence
 
 import numpy as np
 
-from conceptrank.core.facts import Facts, FactsMethod, MapStats, concept_facts, nesyfold_facts, truth_facts
-from conceptrank.core.rules import LEARNERS, Learner, RuleSet, facts_ceiling, fit_rules, score_ruleset
+from conceptrank.core.facts import (
+    Facts,
+    FactsMethod,
+    MapStats,
+    concept_facts,
+    nesyfold_facts,
+    truth_facts,
+)
+from conceptrank.core.ranking import DEFAULT_MIN_IOU
+from conceptrank.core.rules import (
+    LEARNERS,
+    Learner,
+    RuleSet,
+    facts_ceiling,
+    fit_rules,
+    score_ruleset,
+)
 from conceptrank.errors import RulesError
 
 __all__ = ["RulesConfig", "RuleReport", "RulesResult", "learn_rules", "run_rules", "MIN_SHARE_GRID",
@@ -55,7 +70,7 @@ class RulesConfig:
     max_literals: int = 3
     max_rules: int = 5
     min_share: float | None = None
-    min_iou: float = 0.04
+    min_iou: float = DEFAULT_MIN_IOU["standard"]
     folds: int = 3
     compare: bool = True
     learners: tuple[str, ...] = LEARNERS
@@ -267,10 +282,9 @@ class _RunInputs:
 def _read_run(run: Path, cfg: RulesConfig) -> _RunInputs:
     from conceptrank.io import cache
     from conceptrank.io.activations import load_activations
+    from conceptrank.io.runfolder import check_run_folder
     from conceptrank.io.svm import load_svm
     from conceptrank.io.tally_csv import read_tally
-
-    from conceptrank.io.runfolder import check_run_folder
 
     check_run_folder(run, ("rank", "extract"), "rules")
     if not (run / "extract" / "extract.json").is_file():

@@ -40,11 +40,21 @@ import numpy as np
 import torch
 
 from conceptrank.core.stats import TopImages, TopKQuantile
-from conceptrank.core.tally import TallyAccumulator, best_labels, float32_floor, label_category_matrix
+from conceptrank.core.tally import (
+    TallyAccumulator,
+    best_labels,
+    float32_floor,
+    label_category_matrix,
+)
 from conceptrank.errors import BrodenError, ConceptrankError
 from conceptrank.io import cache
 from conceptrank.io.broden import BrodenDataset
-from conceptrank.io.cache import atomic_write_json, atomic_write_text, hash_json, package_versions
+from conceptrank.io.cache import (
+    atomic_write_json,
+    atomic_write_text,
+    hash_json,
+    package_versions,
+)
 from conceptrank.io.resume import ResumableRows
 from conceptrank.io.tally_csv import format_tally
 from conceptrank.nn.device import forward_in_chunks, on_device, resolve_device

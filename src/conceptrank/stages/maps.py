@@ -10,7 +10,15 @@ import numpy as np
 
 from conceptrank.errors import ConceptrankError
 
-__all__ = ["layer_maps", "iter_layer_maps"]
+__all__ = ["run_config", "layer_maps", "iter_layer_maps"]
+
+
+def run_config(run: Path) -> dict:
+    """The ``config`` section of ``run/run.json`` (what ``demo``/``run`` recorded), {} without one."""
+    from conceptrank.io.cache import read_json
+
+    path = Path(run) / "run.json"
+    return (read_json(path).get("config") or {}) if path.is_file() else {}
 
 
 @dataclass(frozen=True)

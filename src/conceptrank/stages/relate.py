@@ -51,6 +51,7 @@ from conceptrank.io.rankings import (
     check_ranking_outputs,
     ranking_input_paths,
 )
+from conceptrank.stages.maps import run_config
 
 __all__ = ["RelateConfig", "RelateResult", "kg_of_run", "image_relations", "ConceptEdge", "ClassRelations", "Relations", "relate_concepts", "run_relate",
            "concept_edges", "RELATE_OUTPUTS"]
@@ -402,7 +403,7 @@ def _geometry(run: Path, rels: list[str], unit_concept: np.ndarray, n_concepts: 
     from conceptrank.progress import Progress
     from conceptrank.stages.maps import iter_layer_maps
 
-    run_cfg = (read_json(run / "run.json") if (run / "run.json").is_file() else {}).get("config") or {}
+    run_cfg = run_config(run)
     ej = run / "extract" / "extract.json"
     extract_meta = read_json(ej) if ej.is_file() else {}
     parts = []
@@ -598,10 +599,9 @@ def image_relations(run: str | Path, image: str) -> list[dict]:
 
 def kg_of_run(run: str | Path) -> Path | None:
     """The synthetic world's knowledge graph named by the run's truth file, None when there is none."""
-    from conceptrank.io.cache import read_json
 
     run = Path(run)
-    run_cfg = (read_json(run / "run.json") if (run / "run.json").is_file() else {}).get("config") or {}
+    run_cfg = run_config(run)
     truth_path, _ = _default_kg(run_cfg, run)
     kg = _truth(truth_path)[1]
     return kg if kg is not None and kg.is_file() else None
@@ -619,7 +619,7 @@ def run_relate(run: str | Path, cfg: RelateConfig = RelateConfig()) -> RelateRes
     rank_meta = read_json(rank_dir / "rank.json")
     check_ranking_inputs(rank_dir, rank_meta, *ranking_input_paths(rank_dir, rank_meta))  # refuse a re-run upstream
     check_ranking_outputs(rank_dir)
-    run_cfg = (read_json(run / "run.json") if (run / "run.json").is_file() else {}).get("config") or {}
+    run_cfg = run_config(run)
     truth_path, _ = _default_kg(run_cfg, run)
     planted, world_kg = _truth(truth_path)
     kg_path = cfg.kg or world_kg

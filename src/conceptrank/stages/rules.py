@@ -45,6 +45,7 @@ from conceptrank.core.rules import (
     score_ruleset,
 )
 from conceptrank.errors import RulesError
+from conceptrank.stages.maps import run_config
 
 __all__ = ["RulesConfig", "RuleReport", "RulesResult", "learn_rules", "run_rules", "MIN_SHARE_GRID",
            "rules_json", "read_rules", "rules_summary", "explain_rules"]
@@ -289,7 +290,7 @@ def _read_run(run: Path, cfg: RulesConfig) -> _RunInputs:
     check_run_folder(run, ("rank", "extract"), "rules")
     if not (run / "extract" / "extract.json").is_file():
         raise RulesError(f"{run / 'extract' / 'extract.json'} not found: the rules need to know the model and layer")
-    run_cfg = (cache.read_json(run / "run.json").get("config") or {}) if (run / "run.json").is_file() else {}
+    run_cfg = run_config(run)
     meta = cache.read_json(run / "extract" / "extract.json")
     acts = load_activations(run / "extract")
     svm = load_svm(run / "rank")

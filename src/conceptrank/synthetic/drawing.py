@@ -147,7 +147,7 @@ def part_regions(parts: tuple[str, ...], shape: np.ndarray, g: Geometry, X, Y) -
     out = {}
     for p in parts:
         if p == "rim":
-            out[p] = shape & ~_erode(shape, max(1, int(round(r * 0.14))))
+            out[p] = shape & ~_erode(shape, max(2, int(round(r * 0.25))))
         elif p == "core":
             out[p] = shape & (d2 <= max(1.3, 0.3 * r) ** 2)
         elif p == "cap":
@@ -155,9 +155,9 @@ def part_regions(parts: tuple[str, ...], shape: np.ndarray, g: Geometry, X, Y) -
         elif p == "tips":
             out[p] = shape & (d2 >= (0.68 * r) ** 2)
         elif p == "eyes":
-            re = max(1.2, 0.15 * r) ** 2
-            ey = g.cy - 0.22 * r
-            out[p] = shape & (((X - g.cx - 0.38 * r) ** 2 + (Y - ey) ** 2 <= re) | ((X - g.cx + 0.38 * r) ** 2 + (Y - ey) ** 2 <= re))
+            re = max(1.8, 0.24 * r) ** 2
+            ey = g.cy - 0.25 * r
+            out[p] = shape & (((X - g.cx - 0.42 * r) ** 2 + (Y - ey) ** 2 <= re) | ((X - g.cx + 0.42 * r) ** 2 + (Y - ey) ** 2 <= re))
         elif p == "stem":
             out[p] = stem_mask(g, X, Y) & ~shape
         else:  # pragma: no cover - parts come from OBJECT_PARTS

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 __all__ = ["PART_ORDER", "Geometry", "DrawnObject", "shape_mask", "draw_object"]
 
 #: Drawing order of parts (later ones cover earlier ones).
-PART_ORDER = ("cap", "tips", "rim", "stem", "eyes", "core")
+PART_ORDER = ("cap", "rim", "tips", "stem", "eyes", "core")
 
 
 @dataclass(frozen=True)

@@ -96,3 +96,20 @@ def test_reduced_matmul_precision_still_gives_pil_exact_masks(monkeypatch, preci
     truth, both, act = naive_tally(feats, thr, planes, scalars, label_cat)
     np.testing.assert_array_equal(acc.intersect.numpy(), both)
     np.testing.assert_array_equal(acc.activation.numpy(), act)
+
+
+def test_upsample_above_equals_thresholding_the_exact_upsample():
+    """Sparse hot maps, thresholds placed exactly on upsampled values (the ambiguous case), and maps
+    with no cell near their threshold: the same mask as thresholding PIL's upsampling."""
+    from conceptrank.core.upsample import upsample_above
+
+    g = torch.Generator().manual_seed(3)
+    maps = torch.rand(300, 7, 9, generator=g) ** 6
+    exact = upsample_bilinear(maps, (29, 40))
+    thr = torch.rand(300, generator=g) * 0.4 + 0.5
+    thr[:40] = exact[:40, 11, 17]  # on a value: only PIL's arithmetic decides '>'
+    thr[40:60] = 2.0  # nothing near: all False without upsampling
+    got = upsample_above(maps, thr, (29, 40))
+    want = exact > thr[:, None, None]
+    assert torch.equal(got, want)
+    assert want[:40].any() and not want[40:60].any()

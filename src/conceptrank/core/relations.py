@@ -191,7 +191,9 @@ def pair_geometry(masks, radius: int = 4) -> PairGeometry:
     flat = m.reshape(N, C, H * W)
     inter = torch.bmm(flat, flat.transpose(1, 2))
     k = 2 * int(radius) + 1
-    dil = F.max_pool2d(m.reshape(N * C, 1, H, W), k, stride=1, padding=int(radius)).reshape(N, C, H * W)
+    r = int(radius)  # a square max filter is a row max filter after a column one
+    dil = F.max_pool2d(m.reshape(N * C, 1, H, W), (k, 1), stride=1, padding=(r, 0))
+    dil = F.max_pool2d(dil, (1, k), stride=1, padding=(0, r)).reshape(N, C, H * W)
     near = torch.bmm(dil, flat.transpose(1, 2)) > 0
     return PairGeometry(flat.sum(-1).double().numpy(), inter.double().numpy(), near.numpy())
 

@@ -382,18 +382,19 @@ def _concept_masks(maps: np.ndarray, thresholds: np.ndarray, unit_concept: np.nd
     """
     import torch
 
-    from conceptrank.core.upsample import upsample_bilinear
+    from conceptrank.core.upsample import upsample_above
     from conceptrank.stages.dissect import (
         float32_floor,  # dissect's own comparison: float32 value > floor(thr)
     )
 
     n, U, h, w = maps.shape
-    up = upsample_bilinear(torch.from_numpy(np.asarray(maps, np.float32).reshape(n * U, h, w)), size)
-    active = (up.reshape(n, U, -1) > torch.from_numpy(float32_floor(thresholds))[None, :, None]).float()
-    onehot = torch.zeros(n_concepts, U)
     labelled = np.flatnonzero(unit_concept >= 0)
-    onehot[unit_concept[labelled], labelled] = 1.0
-    return (torch.einsum("cu,nup->ncp", onehot, active) > 0).reshape(n, n_concepts, *size).numpy()
+    sel = torch.from_numpy(np.ascontiguousarray(np.asarray(maps, np.float32)[:, labelled]))
+    thr = torch.from_numpy(float32_floor(thresholds[labelled])).repeat(n)
+    active = upsample_above(sel.reshape(n * len(labelled), h, w), thr, size).reshape(n, len(labelled), -1)
+    onehot = torch.zeros(n_concepts, len(labelled))
+    onehot[unit_concept[labelled], np.arange(len(labelled))] = 1.0
+    return (torch.einsum("cu,nup->ncp", onehot, active.float()) > 0).reshape(n, n_concepts, *size).numpy()
 
 
 def _geometry(run: Path, rels: list[str], unit_concept: np.ndarray, n_concepts: int, thresholds: np.ndarray,

@@ -3,6 +3,7 @@ clingo on rules.lp with each test image's facts, reuse, and bad input."""
 
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -93,6 +94,17 @@ def test_rerun_reuses_maps_and_gives_the_same_bytes(run_dir, result):
     before = (run_dir / "rules" / "rules.json").read_bytes()
     again = run_rules(run_dir, FAST)
     assert again.maps_reused and not result.maps_reused
+    assert (run_dir / "rules" / "rules.json").read_bytes() == before
+
+
+def test_fits_in_two_processes_give_the_same_bytes(run_dir, result):
+    """CV folds and comparison rows fitted by two worker processes: the same rules.json, byte for byte."""
+    before = (run_dir / "rules" / "rules.json").read_bytes()
+    cfg = RulesConfig(min_iou=0.0001, learner="ripper", learners=("ripper", "tree"), folds=2)
+    one = (run_rules(run_dir, cfg), (run_dir / "rules" / "rules.json").read_bytes())
+    two = (run_rules(run_dir, replace(cfg, jobs=2)), (run_dir / "rules" / "rules.json").read_bytes())
+    assert one[1] == two[1] and len(one[0].reports) == len(two[0].reports) > 1
+    run_rules(run_dir, FAST)
     assert (run_dir / "rules" / "rules.json").read_bytes() == before
 
 

@@ -285,7 +285,7 @@ def _rules(out: Path, cfg: RunConfig, echo: Callable[[str], None], timings: dict
 
     t0 = time.perf_counter()
     has_thresholds = (out / "dissect" / "thresholds.npy").is_file()
-    kw = {"seed": cfg.seed, "min_iou": cfg.min_iou if cfg.min_iou is not None else 0.04}
+    kw = {"seed": cfg.seed, "min_iou": cfg.min_iou if cfg.min_iou is not None else 0.04, "jobs": 0}
     rcfg = RulesConfig(**kw) if has_thresholds else RulesConfig(**kw, facts="nesyfold", compare=False)
     try:
         res = run_rules(out, rcfg, cfg.truth)

@@ -64,6 +64,8 @@ class RulesConfig:
     min_share : our binarisation's share; None chooses it from ``MIN_SHARE_GRID`` by CV on train.
     min_iou : a unit names a concept when its tally IoU is at least this (NetDissect's 0.04).
     compare : also learn every other learner × binarisation × label set (the comparison table).
+    jobs : processes for the independent fits (CV folds, comparison rows); 1 fits in this process,
+        0 uses every core. The results do not depend on it.
     """
 
     learner: Learner = "ripper"
@@ -77,6 +79,7 @@ class RulesConfig:
     learners: tuple[str, ...] = LEARNERS
     seed: int = 0
     batch_size: int = 64
+    jobs: int = 1
 
     def validate(self) -> None:
         if self.learner not in LEARNERS or any(x not in LEARNERS for x in self.learners):
@@ -89,6 +92,8 @@ class RulesConfig:
             raise RulesError(f"--min-share must be in [0, 1), got {self.min_share}")
         if self.folds < 2:
             raise RulesError("folds must be at least 2")
+        if self.jobs < 0:
+            raise RulesError(f"--jobs must be 0 (every core) or more, got {self.jobs}")
 
 
 @dataclass(frozen=True)
@@ -192,12 +197,15 @@ def learn_rules(stats: MapStats, unit_concepts: Sequence[str | None], labels: np
     if cfg.compare:
         combos += [(m, ln, t) for m in facts for ln in cfg.learners for t in ("svm", "true")
                    if (m, ln, t) != combos[0]]
-    reports = []
+    tasks = []
     for method, learner, target in combos:
         f = facts[method]
         y = svm_pred if target == "svm" else labels
-        rs = fit_rules(f.present[train], y[train], classes, f.names, f.concepts, learner,
-                       cfg.max_literals, cfg.max_rules, cfg.seed)
+        tasks.append((f.present[train], y[train], classes, f.names, f.concepts, learner,
+                      cfg.max_literals, cfg.max_rules, cfg.seed))
+    reports = []
+    for (method, learner, target), rs in zip(combos, _fit_all(tasks, cfg.jobs)):
+        f = facts[method]
         reports.append(RuleReport(method, learner, target, rs,
                                   score_ruleset(rs, f.present[test], labels[test], svm_pred[test], planted),
                                   score_ruleset(rs, f.present[train], labels[train], svm_pred[train], planted)))
@@ -238,17 +246,28 @@ def _cv_min_share(share: np.ndarray, unit_concepts, svm_pred, train, classes, cf
 
     idx = np.nonzero(train)[0]
     folds = list(KFold(cfg.folds, shuffle=True, random_state=cfg.seed).split(idx))
+    grid = [(s, concept_facts(share, unit_concepts, s)) for s in MIN_SHARE_GRID]
+    tasks = [(f.present[idx[a]], svm_pred[idx[a]], classes, f.names, f.concepts, cfg.learner,
+              cfg.max_literals, cfg.max_rules, cfg.seed) for _, f in grid for a, _ in folds]
+    fitted = iter(_fit_all(tasks, cfg.jobs))
     out = {}
-    for s in MIN_SHARE_GRID:
-        f = concept_facts(share, unit_concepts, s)
-        scores = []
-        for a, b in folds:
-            fa, fb = idx[a], idx[b]
-            rs = fit_rules(f.present[fa], svm_pred[fa], classes, f.names, f.concepts, cfg.learner,
-                           cfg.max_literals, cfg.max_rules, cfg.seed)
-            scores.append(score_ruleset(rs, f.present[fb], svm_pred[fb], svm_pred[fb])["fidelity"])
+    for s, f in grid:
+        scores = [score_ruleset(next(fitted), f.present[idx[b]], svm_pred[idx[b]], svm_pred[idx[b]])["fidelity"]
+                  for _, b in folds]
         out[s] = float(np.mean(scores))
     return out
+
+
+def _fit_all(tasks: Sequence[tuple], jobs: int) -> list[RuleSet]:
+    """``fit_rules(*task)`` for every task, in order; in ``jobs`` processes (0: one per core)."""
+    import os
+
+    n = min(len(tasks), jobs if jobs > 0 else (os.cpu_count() or 1))
+    if n <= 1:
+        return [fit_rules(*t) for t in tasks]
+    from joblib import Parallel, delayed
+
+    return list(Parallel(n_jobs=n, backend="loky")(delayed(fit_rules)(*t) for t in tasks))
 
 
 def _counts(facts: Facts, splits: np.ndarray, ruleset: RuleSet) -> dict:
@@ -441,7 +460,7 @@ def rules_json(res: RulesResult, images: np.ndarray, splits: np.ndarray, labels:
             "fires_on": {s: [str(x) for x in images[on & (splits == s)]] for s in ("train", "test")},
         })
     return {
-        "format": "conceptrank-rules", "version": 1, "policy": POLICY, "config": asdict(res.config),
+        "format": "conceptrank-rules", "version": 1, "policy": POLICY, "config": {k: v for k, v in asdict(res.config).items() if k != "jobs"},  # jobs: not a result
         "learner": p.learner, "labels": "svm predictions (surrogate)", "classes": list(rs.classes),
         "facts": {"method": facts.method, "params": facts.params,
                   "predicates": [{"name": n, "asp": a, "concept": c, "units": [u + 1 for u in us]}

@@ -264,6 +264,21 @@ def test_same_seed_gives_identical_files(tmp_path):
     assert _hashes(d.out) == ha
 
 
+def test_drawing_in_processes_gives_the_same_files_as_in_one(tmp_path, monkeypatch):
+    """Probe chunks and target classes drawn by worker processes: the files of a one-process run."""
+    import conceptrank.synthetic.world as world
+
+    kw = dict(size=32, probe_images=30, images_per_class=10, progress=False)
+    seen = []
+    real = world._in_processes
+    monkeypatch.setattr(world, "_PROBE_CHUNK", 8)
+    monkeypatch.setattr(world, "_in_processes", lambda fn, chunks: seen.append(len(chunks)) or real(fn, chunks, 2))
+    a = generate_world(tmp_path / "a", seed=3, **kw)
+    monkeypatch.setattr(world, "_in_processes", lambda fn, chunks: real(fn, chunks, 1))
+    b = generate_world(tmp_path / "b", seed=3, **kw)
+    assert seen == [4, 10] and _hashes(a.out) == _hashes(b.out)
+
+
 # -- the model --------------------------------------------------------------------------------------
 def test_model_card_reproduces_the_trained_module(tiny_world):
     import torch

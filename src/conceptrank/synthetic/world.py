@@ -622,13 +622,30 @@ def _say(progress: bool, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def _write_probe(root: Path, seed: int, size: int, n: int, progress: bool) -> None:
-    vocab = concept_vocabulary()
+_PROBE_CHUNK = 400  # probe images per worker task
+
+
+def _in_processes(fn, chunks: Sequence[tuple], jobs: int | None = None) -> list:
+    """``[fn(*c) for c in chunks]``, in up to ``jobs`` processes (default: one per core, at most 4).
+
+    Every image is drawn from its own seeded stream, so the files do not depend on the split.
+    """
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    n = min(len(chunks), jobs or min(os.cpu_count() or 1, 4))
+    if n <= 1:
+        return [fn(*c) for c in chunks]
+    with ProcessPoolExecutor(n, mp_context=get_context("spawn")) as pool:
+        return list(pool.map(fn, *zip(*chunks)))
+
+
+def _probe_rows(root: Path, seed: int, size: int, start: int, stop: int) -> list[WriterRow]:
+    """Draw and write probe images ``start … stop-1`` with their mask planes; their index rows."""
     sh = sw = size // 2
-    sub = root / "images" / "synth"
-    sub.mkdir(parents=True, exist_ok=True)
     rows: list[WriterRow] = []
-    for i in range(n):
+    for i in range(start, stop):
         sc = probe_scene(seed, i, size)
         stem = f"synth/{i + 1:05d}"
         Image.fromarray(sc.image).save(root / "images" / f"{stem}.jpg", "JPEG", quality=JPEG_QUALITY)
@@ -647,14 +664,34 @@ def _write_probe(root: Path, seed: int, size: int, n: int, progress: bool) -> No
             cells[cat] = list(labs)
         split = "val" if i % 10 == 9 else "train"
         rows.append(WriterRow(f"{stem}.jpg", split, size, size, sh, sw, cells))
-        if progress and (i + 1) % 400 == 0:
-            _say(progress, f"  probe: {i + 1}/{n} images")
-    write_broden(root, CATEGORIES, vocab.labels, rows)
+    return rows
+
+
+def _write_probe(root: Path, seed: int, size: int, n: int, progress: bool) -> None:
+    (root / "images" / "synth").mkdir(parents=True, exist_ok=True)
+    step = _PROBE_CHUNK
+    rows: list[WriterRow] = []
+    chunks = [(root, seed, size, a, min(a + step, n)) for a in range(0, n, step)]
+    for done, part in zip(range(step, n + step, step), _in_processes(_probe_rows, chunks)):
+        rows += part
+        _say(progress, f"  probe: {min(done, n)}/{n} images")
+    write_broden(root, CATEGORIES, concept_vocabulary().labels, rows)
+
+
+def _target_class(jpg: Path, seed: int, size: int, ci: int, per_class: int) -> dict[str, list[str]]:
+    """Draw and write class ``ci``'s target images; {file name: visible concepts} in drawing order."""
+    number = concept_vocabulary().number
+    present: dict[str, list[str]] = {}
+    for i in range(per_class):
+        sc = target_scene(seed, ci, i, size)
+        name = f"{TARGET_CLASSES[ci][0]}_{i + 1:03d}.jpg"
+        Image.fromarray(sc.image).save(jpg / name, "JPEG", quality=JPEG_QUALITY)
+        present[name] = sorted(sc.concepts, key=number.__getitem__)
+    return present
 
 
 def _write_target(root: Path, seed: int, size: int, per_class: int, progress: bool):
     """Write the Stanford-40 layout; return ({image file: visible concepts}, n_train, n_test)."""
-    vocab = concept_vocabulary()
     jpg = root / "JPEGImages"
     splits = root / "ImageSplits"
     jpg.mkdir(parents=True, exist_ok=True)
@@ -662,14 +699,10 @@ def _write_target(root: Path, seed: int, size: int, per_class: int, progress: bo
     present: dict[str, list[str]] = {}
     all_train: list[str] = []
     all_test: list[str] = []
-    for ci, (cls, _) in enumerate(TARGET_CLASSES):
-        names = []
-        for i in range(per_class):
-            sc = target_scene(seed, ci, i, size)
-            name = f"{cls}_{i + 1:03d}.jpg"
-            Image.fromarray(sc.image).save(jpg / name, "JPEG", quality=JPEG_QUALITY)
-            present[name] = sorted(sc.concepts, key=vocab.number.__getitem__)
-            names.append(name)
+    drawn = _in_processes(_target_class, [(jpg, seed, size, ci, per_class) for ci in range(len(TARGET_CLASSES))])
+    for ci, ((cls, _), of_class) in enumerate(zip(TARGET_CLASSES, drawn)):
+        present.update(of_class)
+        names = list(of_class)
         perm = np.random.default_rng([seed, _STREAM_SPLIT, ci]).permutation(per_class)
         train_idx = set(perm[: per_class // 2].tolist())
         train = [nm for k, nm in enumerate(names) if k in train_idx]

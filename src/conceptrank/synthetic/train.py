@@ -93,7 +93,7 @@ class TrainConfig:
     """
 
     train_images: int = 8000
-    epochs: int = 7
+    epochs: int = 20
     heldout_images: int = 500
     batch_size: int = 32
     lr: float = 3e-3

@@ -218,3 +218,29 @@ def test_the_worlds_own_regions_recover_the_planted_relations():
                           {c: concepts for c in planted}, {}, truth, RelateConfig(min_support=0.5, draws=20))
     assert res.summary["precision"] >= 0.8 and res.summary["recall"] >= 0.8
     assert res.summary["kg_only_precision"] < 0.1  # the KG alone, among all concepts, is mostly wrong
+
+
+def test_an_image_level_concept_covers_its_whole_image_once_a_unit_fires():
+    """Regions by hand: unit 0 (object) fires on one cell, unit 1 (a scene) on one cell of image 0 only;
+    the scene's region is all of image 0 and nothing of image 1, the object's stays its upsampled cell."""
+    from conceptrank.core.upsample import upsample_bilinear
+    from conceptrank.stages.relate import _concept_masks
+
+    maps = np.zeros((2, 3, 4, 4), np.float32)
+    maps[:, 0, 1, 1] = 5.0
+    maps[0, 1, 3, 3] = 5.0
+    thresholds = np.array([1.0, 1.0, 1.0])
+    unit_concept = np.array([0, 1, -1])
+    masks = _concept_masks(maps, thresholds, unit_concept, np.array([False, True]), (16, 16))
+    obj = upsample_bilinear(torch.from_numpy(maps[:, 0]), (16, 16)).numpy() > 1.0
+    assert masks.shape == (2, 2, 16, 16)
+    np.testing.assert_array_equal(masks[:, 0], obj)
+    assert masks[0, 1].all() and not masks[1, 1].any() and 0 < obj[0].sum() < 256
+
+
+def test_image_level_labels_are_the_probe_sets_scalar_labels_scenes_and_textures(tiny_world_nomodel):
+    from conceptrank.io.broden import BrodenDataset
+    from conceptrank.synthetic.world import SCENES, TEXTURES
+
+    found = BrodenDataset(tiny_world_nomodel.probe_dir).image_level_labels()
+    assert found <= frozenset(SCENES + TEXTURES) and found & set(SCENES) and found & set(TEXTURES)

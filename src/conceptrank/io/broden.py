@@ -411,6 +411,11 @@ class BrodenDataset:
         h.update(",".join(self.categories).encode())
         return h.hexdigest()
 
+    def image_level_labels(self) -> frozenset[str]:
+        """Names of the labels given as image-level numbers (Broden's scenes): they cover their whole image."""
+        nums = {n for rec in self.records for n in rec.scalars}
+        return frozenset(self.labels[n].name for n in nums if n in self.labels)
+
     def category_of_label(self, number: int) -> str:
         ci = int(self.primary[number]) if 0 <= number <= self.max_label else -1
         return self.categories[ci] if ci >= 0 else ""

@@ -6,7 +6,8 @@ relations found among its images' local concepts that are also among its global 
 
 **Grounding.** For every image of the grounding split, each concept's region is the union of its
 units' upsampled maps above their dissection thresholds (``dissect/thresholds.npy``, the maps
-recomputed with the run's model). A relation fits an image when both concepts are present and their
+recomputed with the run's model); an image-level concept of the probe set (Broden's scenes, labelled
+per image, not per pixel) covers the whole image once one of its units fires there. A relation fits an image when both concepts are present and their
 regions sit as the relation says (:mod:`conceptrank.core.relations`: PartOf / HasA — the part inside
 the whole; HasProperty / MadeOf — overlap; AtLocation / LocatedNear — co-presence or adjacency) with
 a score ≥ ``min_fit``. A class's **support** for a relation is the share of its images in which it
@@ -374,12 +375,14 @@ def _truth(path: Path | None) -> tuple[dict | None, Path | None]:
     return planted, kg
 
 
-def _concept_masks(maps: np.ndarray, thresholds: np.ndarray, unit_concept: np.ndarray, n_concepts: int,
+def _concept_masks(maps: np.ndarray, thresholds: np.ndarray, unit_concept: np.ndarray, whole: np.ndarray,
                    size: tuple[int, int]) -> np.ndarray:
     """(n, C, H, W) bool regions: per image, the union of each concept's units' upsampled maps above threshold.
 
-    ``maps`` is (n, U, h, w); ``unit_concept`` (U,) the concept index of each unit (-1 unlabelled).
+    ``maps`` is (n, U, h, w); ``unit_concept`` (U,) the concept index of each unit (-1 unlabelled);
+    ``whole`` (C,) marks image-level concepts (scenes), whose region is the whole image when present.
     """
+    n_concepts = len(whole)
     import torch
 
     from conceptrank.core.upsample import upsample_above
@@ -394,10 +397,12 @@ def _concept_masks(maps: np.ndarray, thresholds: np.ndarray, unit_concept: np.nd
     active = upsample_above(sel.reshape(n * len(labelled), h, w), thr, size).reshape(n, len(labelled), -1)
     onehot = torch.zeros(n_concepts, len(labelled))
     onehot[unit_concept[labelled], np.arange(len(labelled))] = 1.0
-    return (torch.einsum("cu,nup->ncp", onehot, active.float()) > 0).reshape(n, n_concepts, *size).numpy()
+    masks = (torch.einsum("cu,nup->ncp", onehot, active.float()) > 0).reshape(n, n_concepts, *size).numpy()
+    masks[:, whole] = masks[:, whole].any(axis=(2, 3), keepdims=True)
+    return masks
 
 
-def _geometry(run: Path, rels: list[str], unit_concept: np.ndarray, n_concepts: int, thresholds: np.ndarray,
+def _geometry(run: Path, rels: list[str], unit_concept: np.ndarray, whole: np.ndarray, thresholds: np.ndarray,
               radius: float) -> PairGeometry:
     from conceptrank.core.relations import pair_geometry
     from conceptrank.io.cache import read_json
@@ -410,16 +415,16 @@ def _geometry(run: Path, rels: list[str], unit_concept: np.ndarray, n_concepts: 
     parts = []
     with Progress(len(rels), "relate: maps", "images") as bar:
         for _, maps, size in iter_layer_maps(run_cfg, extract_meta, rels, batch_size=100):
-            masks = _concept_masks(maps, thresholds, unit_concept, n_concepts, size)
+            masks = _concept_masks(maps, thresholds, unit_concept, whole, size)
             parts.append(pair_geometry(masks, max(1, round(radius * max(size)))))
             bar.update(len(maps))
     return PairGeometry(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("area", "inter", "near")))
 
 
-def _cached_geometry(run: Path, out: Path, rels: list[str], unit_concept: np.ndarray, n_concepts: int,
+def _cached_geometry(run: Path, out: Path, rels: list[str], unit_concept: np.ndarray, whole: np.ndarray,
                      thresholds: np.ndarray, radius: float) -> tuple[PairGeometry, bool]:
     """:func:`_geometry`, or the copy in ``out/geometry.npz`` computed for the same model, images, units,
-    thresholds and radius (the expensive part of ``relate``: the maps)."""
+    image-level concepts, thresholds and radius (the expensive part of ``relate``: the maps)."""
     from conceptrank.io import cache
 
     ej = run / "extract" / "extract.json"
@@ -429,7 +434,8 @@ def _cached_geometry(run: Path, out: Path, rels: list[str], unit_concept: np.nda
         "images": cache.hash_json(rels), "units": cache.array_sha256(unit_concept),
         "thresholds": cache.array_sha256(thresholds),
     }
-    key = cache.stage_key("relate-geometry", fingerprints, {"radius": radius, "concepts": n_concepts})
+    key = cache.stage_key("relate-geometry", fingerprints, {"radius": radius, "concepts": len(whole),
+                                                            "image_level": np.flatnonzero(whole).tolist()})
     path, meta = out / "geometry.npz", out / "geometry.json"
     try:
         if meta.is_file() and cache.read_json(meta).get("key") == key and path.is_file():
@@ -437,7 +443,7 @@ def _cached_geometry(run: Path, out: Path, rels: list[str], unit_concept: np.nda
                 return PairGeometry(z["area"], z["inter"], z["near"]), True
     except (OSError, ValueError, KeyError, AttributeError):
         pass
-    geom = _geometry(run, rels, unit_concept, n_concepts, thresholds, radius)
+    geom = _geometry(run, rels, unit_concept, whole, thresholds, radius)
     cache.save_npz(path, area=geom.area, inter=geom.inter, near=geom.near)
     cache.atomic_write_json(meta, {"stage": "relate-geometry", "key": key, "fingerprints": fingerprints})
     return geom, False
@@ -636,7 +642,9 @@ def run_relate(run: str | Path, cfg: RelateConfig = RelateConfig()) -> RelateRes
     chosen = sorted(n for n, (_, split, _) in loc.items() if cfg.split == "all" or split == cfg.split)
     if not chosen:
         raise ConceptrankError(f"no {cfg.split} images in {rank_dir / 'local_concepts.csv'}; choose --split all")
-    geom, reused = _cached_geometry(run, out, chosen, unit_concept, len(concepts), thresholds, cfg.radius)
+    image_level, probe_note = _image_level_concepts(run_cfg)
+    whole = np.array([c in image_level for c in concepts], bool)
+    geom, reused = _cached_geometry(run, out, chosen, unit_concept, whole, thresholds, cfg.radius)
     truth = _match_truth(planted, glob) if planted is not None else None
     rel = relate_concepts(edges, concepts, geom, chosen, [loc[n][0] for n in chosen], glob,
                           {n: loc[n][2] for n in chosen}, truth, cfg)
@@ -649,6 +657,8 @@ def run_relate(run: str | Path, cfg: RelateConfig = RelateConfig()) -> RelateRes
     if image_truth:
         rel = dataclasses.replace(rel, summary={**rel.summary, **image_agreement(rel.images, image_truth, cfg.min_fit)})
     notes = ["region geometry reused from relate/geometry.npz (same model, images, units, thresholds)"] if reused else []
+    if probe_note:
+        notes.append(probe_note)
     if truth is None:
         notes.append("no planted relations (truth.json without a 'relations' section): precision and recall not computed")
     res = RelateResult(out, rel, kg, mapping.unmatched(kg.matched_terms), concepts, tuple(notes))
@@ -659,6 +669,20 @@ def run_relate(run: str | Path, cfg: RelateConfig = RelateConfig()) -> RelateRes
     atomic_write_text(out / "relations.csv", buf.getvalue())
     atomic_write_json(out / "relations.json", _json_doc(res, cfg))
     return res
+
+
+def _image_level_concepts(run_cfg: Mapping) -> tuple[frozenset[str], str | None]:
+    """The probe set's image-level labels (scenes), and a note when the run's probe set cannot say."""
+    from conceptrank.errors import BrodenError
+    from conceptrank.io.broden import BrodenDataset
+
+    probe = run_cfg.get("probe")
+    if not probe or not Path(probe).is_dir():
+        return frozenset(), f"probe set {probe or '(none in run.json)'} not found: every concept grounded by its units' regions"
+    try:
+        return BrodenDataset(probe, run_cfg.get("categories")).image_level_labels(), None
+    except (BrodenError, OSError) as e:
+        return frozenset(), f"probe set unreadable ({e}): every concept grounded by its units' regions"
 
 
 def _match_truth(planted: dict, glob: Mapping[str, Sequence[str]]) -> dict:

@@ -29,7 +29,7 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
-from conceptrank.core.upsample import upsample_bilinear
+from conceptrank.core.upsample import count_above
 
 __all__ = ["FactsMethod", "MapStats", "Facts", "map_stats", "concept_facts", "nesyfold_facts", "truth_facts",
            "NESYFOLD_ALPHA", "NESYFOLD_GAMMA"]
@@ -97,12 +97,7 @@ def map_stats(maps: torch.Tensor, thresholds: torch.Tensor | np.ndarray, size: t
     m = maps.to(torch.float32)
     t = torch.as_tensor(np.asarray(thresholds), dtype=torch.float32, device=m.device)
     flat, tt = m.reshape(b * u, h, w), t.repeat(b)
-    # a bilinear value never exceeds its map's maximum: only maps whose maximum passes can have a share
-    live = torch.nonzero(flat.amax(dim=(1, 2)) > tt).flatten()
-    counts = torch.zeros(b * u, dtype=torch.float64, device=m.device)
-    if live.numel():
-        up = upsample_bilinear(flat[live], size)
-        counts[live] = (up > tt[live, None, None]).sum(dim=(1, 2)).to(torch.float64)
+    counts = count_above(flat, tt, size).to(torch.float64)
     share = counts.reshape(b, u) / float(size[0] * size[1])
     l2 = torch.linalg.vector_norm(m.to(torch.float64).reshape(b, u, h * w), dim=2)
     return MapStats(share.cpu().numpy(), l2.cpu().numpy())

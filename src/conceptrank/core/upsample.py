@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 __all__ = ["full_float32", "pil_bilinear_taps", "upsample_bilinear", "upsample_approx_rows_cols", "upsample_error_bound", "upsample_at", "tap_ranges",
-           "upsample_above"]
+           "upsample_above", "upsample_above_chunks", "count_above"]
 
 
 @functools.lru_cache(maxsize=64)
@@ -222,6 +222,28 @@ def full_float32() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = cuda_tf32, cudnn_tf32
 
 
+def upsample_above_chunks(maps: torch.Tensor, thresholds: torch.Tensor, size: tuple[int, int]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(indices, masks)`` of the maps with a cell within the error bound of their threshold, in chunks;
+    ``masks`` is PIL-exact ``upsample_bilinear(maps[indices], size) > thresholds[indices]``."""
+    sh, sw = size
+    maps = maps.to(torch.float32)
+    thr = thresholds.to(torch.float32).to(maps.device)
+    eps = 2 * upsample_error_bound(maps)
+    hot = torch.nonzero((maps > (thr - eps)[:, None, None]).flatten(1).any(dim=1)).flatten()
+    for chunk in torch.split(hot, max(1, (1 << 22) // max(sh * sw, 1))):
+        m = maps[chunk]
+        rows = torch.arange(sh, device=maps.device).expand(len(chunk), sh)
+        cols = torch.arange(sw, device=maps.device).expand(len(chunk), sw)
+        d = upsample_approx_rows_cols(m, rows, cols, size).sub_(thr[chunk][:, None, None])
+        e = eps[chunk][:, None, None]
+        mask = d > e
+        amb = torch.nonzero((d >= -e) & ~mask, as_tuple=True)
+        if amb[0].numel():
+            exact = upsample_at(m, amb[0], amb[1], amb[2], size)
+            mask[amb] = exact > thr[chunk][amb[0]]
+        yield chunk, mask
+
+
 def upsample_above(maps: torch.Tensor, thresholds: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """``upsample_bilinear(maps, size) > thresholds[:, None, None]``, exactly, at a fraction of its cost.
 
@@ -239,23 +261,15 @@ def upsample_above(maps: torch.Tensor, thresholds: torch.Tensor, size: tuple[int
     -------
     (P, sh, sw) bool
     """
-    sh, sw = size
-    P = maps.shape[0]
-    out = torch.zeros(P, sh, sw, dtype=torch.bool, device=maps.device)
-    maps = maps.to(torch.float32)
-    thr = thresholds.to(torch.float32).to(maps.device)
-    eps = 2 * upsample_error_bound(maps)
-    hot = torch.nonzero((maps > (thr - eps)[:, None, None]).flatten(1).any(dim=1)).flatten()
-    for chunk in torch.split(hot, max(1, (1 << 22) // max(sh * sw, 1))):
-        m = maps[chunk]
-        rows = torch.arange(sh, device=maps.device).expand(len(chunk), sh)
-        cols = torch.arange(sw, device=maps.device).expand(len(chunk), sw)
-        d = upsample_approx_rows_cols(m, rows, cols, size).sub_(thr[chunk][:, None, None])
-        e = eps[chunk][:, None, None]
-        mask = d > e
-        amb = torch.nonzero((d >= -e) & ~mask, as_tuple=True)
-        if amb[0].numel():
-            exact = upsample_at(m, amb[0], amb[1], amb[2], size)
-            mask[amb] = exact > thr[chunk][amb[0]]
+    out = torch.zeros(maps.shape[0], *size, dtype=torch.bool, device=maps.device)
+    for chunk, mask in upsample_above_chunks(maps, thresholds, size):
         out[chunk] = mask
+    return out
+
+
+def count_above(maps: torch.Tensor, thresholds: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``upsample_above(maps, thresholds, size).sum((1, 2))`` without the full masks: ``(P,)`` int64."""
+    out = torch.zeros(maps.shape[0], dtype=torch.int64, device=maps.device)
+    for chunk, mask in upsample_above_chunks(maps, thresholds, size):
+        out[chunk] = mask.flatten(1).sum(dim=1)
     return out

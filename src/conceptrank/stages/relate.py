@@ -385,19 +385,22 @@ def _concept_masks(maps: np.ndarray, thresholds: np.ndarray, unit_concept: np.nd
     n_concepts = len(whole)
     import torch
 
-    from conceptrank.core.upsample import upsample_above
+    from conceptrank.core.upsample import upsample_above_chunks
     from conceptrank.stages.dissect import (
         float32_floor,  # dissect's own comparison: float32 value > floor(thr)
     )
 
     n, U, h, w = maps.shape
     labelled = np.flatnonzero(unit_concept >= 0)
+    k = len(labelled)
     sel = torch.from_numpy(np.ascontiguousarray(np.asarray(maps, np.float32)[:, labelled]))
     thr = torch.from_numpy(float32_floor(thresholds[labelled])).repeat(n)
-    active = upsample_above(sel.reshape(n * len(labelled), h, w), thr, size).reshape(n, len(labelled), -1)
-    onehot = torch.zeros(n_concepts, len(labelled))
-    onehot[unit_concept[labelled], np.arange(len(labelled))] = 1.0
-    masks = (torch.einsum("cu,nup->ncp", onehot, active.float()) > 0).reshape(n, n_concepts, *size).numpy()
+    # pair p = (image p // k, labelled unit p % k) → row image * C + concept of the union
+    target = torch.from_numpy(np.arange(n)[:, None] * n_concepts + unit_concept[labelled][None, :]).flatten()
+    acc = torch.zeros(n * n_concepts, size[0] * size[1], dtype=torch.int32)
+    for chunk, mask in upsample_above_chunks(sel.reshape(n * k, h, w), thr, size):
+        acc.index_add_(0, target[chunk], mask.flatten(1).to(torch.int32))
+    masks = (acc > 0).reshape(n, n_concepts, *size).numpy()
     masks[:, whole] = masks[:, whole].any(axis=(2, 3), keepdims=True)
     return masks
 

@@ -252,6 +252,11 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> Pipelin
     echo(rres.summary())
     timings["rank"] = time.perf_counter() - t0
 
+    from conceptrank.stages.relate import RelateConfig, kg_of_run
+
+    relate = None
+    if kg_of_run(out) is not None:  # a synthetic world's KG: relations among the concepts, grounded and scored
+        relate = _Background(_relate_summary, out, RelateConfig(seed=cfg.seed))  # needs only rank's outputs
     rules = _rules(out, cfg, echo, timings) if cfg.rules else None  # before evaluate, which reports its numbers
 
     t0 = time.perf_counter()
@@ -259,13 +264,9 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> Pipelin
     vres = run_evaluate(out / "rank", out / "rank", vcfg)
     echo(vres.table())
     timings["evaluate"] = time.perf_counter() - t0
-
-    from conceptrank.stages.relate import RelateConfig, kg_of_run, run_relate
-
-    if kg_of_run(out) is not None:  # a synthetic world's KG: relations among the concepts, grounded and scored
-        t0 = time.perf_counter()
-        echo(run_relate(out, RelateConfig(seed=cfg.seed)).summary())
-        timings["relate"] = time.perf_counter() - t0
+    if relate is not None:
+        echo(relate.result())
+        timings["relate"] = relate.seconds
 
     report = None
     if cfg.report:
@@ -276,6 +277,34 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> Pipelin
         timings["report"] = time.perf_counter() - t0
         echo(f"report: {Path(report).resolve()}")
     return PipelineResult(out, dres, eres, rres, vres, report, timings, rules)
+
+
+def _relate_summary(out: Path, rcfg) -> str:
+    from conceptrank.progress import set_quiet
+    from conceptrank.stages.relate import run_relate
+
+    set_quiet(True)  # its progress lines would interleave with the stages running beside it
+    return run_relate(out, rcfg).summary()
+
+
+class _Background:
+    """``fn(*args)`` in a worker process, started now; :meth:`result` waits for it (and re-raises)."""
+
+    def __init__(self, fn: Callable, *args) -> None:
+        from concurrent.futures import ProcessPoolExecutor
+        from multiprocessing import get_context
+
+        self.t0 = time.perf_counter()
+        self.pool = ProcessPoolExecutor(1, mp_context=get_context("spawn"))
+        self.future = self.pool.submit(fn, *args)
+        self.seconds = math.nan
+
+    def result(self):
+        try:
+            return self.future.result()
+        finally:
+            self.seconds = time.perf_counter() - self.t0
+            self.pool.shutdown()
 
 
 def _rules(out: Path, cfg: RunConfig, echo: Callable[[str], None], timings: dict):

@@ -6,7 +6,7 @@
 The paragraph (the one starting with ``What the demo shows``) is rebuilt from the run's files —
 ``world/model/model.json`` (source accuracy), ``dissect/dissect.json`` (detectors, concepts per
 category), ``rank/classifier.json`` (SVM accuracy), ``rank/rank.json`` (the ranker) and ``rank/summary.json`` (agreement, lift,
-p-value, deletion ratio, ground-truth precision) — and must equal the README's word for word, so
+p-value, deletion ratio, ground-truth precision) and ``relate/relations.json`` (relation precision and recall) — and must equal the README's word for word, so
 every number in it is checked.
 """
 
@@ -63,8 +63,21 @@ def results_paragraph(run: Path) -> str:
         f"top concept lowers its SVM score {summary['deletion']['G=1']['ratio']:.1f}× more than removing "
         f"random labelled units; the top global concept is a planted class concept for "
         f"{round(top['precision'] * n_classes)} of {n_classes} classes (random concepts: "
-        f"{top['random_precision'] * n_classes:.1f} of {n_classes})."
+        f"{top['random_precision'] * n_classes:.1f} of {n_classes}){_relations_clause(run)}."
     )
+
+
+def _relations_clause(run: Path) -> str:
+    """The relate stage's precision and recall against the planted relations, when the run has them."""
+    path = run / "relate" / "relations.json"
+    if not path.is_file():
+        return ""
+    rel = _read(path).get("summary") or {}
+    if rel.get("precision") is None or rel.get("recall") is None:
+        return ""
+    return (f"; the KG relations among each class's top global concepts that its images' maps support are "
+            f"planted ones with precision {rel['precision']:.2f} and recall {rel['recall']:.2f} "
+            f"(degree-matched random relations: {rel['chance_precision']:.2f} and {rel['chance_recall']:.2f})")
 
 
 def readme_paragraph(text: str) -> tuple[int, int]:

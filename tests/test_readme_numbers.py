@@ -68,3 +68,15 @@ def test_missing_run_files_say_what_to_do(tmp_path):
     ck = _checker()
     with pytest.raises(SystemExit, match="make demo"):
         ck.results_paragraph(tmp_path)
+
+
+def test_relation_numbers_join_the_paragraph_when_the_run_has_them(tmp_path):
+    ck = _checker()
+    run = _fake_run(tmp_path / "run")
+    assert "relations" not in ck.results_paragraph(run)
+    (run / "relate").mkdir()
+    (run / "relate" / "relations.json").write_text(json.dumps({"summary": {
+        "precision": 0.857, "recall": 0.6, "chance_precision": 0.2, "chance_recall": 0.031}}))
+    text = ck.results_paragraph(run)
+    assert "precision 0.86 and recall 0.60" in text and "random relations: 0.20 and 0.03" in text
+    assert text.endswith("0.03).")

@@ -252,11 +252,11 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> Pipelin
     echo(rres.summary())
     timings["rank"] = time.perf_counter() - t0
 
-    from conceptrank.stages.relate import RelateConfig, kg_of_run
+    from conceptrank.stages.relate import RelateConfig, kg_of_run, run_relate
 
     relate = None
     if kg_of_run(out) is not None:  # a synthetic world's KG: relations among the concepts, grounded and scored
-        relate = _Background(_relate_summary, out, RelateConfig(seed=cfg.seed))  # needs only rank's outputs
+        relate = _Background(run_relate, out, RelateConfig(seed=cfg.seed))  # needs only rank's outputs
     rules = _rules(out, cfg, echo, timings) if cfg.rules else None  # before evaluate, which reports its numbers
 
     t0 = time.perf_counter()
@@ -265,7 +265,7 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> Pipelin
     echo(vres.table())
     timings["evaluate"] = time.perf_counter() - t0
     if relate is not None:
-        echo(relate.result())
+        echo(relate.result().summary())
         timings["relate"] = relate.seconds
 
     report = None
@@ -279,32 +279,34 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> Pipelin
     return PipelineResult(out, dres, eres, rres, vres, report, timings, rules)
 
 
-def _relate_summary(out: Path, rcfg) -> str:
-    from conceptrank.progress import set_quiet
-    from conceptrank.stages.relate import run_relate
-
-    set_quiet(True)  # its progress lines would interleave with the stages running beside it
-    return run_relate(out, rcfg).summary()
-
-
 class _Background:
-    """``fn(*args)`` in a worker process, started now; :meth:`result` waits for it (and re-raises)."""
+    """``fn(*args)`` in a thread, started now; :meth:`result` waits for it and re-raises its exception.
+
+    For a stage whose work is mostly torch and numpy (which release the GIL) beside one whose work is
+    in worker processes: both keep the two cores busy.
+    """
 
     def __init__(self, fn: Callable, *args) -> None:
-        from concurrent.futures import ProcessPoolExecutor
-        from multiprocessing import get_context
+        import threading
 
         self.t0 = time.perf_counter()
-        self.pool = ProcessPoolExecutor(1, mp_context=get_context("spawn"))
-        self.future = self.pool.submit(fn, *args)
         self.seconds = math.nan
+        self._value = self._error = None
+        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable, args: tuple) -> None:
+        try:
+            self._value = fn(*args)
+        except BaseException as e:  # re-raised by result(), in the caller's thread
+            self._error = e
+        self.seconds = time.perf_counter() - self.t0
 
     def result(self):
-        try:
-            return self.future.result()
-        finally:
-            self.seconds = time.perf_counter() - self.t0
-            self.pool.shutdown()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def _rules(out: Path, cfg: RunConfig, echo: Callable[[str], None], timings: dict):

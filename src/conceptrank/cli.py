@@ -362,7 +362,7 @@ def rules(
     compare: bool = typer.Option(True, "--compare/--no-compare", help="Also learn every learner x binarisation x label set."),
     truth: Optional[Path] = typer.Option(None, "--truth", help="truth.json (default: the run's) for the planted-concept precision."),
     seed: int = typer.Option(0, "--seed", help="Seed of the learners and of the CV folds."),
-    jobs: int = typer.Option(0, "--jobs", help="Processes for the independent fits (0: every core, 1: none); results do not depend on it."),
+    jobs: int = typer.Option(0, "--jobs", help="Worker processes for the independent fits (0: one per core); results do not depend on it."),
 ) -> None:
     """Class rules over concept facts (RUN/rules/: rules.txt, rules.lp for clingo, rules.json), scored on test."""
     from conceptrank.stages.rules import RulesConfig, run_rules

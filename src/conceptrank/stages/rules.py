@@ -64,8 +64,8 @@ class RulesConfig:
     min_share : our binarisation's share; None chooses it from ``MIN_SHARE_GRID`` by CV on train.
     min_iou : a unit names a concept when its tally IoU is at least this (NetDissect's 0.04).
     compare : also learn every other learner × binarisation × label set (the comparison table).
-    jobs : processes for the independent fits (CV folds, comparison rows); 1 fits in this process,
-        0 uses every core. The results do not depend on it.
+    jobs : worker processes for the independent fits (CV folds, comparison rows); 0: one per core.
+        The results do not depend on it.
     """
 
     learner: Learner = "ripper"
@@ -259,15 +259,19 @@ def _cv_min_share(share: np.ndarray, unit_concepts, svm_pred, train, classes, cf
 
 
 def _fit_all(tasks: Sequence[tuple], jobs: int) -> list[RuleSet]:
-    """``fit_rules(*task)`` for every task, in order; in ``jobs`` processes (0: one per core)."""
+    """``fit_rules(*task)`` for every task, in order, in ``jobs`` worker processes (0: one per core).
+
+    Always in workers started with ``PYTHONHASHSEED=0``: imodels' SkopeRules orders tied candidate
+    rules by iterating a ``set`` of strings, so in a process with a random hash seed its rules would
+    change from run to run.
+    """
     import os
 
-    n = min(len(tasks), jobs if jobs > 0 else (os.cpu_count() or 1))
-    if n <= 1:
-        return [fit_rules(*t) for t in tasks]
-    from joblib import Parallel, delayed
+    from joblib.externals.loky import get_reusable_executor
 
-    return list(Parallel(n_jobs=n, backend="loky")(delayed(fit_rules)(*t) for t in tasks))
+    n = max(1, min(len(tasks), jobs if jobs > 0 else (os.cpu_count() or 1)))
+    pool = get_reusable_executor(max_workers=n, env={"PYTHONHASHSEED": "0"})
+    return list(pool.map(fit_rules, *zip(*tasks))) if tasks else []
 
 
 def _counts(facts: Facts, splits: np.ndarray, ruleset: RuleSet) -> dict:

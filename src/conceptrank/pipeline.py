@@ -252,21 +252,21 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> Pipelin
     echo(rres.summary())
     timings["rank"] = time.perf_counter() - t0
 
-    from conceptrank.stages.relate import RelateConfig, kg_of_run, run_relate
+    from conceptrank.stages.relate import RelateConfig, kg_of_run
 
-    relate = None
-    if kg_of_run(out) is not None:  # a synthetic world's KG: relations among the concepts, grounded and scored
-        relate = _Background(run_relate, out, RelateConfig(seed=cfg.seed))  # needs only rank's outputs
+    vcfg = EvaluateConfig(configs=cfg.configs, truth=cfg.truth, seed=cfg.seed)
+    relate_cfg = RelateConfig(seed=cfg.seed) if kg_of_run(out) is not None else None  # a synthetic world's KG
+    beside = _Background(_beside_rules, out, vcfg, relate_cfg)  # they need only rank's outputs
     rules = _rules(out, cfg, echo, timings) if cfg.rules else None  # before evaluate, which reports its numbers
 
+    computed, related = beside.result()
     t0 = time.perf_counter()
-    vcfg = EvaluateConfig(configs=cfg.configs, truth=cfg.truth, seed=cfg.seed)
-    vres = run_evaluate(out / "rank", out / "rank", vcfg)
+    vres = run_evaluate(out / "rank", out / "rank", vcfg, computed=computed)
     echo(vres.table())
-    timings["evaluate"] = time.perf_counter() - t0
-    if relate is not None:
-        echo(relate.result().summary())
-        timings["relate"] = relate.seconds
+    timings["evaluate"] = time.perf_counter() - t0 + beside.seconds_of["evaluate"]
+    if related is not None:
+        echo(related.summary())
+        timings["relate"] = beside.seconds_of["relate"]
 
     report = None
     if cfg.report:
@@ -279,28 +279,41 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> Pipelin
     return PipelineResult(out, dres, eres, rres, vres, report, timings, rules)
 
 
-class _Background:
-    """``fn(*args)`` in a thread, started now; :meth:`result` waits for it and re-raises its exception.
+def _beside_rules(out: Path, vcfg, relate_cfg, seconds: dict) -> tuple:
+    """The evaluation's computation and the relations (None without a KG), while the rules are learned."""
+    from conceptrank.stages.evaluate import compute_evaluation
+    from conceptrank.stages.relate import run_relate
 
-    For a stage whose work is mostly torch and numpy (which release the GIL) beside one whose work is
-    in worker processes: both keep the two cores busy.
+    t0 = time.perf_counter()
+    related = run_relate(out, relate_cfg) if relate_cfg is not None else None
+    seconds["relate"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    computed = compute_evaluation(out / "rank", vcfg)
+    seconds["evaluate"] = time.perf_counter() - t0
+    return computed, related
+
+
+class _Background:
+    """``fn(*args, seconds)`` in a thread, started now; :meth:`result` waits for it and re-raises its
+    exception; ``fn`` records in the dict ``seconds`` how long its parts took.
+
+    For stages whose work is mostly torch, numpy and liblinear (which release the GIL) beside one
+    whose work is in worker processes: both keep the cores busy.
     """
 
     def __init__(self, fn: Callable, *args) -> None:
         import threading
 
-        self.t0 = time.perf_counter()
-        self.seconds = math.nan
+        self.seconds_of: dict = {}
         self._value = self._error = None
         self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True)
         self._thread.start()
 
     def _run(self, fn: Callable, args: tuple) -> None:
         try:
-            self._value = fn(*args)
+            self._value = fn(*args, self.seconds_of)
         except BaseException as e:  # re-raised by result(), in the caller's thread
             self._error = e
-        self.seconds = time.perf_counter() - self.t0
 
     def result(self):
         self._thread.join()

@@ -772,7 +772,22 @@ def _write_evaluate_outputs(out: Path, res: EvaluateResult, key: str, fingerprin
     })
 
 
-def run_evaluate(ranking: Path, out: Path | None, cfg: EvaluateConfig) -> EvaluateResult:
+def compute_evaluation(ranking: Path, cfg: EvaluateConfig) -> EvaluateResult:
+    """:func:`evaluate_ranking` on a rank folder, without the rules' numbers and without writing: what
+    :func:`run_evaluate` computes, for a caller that runs it beside the rules stage."""
+    cfg.validate()
+    rk = read_ranking(ranking)
+    check_ranking_inputs(rk.path, rk.meta, *ranking_input_paths(rk.path, rk.meta))
+    truth = None
+    if cfg.truth is not None:
+        from conceptrank.io.truth import read_truth
+
+        truth = read_truth(cfg.truth)
+    return evaluate_ranking(rk, cfg, load_evaluation_inputs(rk), truth)
+
+
+def run_evaluate(ranking: Path, out: Path | None, cfg: EvaluateConfig,
+                 computed: EvaluateResult | None = None) -> EvaluateResult:
     """Read a rank folder, :func:`evaluate_ranking`, write the outputs (see the module docstring).
 
     Parameters
@@ -780,6 +795,7 @@ def run_evaluate(ranking: Path, out: Path | None, cfg: EvaluateConfig) -> Evalua
     ranking : an output folder of ``rank``.
     out : output folder (default: ``ranking``).
     cfg : :class:`EvaluateConfig`.
+    computed : :func:`compute_evaluation` of the same folder and config, when already done.
     """
     cfg.validate()
     configs = parse_configs(cfg.configs)
@@ -793,13 +809,9 @@ def run_evaluate(ranking: Path, out: Path | None, cfg: EvaluateConfig) -> Evalua
             return EvaluateResult.from_files(out, configs)
         except (OSError, ValueError, KeyError, TypeError):
             pass
-    truth = None
-    if cfg.truth is not None:
-        from conceptrank.io.truth import read_truth
-
-        truth = read_truth(cfg.truth)
     from conceptrank.stages.rules import rules_summary
 
-    res = replace(evaluate_ranking(rk, cfg, load_evaluation_inputs(rk), truth), rules=rules_summary(rk.path.parent))
+    res = computed if computed is not None else compute_evaluation(ranking, cfg)
+    res = replace(res, rules=rules_summary(rk.path.parent))
     _write_evaluate_outputs(out, res, key, fingerprints, params)
     return replace(res, out=out)

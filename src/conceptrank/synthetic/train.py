@@ -92,8 +92,8 @@ class TrainConfig:
     threads : int — torch threads while training (1: the same result whatever the machine's core count).
     """
 
-    train_images: int = 8000
-    epochs: int = 20
+    train_images: int = 12000
+    epochs: int = 30
     heldout_images: int = 500
     batch_size: int = 32
     lr: float = 3e-3

@@ -610,3 +610,14 @@ def test_every_figure_text_is_at_least_9pt():
                  if t.get_text().strip() and t.get_visible()]
         assert texts and min(t.get_fontsize() for t in texts) >= 9, [
             (t.get_text(), t.get_fontsize()) for t in texts if t.get_fontsize() < 9][:5]
+
+
+def test_the_overview_says_how_the_synthetic_source_model_was_trained():
+    from conceptrank.report.html import _source_task
+
+    card = {"source_task": {"config": {"train_images": 12000, "epochs": 30},
+                            "heldout_accuracy": {"shape": 0.82, "color": 0.922, "material": 0.764, "scene": 1.0,
+                                                 "mean": 0.876}}}
+    assert _source_task(card) == ("the synthetic world's source task (12000 images × 30 epochs; held-out accuracy "
+                                  "shape 0.82, color 0.92, material 0.76, scene 1.0)")
+    assert _source_task({"architecture": "resnet152"}) is None

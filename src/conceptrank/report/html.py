@@ -469,9 +469,11 @@ def _source_task(card: dict) -> str | None:
     st = card.get("source_task")
     if not isinstance(st, dict):
         return None
-    acc = (st.get("heldout_accuracy") or {}).get("mean")
-    return (f"the synthetic world's source task ({st.get('train_images', '?')} images, {st.get('epochs', '?')} epochs"
-            + (f", held-out accuracy {_fmt(acc, 2)})" if acc is not None else ")"))
+    cfg = st.get("config") if isinstance(st.get("config"), dict) else st  # cards keep the settings in config
+    acc = st.get("heldout_accuracy") or {}
+    heads = ", ".join(f"{h} {_fmt(acc[h], 2)}" for h in ("shape", "color", "material", "scene") if h in acc)
+    return (f"the synthetic world's source task ({cfg.get('train_images', '?')} images × {cfg.get('epochs', '?')} "
+            f"epochs" + (f"; held-out accuracy {heads})" if heads else ")"))
 
 
 def _overview(data: RunData) -> dict:

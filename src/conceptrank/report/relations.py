@@ -39,15 +39,20 @@ def draw_relation_graph(path: Path, title: str, candidates: list[dict], recovere
     nx.draw_networkx_nodes(g, pos, ax=ax, node_color="#e8eef7", edgecolors="#4a6fa5", node_size=1400)
     nx.draw_networkx_labels(g, pos, ax=ax, font_size=9)
     styles = {"grounded": ("#1b5e20", "solid", 2.2), "kg": ("#9e9e9e", "dashed", 1.0), "negative": ("#c62828", "dotted", 1.0)}
-    labels = {}
+    labels: dict[bool, dict] = {False: {}, True: {}}  # grounded → (u, v) → label lines
     for k, (u, v, d) in enumerate(g.edges(data=True)):
         kind = "negative" if is_negative(d["relation"]) else ("grounded" if d["grounded"] else "kg")
         color, style, width = styles[kind]
         nx.draw_networkx_edges(g, pos, edgelist=[(u, v)], ax=ax, edge_color=color, style=style, width=width,
                                arrows=True, arrowsize=12, node_size=1400, connectionstyle=f"arc3,rad={0.08 * (k % 3)}")
         sup = d.get("support")
-        labels.setdefault((u, v), []).append(d["relation"] + (f" {sup:.2f}" if isinstance(sup, (int, float)) else ""))
-    nx.draw_networkx_edge_labels(g, pos, edge_labels={e: "\n".join(v) for e, v in labels.items()}, ax=ax, font_size=9)
+        text = d["relation"] + (f" {sup:.2f}" if isinstance(sup, (int, float)) else "")
+        labels[kind == "grounded"].setdefault((u, v), []).append(text)
+    for grounded, font in ((False, dict(font_size=8, font_color="#616161")),  # grounded ones last: on top
+                           (True, dict(font_size=9, font_color="#1b5e20", font_weight="bold"))):
+        if labels[grounded]:
+            nx.draw_networkx_edge_labels(g, pos, edge_labels={e: "\n".join(v) for e, v in labels[grounded].items()},
+                                         ax=ax, **font)
     ax.set_title(title, fontsize=10)
     ax.axis("off")
     fig.tight_layout()

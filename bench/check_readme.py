@@ -75,8 +75,8 @@ def _relations_clause(run: Path) -> str:
     rel = _read(path).get("summary") or {}
     if rel.get("precision") is None or rel.get("recall") is None:
         return ""
-    return (f"; the KG relations among each class's top global concepts that its images' maps support are "
-            f"planted ones with precision {rel['precision']:.2f} and recall {rel['recall']:.2f} "
+    return (f"; against the planted relations, the KG relations among each class's top global concepts that "
+            f"its images' maps support have precision {rel['precision']:.2f} and recall {rel['recall']:.2f} "
             f"(degree-matched random relations: {rel['chance_precision']:.2f} and {rel['chance_recall']:.2f})")
 
 

@@ -87,3 +87,40 @@ def test_a_ranker_without_its_inputs_is_a_clear_error(stages, tmp_path):
     res = CliRunner().invoke(app, ["rank", "--activations", str(stages / "extract"), "--tally",
                                    str(stages / "bare" / "tally.csv"), "--out", str(tmp_path), "--ranker", "best"])
     assert res.exit_code == 2 and "unknown ranker" in res.output
+
+
+@pytest.mark.parametrize("ranker", ["net2vec", "contribution"])
+def test_stability_refits_the_runs_own_ranker(stages, tmp_path, ranker):
+    """evaluate's fold stability is the Jaccard of the run's ranker refit on each fold's training part,
+    recomputed here by hand; a ranker that does not use the SVM gets no seed stability (it would be 1)."""
+    import numpy as np
+    from sklearn.model_selection import StratifiedKFold
+
+    from conceptrank.core.faithfulness import mean_pairwise_jaccard
+    from conceptrank.core.rankers import UnitBank, make_ranker
+    from conceptrank.core.ranking import GlobalRanker
+    from conceptrank.io.activations import load_activations
+    from conceptrank.io.tally_csv import read_tally
+    from conceptrank.stages.evaluate import EvaluateConfig, run_evaluate
+    from conceptrank.stages.probe import load_probe_activations
+
+    rk = run_rank(stages / "extract", stages / "dissect" / "tally.csv", tmp_path / "r",
+                  RankConfig(min_iou=0.0, ranker=ranker))
+    res = run_evaluate(tmp_path / "r", tmp_path / "r", EvaluateConfig(configs="3:3", n_perm=10, n_draw=10, n_boot=10,
+                                                                        n_random=2, stability_seeds=(0, 1)))
+    act = load_activations(stages / "extract")
+    train = np.asarray(rk.splits) == "train"
+    X, X_max, y = act.mean[train].astype(np.float64), act.max[train].astype(np.float64), act.classes[train]
+    bank = UnitBank(read_tally(stages / "dissect" / "tally.csv").concepts(0.0),
+                    np.load(stages / "dissect" / "thresholds.npy").astype(np.float64))
+    probe = load_probe_activations(stages / "dissect" / "probe_activations.npz")
+    runs = []
+    for tr, _ in StratifiedKFold(5, shuffle=True, random_state=0).split(X, y):
+        svm = GlobalRanker("standard", C=rk.best_C, folds=2, seed=0).fit(X[tr], y[tr]) if ranker == "contribution" else None
+        r = make_ranker(ranker).fit(X[tr], y[tr], bank, X_max=X_max[tr], probe=probe, svm=svm)
+        runs.append([frozenset(c.concept for c in lst) for lst in r.global_(3)])
+    want = float(np.nanmean(mean_pairwise_jaccard(runs)))
+    assert res.stability["folds"]["G=3"] == pytest.approx(want, abs=1e-12)
+    assert ranker in res.stability["note"]
+    assert ("seeds" in res.stability) == (ranker == "contribution")
+    assert ("seeds_skipped" in res.stability) == (ranker == "net2vec")

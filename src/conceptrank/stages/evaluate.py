@@ -493,6 +493,78 @@ class _Refit:
                    protocol_fixed_C(rk.protocol, bool(rcfg.get("grid"))))
 
 
+@dataclass(frozen=True)
+class _RankerRefit:
+    """Stability of a probe- or decision-based ranker: the ranker itself refit with each SVM refit."""
+
+    name: str
+    bank: object
+    X_max: np.ndarray | None
+    probe: object
+
+    @classmethod
+    def of(cls, rk: Ranking, inputs: EvaluationInputs, rows: list[int]) -> "_RankerRefit | None":
+        """None for the paper's ranker (its lists are the SVM's weights: the refits below say it all)."""
+        from conceptrank.core.rankers import UnitBank
+        from conceptrank.stages.rank import ranker_side_inputs
+
+        name = rk.meta.get("ranker") or "paper"
+        _, tally = ranking_input_paths(rk.path, rk.meta)
+        if name == "paper" or tally is None or inputs.unit_concepts is None:
+            return None
+        thresholds, probe = ranker_side_inputs(tally, inputs.dissect_meta)
+        X_max = None if inputs.act.max is None else np.asarray(inputs.act.max, np.float64)[rows]
+        return cls(name, UnitBank(inputs.unit_concepts, thresholds), X_max, probe)
+
+    def sets(self, X, y, rows, svm, gs: Sequence[int]) -> dict[int, list[frozenset]]:
+        from conceptrank.core.rankers import make_ranker
+
+        r = make_ranker(self.name).fit(X[rows], y[rows], self.bank, svm=svm, probe=self.probe,
+                                       X_max=None if self.X_max is None else self.X_max[rows])
+        return {g: [frozenset(rc.concept for rc in lst) for lst in r.global_(g)] for g in gs}
+
+    def stability(self, X, y, rf: "_Refit", gs, cfg: EvaluateConfig, classes, stability: dict) -> tuple[dict, dict]:
+        from sklearn.model_selection import StratifiedKFold
+
+        from conceptrank.core.faithfulness import mean_pairwise_jaccard
+        from conceptrank.core.ranking import GlobalRanker
+
+        from conceptrank.core.rankers import make_ranker
+
+        per: dict = {}
+        uses_svm = make_ranker(self.name).uses_svm
+
+        def svm(rows, seed, C):  # C given: that C, no search (its folds unused: 2, the fewest allowed)
+            if not uses_svm:
+                return None
+            if C is not None:
+                return GlobalRanker("standard", C, folds=2, seed=seed, max_iter=rf.max_iter).fit(X[rows], y[rows])
+            return GlobalRanker(rf.protocol, rf.fixed_C, rf.c_grid, rf.folds, seed, rf.max_iter).fit(X[rows], y[rows])
+
+        folds = StratifiedKFold(rf.folds, shuffle=True, random_state=rf.seed).split(X, y)
+        by_fold = [self.sets(X, y, tr, svm(tr, rf.seed, rf.best_C), gs) for tr, _ in folds]
+        every = np.arange(len(y))
+        by_seed = []
+        if not uses_svm:
+            stability["seeds_skipped"] = f"{self.name}'s global lists do not use the SVM: every seed gives the same"
+        elif len(cfg.stability_seeds) >= 2:
+            by_seed = [self.sets(X, y, every, svm(every, s, None), gs) for s in cfg.stability_seeds]
+        for key, runs in (("folds", by_fold), ("seeds", by_seed)):
+            if not runs:
+                continue
+            stability[key] = {}
+            for g in gs:
+                v = mean_pairwise_jaccard([r[g] for r in runs])
+                stability[key][f"G={g}"] = nanmean(v)
+                for i, c in enumerate(classes):
+                    per.setdefault(f"G={g}", {}).setdefault(c, {})[key] = json_number(v[i])
+        stability["note"] = (f"mean pairwise Jaccard of each class's top-G global concepts by the run's ranker "
+                             f"({self.name}), refit on the training part of {rf.folds} stratified folds"
+                             + (f" with the SVM (C {rf.best_C:g}), and with full refits at seeds "
+                                f"{', '.join(map(str, cfg.stability_seeds))}" if uses_svm else ""))
+        return stability, per
+
+
 def _stability_scores(rk: Ranking, inputs: EvaluationInputs, gs: Sequence[int], cfg: EvaluateConfig) -> tuple[dict, dict]:
     """Jaccard stability of the top-G global concepts across fold refits and seeds: (summary, per class)."""
     from conceptrank.core.faithfulness import fold_stability, seed_stability
@@ -509,6 +581,12 @@ def _stability_scores(rk: Ranking, inputs: EvaluationInputs, gs: Sequence[int], 
     classes = list(svm.classes)
     stability: dict = {}
     per: dict = {}
+    refit = _RankerRefit.of(rk, inputs, [row[i] for i in fit_imgs])
+    if refit is not None:
+        try:
+            return refit.stability(X, y, rf, gs, cfg, classes, stability)
+        except (ValueError, ConceptrankError) as e:
+            return {"skipped": f"refitting the {refit.name} ranker: {e}"}, {}
     try:
         by_fold = fold_stability(X, y, classes, rf.best_C, gs, inputs.unit_concepts, rf.folds, rf.seed,
                                  rf.max_iter, rf.protocol == "standard", rf.pool, 1)

@@ -98,7 +98,7 @@ from conceptrank.stages.probe import (
     stored_fingerprints,
 )
 
-__all__ = ["RankConfig", "RankResult", "rank_concepts", "run_rank", "check_compatible"]
+__all__ = ["RankConfig", "RankResult", "rank_concepts", "run_rank", "check_compatible", "ranker_side_inputs"]
 
 RANK_FORMAT = 2  # bump when an output's bytes change for the same inputs (2: svm.npz train_mean, standardized)
 
@@ -516,9 +516,13 @@ def _rank_inputs(activations: Path, tally: Path, cfg: RankConfig) -> _RankInputs
 
 
 def _ranker_inputs(inp: _RankInputs) -> tuple[np.ndarray | None, ProbeActivations | None]:
-    """``thresholds.npy`` and ``probe_activations.npz`` beside the tally, when there (the probe file only
-    when it was made with the dissection's model and layer)."""
-    folder = inp.tally.parent
+    return ranker_side_inputs(inp.tally, inp.dissect_meta)
+
+
+def ranker_side_inputs(tally: Path, dissect_meta: dict | None) -> tuple[np.ndarray | None, ProbeActivations | None]:
+    """``thresholds.npy`` and ``probe_activations.npz`` beside ``tally``, when there (the probe file only
+    when it was made with the dissection's model and layer, as ``dissect_meta`` records)."""
+    folder = Path(tally).parent
     thresholds = None
     if (folder / "thresholds.npy").is_file():
         try:
@@ -527,7 +531,7 @@ def _ranker_inputs(inp: _RankInputs) -> tuple[np.ndarray | None, ProbeActivation
             raise ConceptrankError(f"cannot read {folder / 'thresholds.npy'}: {e}") from None
     probe = None
     stored = stored_fingerprints(folder / PROBE_FILE) if (folder / PROBE_FILE).is_file() else None
-    meta = inp.dissect_meta or {}
+    meta = dissect_meta or {}
     if stored and stored["model"] == (meta.get("fingerprints") or {}).get("model") and stored["layer"] == meta.get("layer"):
         probe = load_probe_activations(folder / PROBE_FILE)
     return thresholds, probe

@@ -153,11 +153,16 @@ def knowledge_lines(triples: Sequence[Triple]) -> list[str]:
     return lines
 
 
+def _class_image_truth(seed: int, size: int, ci: int, images_per_class: int) -> dict[str, list[Triple]]:
+    cls = W.TARGET_CLASSES[ci][0]
+    return {f"{cls}_{i + 1:03d}.jpg": image_relations(W.target_scene(seed, ci, i, size)) for i in range(images_per_class)}
+
+
 def _image_truth(seed: int, size: int, images_per_class: int) -> dict[str, list[Triple]]:
-    out = {}
-    for ci, (cls, _) in enumerate(W.TARGET_CLASSES):
-        for i in range(images_per_class):
-            out[f"{cls}_{i + 1:03d}.jpg"] = image_relations(W.target_scene(seed, ci, i, size))
+    out: dict[str, list[Triple]] = {}
+    chunks = [(seed, size, ci, images_per_class) for ci in range(len(W.TARGET_CLASSES))]
+    for part in W._in_processes(_class_image_truth, chunks):  # each class redrawn in a worker
+        out.update(part)
     return out
 
 

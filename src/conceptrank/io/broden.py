@@ -439,6 +439,22 @@ class WriterRow:
     sh: int
     sw: int
     cells: dict[str, list[str | int]] = field(default_factory=dict)
+    coverage: dict[str, dict[int, float]] | None = None  # per category, :func:`cell_coverage` (else decoded)
+
+
+def cell_coverage(items: Sequence[int | np.ndarray]) -> dict[int, float]:
+    """Label → its share of the image in one index cell: an image-level number counts 1, a mask plane
+    (a label array) the share of its pixels; summed over the cell's items in order."""
+    seen: dict[int, float] = {}
+    for item in items:
+        if isinstance(item, (int, np.integer)):
+            seen[int(item)] = seen.get(int(item), 0.0) + 1.0
+            continue
+        counts = np.bincount(np.asarray(item).ravel())
+        for num in np.nonzero(counts)[0]:
+            if num:
+                seen[int(num)] = seen.get(int(num), 0.0) + counts[num] / item.size
+    return seen
 
 
 def _fmt(x: float) -> str:
@@ -460,7 +476,8 @@ def write_broden(
     ----------
     categories : category names in the order they go into category.csv.
     labels : ``(number, name, category)`` triples; a label may appear with several categories.
-    rows : index rows; frequencies and coverages are computed from the masks themselves.
+    rows : index rows; frequencies and coverages are computed from the masks themselves (or taken from
+        a row's ``coverage``, computed by :func:`cell_coverage` from the arrays before they were saved).
     """
     root = Path(root)
     label_list = list(labels)
@@ -478,16 +495,11 @@ def write_broden(
         for cat, items in r.cells.items():
             if items:
                 cat_freq[cat] += 1
-            seen: dict[int, float] = {}
-            for item in items:
-                if isinstance(item, (int, np.integer)):
-                    seen[int(item)] = seen.get(int(item), 0.0) + 1.0
-                else:
-                    m = decode_mask(root / "images" / item)
-                    counts = np.bincount(m.ravel())
-                    for num in np.nonzero(counts)[0]:
-                        if num:
-                            seen[int(num)] = seen.get(int(num), 0.0) + counts[num] / m.size
+            if r.coverage is not None and cat in r.coverage:
+                seen = r.coverage[cat]
+            else:
+                seen = cell_coverage([it if isinstance(it, (int, np.integer)) else decode_mask(root / "images" / it)
+                                      for it in items])
             for num, cov in seen.items():
                 if num not in names:
                     raise ValueError(f"row {r.image}: label {num} not declared")

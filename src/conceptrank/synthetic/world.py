@@ -47,7 +47,7 @@ import numpy as np
 from PIL import Image
 
 from conceptrank.errors import ConceptrankError
-from conceptrank.io.broden import WriterRow, encode_mask, write_broden
+from conceptrank.io.broden import WriterRow, cell_coverage, encode_mask, write_broden
 from conceptrank.synthetic.backgrounds import apply_texture, paint_background
 from conceptrank.synthetic.drawing import PART_ORDER, Geometry, draw_object, shape_mask, stem_mask
 
@@ -650,8 +650,10 @@ def _probe_rows(root: Path, seed: int, size: int, start: int, stop: int) -> list
         stem = f"synth/{i + 1:05d}"
         Image.fromarray(sc.image).save(root / "images" / f"{stem}.jpg", "JPEG", quality=JPEG_QUALITY)
         cells: dict[str, list[str | int]] = {}
+        coverage: dict[str, dict[int, float]] = {}
         for cat, planes in sc.planes.items():
             items: list[str | int] = []
+            arrays = []
             for k, plane in enumerate(planes, start=1):
                 small = downsample_labels(plane, sh, sw)
                 if not small.any():
@@ -659,11 +661,12 @@ def _probe_rows(root: Path, seed: int, size: int, start: int, stop: int) -> list
                 name = f"{stem}_{cat}_{k}.png" if len(planes) > 1 else f"{stem}_{cat}.png"
                 encode_mask(small).save(root / "images" / name)
                 items.append(name)
-            cells[cat] = items
+                arrays.append(small)
+            cells[cat], coverage[cat] = items, cell_coverage(arrays)
         for cat, labs in sc.image_labels.items():
-            cells[cat] = list(labs)
+            cells[cat], coverage[cat] = list(labs), cell_coverage(list(labs))
         split = "val" if i % 10 == 9 else "train"
-        rows.append(WriterRow(f"{stem}.jpg", split, size, size, sh, sw, cells))
+        rows.append(WriterRow(f"{stem}.jpg", split, size, size, sh, sw, cells, coverage))
     return rows
 
 

@@ -192,20 +192,37 @@ def learn_rules(stats: MapStats, unit_concepts: Sequence[str | None], labels: np
     train, test = splits == "train", splits == "test"
     if not train.any() or not test.any():
         raise RulesError(f"rules need train and test images; got {int(train.sum())} train, {int(test.sum())} test")
-    facts, cv = _binarise(stats, unit_concepts, svm_pred, train, classes, cfg, visible)
+    pool = _executor(cfg.jobs)
+    methods = _methods(stats, unit_concepts, cfg, visible)
     combos = [(cfg.facts, cfg.learner, "svm")]
     if cfg.compare:
-        combos += [(m, ln, t) for m in facts for ln in cfg.learners for t in ("svm", "true")
+        combos += [(m, ln, t) for m in methods for ln in cfg.learners for t in ("svm", "true")
                    if (m, ln, t) != combos[0]]
-    tasks = []
-    for method, learner, target in combos:
-        f = facts[method]
+
+    def submit(f: Facts, learner: str, target: str):
         y = svm_pred if target == "svm" else labels
-        tasks.append((f.present[train], y[train], classes, f.names, f.concepts, learner,
-                      cfg.max_literals, cfg.max_rules, cfg.seed))
+        return pool.submit(fit_rules, f.present[train], y[train], classes, f.names, f.concepts, learner,
+                           cfg.max_literals, cfg.max_rules, cfg.seed)
+
+    pending_cv = _submit_cv(pool, stats.share, unit_concepts, svm_pred, train, classes, cfg) if "share" in methods else None
+    facts: dict[str, Facts] = {}
+    if "nesyfold" in methods:
+        facts["nesyfold"] = nesyfold_facts(stats.l2, train, unit_concepts)
+    if "truth" in methods:
+        facts["truth"] = truth_facts(visible)
+    fitting = {c: submit(facts[c[0]], c[1], c[2]) for c in combos if c[0] != "share"}  # beside the CV
+    cv: dict = {}
+    if pending_cv is not None:
+        share = cfg.min_share
+        if share is None:
+            cv = _cv_scores(pending_cv)
+            share = max(cv, key=lambda s: (cv[s], -s))
+        facts["share"] = concept_facts(stats.share, unit_concepts, share)
+        fitting.update({c: submit(facts["share"], c[1], c[2]) for c in combos if c[0] == "share"})
+    facts = {m: facts[m] for m in methods}  # the chosen binarisation first
     reports = []
-    for (method, learner, target), rs in zip(combos, _fit_all(tasks, cfg.jobs)):
-        f = facts[method]
+    for method, learner, target in combos:
+        f, rs = facts[method], fitting[(method, learner, target)].result()
         reports.append(RuleReport(method, learner, target, rs,
                                   score_ruleset(rs, f.present[test], labels[test], svm_pred[test], planted),
                                   score_ruleset(rs, f.present[train], labels[train], svm_pred[train], planted)))
@@ -216,62 +233,51 @@ def learn_rules(stats: MapStats, unit_concepts: Sequence[str | None], labels: np
     return RulesResult(reports[0], tuple(reports), facts, svm_acc, cv, counts, cfg, ceiling=ceiling)
 
 
-def _binarise(stats: MapStats, unit_concepts, svm_pred, train, classes, cfg: RulesConfig,
-              visible) -> tuple[dict[str, Facts], dict]:
-    """The facts of every binarisation used (the chosen one first) and the CV scores of min_share."""
+def _methods(stats: MapStats, unit_concepts, cfg: RulesConfig, visible) -> list[str]:
+    """The binarisations to state facts with, the chosen one first (``truth`` on a synthetic world)."""
     if stats.share is None and (cfg.facts == "share" or cfg.compare):
         raise RulesError("the share binarisation needs the dissection thresholds")
     methods = [cfg.facts] + ([m for m in ("share", "nesyfold") if m != cfg.facts] if cfg.compare else [])
-    facts: dict[str, Facts] = {}
-    cv: dict = {}
-    for method in methods:
-        if method == "share":
-            if not any(unit_concepts):
-                raise RulesError(f"no unit has a concept with IoU ≥ {cfg.min_iou}: nothing to state facts about")
-            share = cfg.min_share
-            if share is None:
-                cv = _cv_min_share(stats.share, unit_concepts, svm_pred, train, classes, cfg)
-                share = max(cv, key=lambda s: (cv[s], -s))
-            facts["share"] = concept_facts(stats.share, unit_concepts, share)
-        else:
-            facts["nesyfold"] = nesyfold_facts(stats.l2, train, unit_concepts)
-    if cfg.compare and visible is not None:
-        facts["truth"] = truth_facts(visible)
-    return facts, cv
+    if "share" in methods and not any(unit_concepts):
+        raise RulesError(f"no unit has a concept with IoU ≥ {cfg.min_iou}: nothing to state facts about")
+    return methods + (["truth"] if cfg.compare and visible is not None else [])
 
 
-def _cv_min_share(share: np.ndarray, unit_concepts, svm_pred, train, classes, cfg: RulesConfig) -> dict:
-    """min_share → mean surrogate fidelity over ``cfg.folds`` folds of the train split."""
+def _submit_cv(pool, share: np.ndarray, unit_concepts, svm_pred, train, classes, cfg: RulesConfig) -> list:
+    """The CV fits that choose min_share (none when it is given):
+    ``[(s, facts at s, [(held-out rows, their SVM labels, future)] per fold)]``."""
     from sklearn.model_selection import KFold
 
+    if cfg.min_share is not None:
+        return []
     idx = np.nonzero(train)[0]
     folds = list(KFold(cfg.folds, shuffle=True, random_state=cfg.seed).split(idx))
-    grid = [(s, concept_facts(share, unit_concepts, s)) for s in MIN_SHARE_GRID]
-    tasks = [(f.present[idx[a]], svm_pred[idx[a]], classes, f.names, f.concepts, cfg.learner,
-              cfg.max_literals, cfg.max_rules, cfg.seed) for _, f in grid for a, _ in folds]
-    fitted = iter(_fit_all(tasks, cfg.jobs))
-    out = {}
-    for s, f in grid:
-        scores = [score_ruleset(next(fitted), f.present[idx[b]], svm_pred[idx[b]], svm_pred[idx[b]])["fidelity"]
-                  for _, b in folds]
-        out[s] = float(np.mean(scores))
+    out = []
+    for s in MIN_SHARE_GRID:
+        f = concept_facts(share, unit_concepts, s)
+        out.append((s, f, [(idx[b], svm_pred[idx[b]],
+                            pool.submit(fit_rules, f.present[idx[a]], svm_pred[idx[a]], classes, f.names, f.concepts,
+                                        cfg.learner, cfg.max_literals, cfg.max_rules, cfg.seed))
+                           for a, b in folds]))
     return out
 
 
-def _fit_all(tasks: Sequence[tuple], jobs: int) -> list[RuleSet]:
-    """``fit_rules(*task)`` for every task, in order, in ``jobs`` worker processes (0: one per core).
+def _cv_scores(pending: list) -> dict:
+    """min_share → mean surrogate fidelity of the fold rules on the held-out part of each fold."""
+    return {s: float(np.mean([score_ruleset(fut.result(), f.present[rows], y, y)["fidelity"] for rows, y, fut in runs]))
+            for s, f, runs in pending}
 
-    Always in workers started with ``PYTHONHASHSEED=0``: imodels' SkopeRules orders tied candidate
-    rules by iterating a ``set`` of strings, so in a process with a random hash seed its rules would
-    change from run to run.
-    """
+
+def _executor(jobs: int):
+    """Worker processes for the fits (0: one per core), started with ``PYTHONHASHSEED=0``: imodels'
+    SkopeRules orders tied candidate rules by iterating a ``set`` of strings, so in a process with a
+    random hash seed its rules would change from run to run. The results do not depend on ``jobs``."""
     import os
 
     from joblib.externals.loky import get_reusable_executor
 
-    n = max(1, min(len(tasks), jobs if jobs > 0 else (os.cpu_count() or 1)))
-    pool = get_reusable_executor(max_workers=n, env={"PYTHONHASHSEED": "0"})
-    return list(pool.map(fit_rules, *zip(*tasks))) if tasks else []
+    n = max(1, jobs if jobs > 0 else (os.cpu_count() or 1))
+    return get_reusable_executor(max_workers=n, env={"PYTHONHASHSEED": "0"})
 
 
 def _counts(facts: Facts, splits: np.ndarray, ruleset: RuleSet) -> dict:

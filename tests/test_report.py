@@ -621,3 +621,31 @@ def test_the_overview_says_how_the_synthetic_source_model_was_trained():
     assert _source_task(card) == ("the synthetic world's source task (12000 images × 30 epochs; held-out accuracy "
                                   "shape 0.82, color 0.92, material 0.76, scene 1.0)")
     assert _source_task({"architecture": "resnet152"}) is None
+
+
+def test_class_graphs_are_drawn_once_per_relations_file(tmp_path, monkeypatch):
+    """RUN/relate/graphs/ is reused while relations.json and the dpi are unchanged, redrawn otherwise."""
+    import json
+
+    import conceptrank.report.relations as rel
+
+    (tmp_path / "relate").mkdir()
+    src = tmp_path / "relate" / "relations.json"
+    doc = {"classes": {"a b": {"candidates": [{"relation": ["x", "PartOf", "y"], "support": 0.5}],
+                               "recovered": [["x", "PartOf", "y"]]}, "c": {"candidates": []}}}
+    src.write_text(json.dumps(doc))
+    drawn = []
+    real = rel.draw_relation_graph
+    monkeypatch.setattr(rel, "draw_relation_graph", lambda path, *a, **k: drawn.append(path.name) or real(path, *a, **k))
+    out = rel.draw_class_graphs(tmp_path, dpi=40)
+    assert drawn == ["a-b.png"] and (out / "a-b.png").is_file()
+    rel.draw_class_graphs(tmp_path, dpi=40)
+    assert drawn == ["a-b.png"]  # reused
+    section = rel.relations_section(tmp_path, tmp_path / "figures", dpi=40)
+    assert drawn == ["a-b.png"] and (tmp_path / "figures" / "relations" / "a-b.png").read_bytes() == (out / "a-b.png").read_bytes()
+    assert [c["src"] for c in section["classes"]] == ["figures/relations/a-b.png", None]
+    rel.draw_class_graphs(tmp_path, dpi=41)
+    doc["classes"]["a b"]["recovered"] = []
+    src.write_text(json.dumps(doc))
+    rel.draw_class_graphs(tmp_path, dpi=41)
+    assert drawn == ["a-b.png"] * 3

@@ -285,7 +285,13 @@ def _beside_rules(out: Path, vcfg, relate_cfg, seconds: dict) -> tuple:
     from conceptrank.stages.relate import run_relate
 
     t0 = time.perf_counter()
-    related = run_relate(out, relate_cfg) if relate_cfg is not None else None
+    related = None
+    if relate_cfg is not None:
+        from conceptrank.report import ReportOptions
+        from conceptrank.report.relations import draw_class_graphs
+
+        related = run_relate(out, relate_cfg)
+        draw_class_graphs(out, ReportOptions().dpi)  # the report's relation graphs, drawn here while rules run
     seconds["relate"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     computed = compute_evaluation(out / "rank", vcfg)

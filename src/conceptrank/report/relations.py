@@ -61,25 +61,58 @@ def draw_relation_graph(path: Path, title: str, candidates: list[dict], recovere
     plt.close(fig)
 
 
+GRAPHS_DIR = "graphs"  # RUN/relate/graphs/: the class graphs, drawn once per relations.json and dpi
+
+
+def _graphs_key(src: Path, dpi: int) -> str:
+    import hashlib
+
+    return hashlib.sha256(src.read_bytes() + f"|dpi={dpi}|v=1".encode()).hexdigest()
+
+
+def draw_class_graphs(root: Path, dpi: int = 100) -> Path | None:
+    """Draw every class's relation graph into ``RUN/relate/graphs/`` (skipped when the PNGs there were
+    drawn from the same ``relations.json`` at the same dpi); None without ``relate/relations.json``."""
+    from conceptrank.io.cache import atomic_write_text, read_json
+
+    src = Path(root) / "relate" / "relations.json"
+    if not src.is_file():
+        return None
+    out, key = src.parent / GRAPHS_DIR, _graphs_key(src, dpi)
+    stamp = out / "key.txt"
+    if stamp.is_file() and stamp.read_text(encoding="utf-8").strip() == key:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    stamp.unlink(missing_ok=True)
+    for name, c in sorted((read_json(src).get("classes") or {}).items()):
+        if c.get("candidates"):
+            draw_relation_graph(out / f"{_slug(name)}.png", name, c["candidates"],
+                                {tuple(r) for r in c.get("recovered", [])}, dpi)
+    atomic_write_text(stamp, key + "\n")  # last: a stamp vouches for every PNG
+    return out
+
+
 def relations_section(root: Path, figdir: Path, dpi: int = 100) -> dict | None:
     """Context for the report's relations section, or None when the run has no ``relate/relations.json``."""
+    import shutil
+
     from conceptrank.io.cache import read_json
 
     src = Path(root) / "relate" / "relations.json"
     if not src.is_file():
         return None
     doc = read_json(src)
+    drawn = draw_class_graphs(root, dpi)
     out_dir = Path(figdir) / "relations"
     out_dir.mkdir(parents=True, exist_ok=True)
     classes = []
     for name, c in sorted((doc.get("classes") or {}).items()):
-        recovered = {tuple(r) for r in c.get("recovered", [])}
         entry = {"name": name, "id": f"relations-{_slug(name)}", "recovered": [" ".join(r) for r in c.get("recovered", [])],
                  "planted": [" ".join(r) for r in c.get("planted", [])], "coverage": c.get("coverage"),
                  "precision": c.get("precision"), "recall": c.get("recall"), "src": None}
         if c.get("candidates"):
             png = out_dir / f"{_slug(name)}.png"
-            draw_relation_graph(png, name, c["candidates"], recovered, dpi)
+            shutil.copyfile(drawn / png.name, png)
             entry["src"] = f"{figdir.name}/relations/{png.name}"
         classes.append(entry)
     kg = doc.get("kg") or {}

@@ -91,3 +91,23 @@ def test_report_and_run_config(run_dir, tiny_world, tmp_path):
     text = _ok(["run", cfg])
     assert "protocol paper" in text
     assert [c for c in _rows(tmp_path / "r" / "rank" / "precision.csv")[0]] == ["class", "5L-1G", "10L-10G"]
+
+
+def test_a_relate_failure_beside_the_rules_still_leaves_the_evaluation(tmp_path, monkeypatch):
+    """demo runs relate in a thread beside the rules: its error is raised after the evaluation (with
+    the rules' numbers) is written, as when relate ran after evaluate."""
+    import conceptrank.stages.relate as relate
+    from conceptrank.errors import ConceptrankError
+    from conceptrank.pipeline import run_demo
+
+    def broken(*a, **k):
+        raise ConceptrankError("the knowledge graph is broken")
+
+    monkeypatch.setattr(relate, "run_relate", broken)
+    lines: list[str] = []
+    with pytest.raises(ConceptrankError, match="knowledge graph is broken"):
+        run_demo(tmp_path / "demo", quick=True, echo=lines.append)
+    summary = json.loads((tmp_path / "demo" / "rank" / "summary.json").read_text())
+    assert summary["rules"]["learner"] == "ripper" and (tmp_path / "demo" / "rules" / "rules.json").is_file()
+    assert any(line.startswith("agreement (Formula 2)") for line in lines)
+    assert not (tmp_path / "demo" / "relate" / "relations.json").exists()

@@ -264,6 +264,8 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> Pipelin
     vres = run_evaluate(out / "rank", out / "rank", vcfg, computed=computed)
     echo(vres.table())
     timings["evaluate"] = time.perf_counter() - t0 + beside.seconds_of["evaluate"]
+    if isinstance(related, ConceptrankError):
+        raise related
     if related is not None:
         echo(related.summary())
         timings["relate"] = beside.seconds_of["relate"]
@@ -280,7 +282,8 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] = print) -> Pipelin
 
 
 def _beside_rules(out: Path, vcfg, relate_cfg, seconds: dict) -> tuple:
-    """The evaluation's computation and the relations (None without a KG), while the rules are learned."""
+    """The evaluation's computation and the relations (None without a KG, the error when relate failed),
+    while the rules are learned."""
     from conceptrank.stages.evaluate import compute_evaluation
     from conceptrank.stages.relate import run_relate
 
@@ -290,8 +293,11 @@ def _beside_rules(out: Path, vcfg, relate_cfg, seconds: dict) -> tuple:
         from conceptrank.report import ReportOptions
         from conceptrank.report.relations import draw_class_graphs
 
-        related = run_relate(out, relate_cfg)
-        draw_class_graphs(out, ReportOptions().dpi)  # the report's relation graphs, drawn here while rules run
+        try:
+            related = run_relate(out, relate_cfg)
+            draw_class_graphs(out, ReportOptions().dpi)  # the report's relation graphs, drawn while rules run
+        except ConceptrankError as e:  # raised after the evaluation is written, as when relate ran after it
+            related = e
     seconds["relate"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     computed = compute_evaluation(out / "rank", vcfg)

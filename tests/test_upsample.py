@@ -98,18 +98,23 @@ def test_reduced_matmul_precision_still_gives_pil_exact_masks(monkeypatch, preci
     np.testing.assert_array_equal(acc.activation.numpy(), act)
 
 
-def test_upsample_above_equals_thresholding_the_exact_upsample():
+def test_upsample_above_chunks_and_counts_equal_thresholding_the_exact_upsample():
     """Sparse hot maps, thresholds placed exactly on upsampled values (the ambiguous case), and maps
-    with no cell near their threshold: the same mask as thresholding PIL's upsampling."""
-    from conceptrank.core.upsample import upsample_above
+    with no cell near their threshold: the same masks and counts as thresholding PIL's upsampling."""
+    from conceptrank.core.upsample import count_above, upsample_above_chunks
 
     g = torch.Generator().manual_seed(3)
     maps = torch.rand(300, 7, 9, generator=g) ** 6
     exact = upsample_bilinear(maps, (29, 40))
     thr = torch.rand(300, generator=g) * 0.4 + 0.5
     thr[:40] = exact[:40, 11, 17]  # on a value: only PIL's arithmetic decides '>'
-    thr[40:60] = 2.0  # nothing near: all False without upsampling
-    got = upsample_above(maps, thr, (29, 40))
+    thr[40:60] = 2.0  # nothing near: not even upsampled
     want = exact > thr[:, None, None]
-    assert torch.equal(got, want)
+    got = torch.zeros_like(want)
+    seen = []
+    for chunk, mask in upsample_above_chunks(maps, thr, (29, 40)):
+        got[chunk] = mask
+        seen += chunk.tolist()
+    assert torch.equal(got, want) and not set(seen) & set(range(40, 60))
+    assert torch.equal(count_above(maps, thr, (29, 40)), want.flatten(1).sum(dim=1))
     assert want[:40].any() and not want[40:60].any()

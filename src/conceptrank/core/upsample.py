@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 __all__ = ["full_float32", "pil_bilinear_taps", "upsample_bilinear", "upsample_approx_rows_cols", "upsample_error_bound", "upsample_at", "tap_ranges",
-           "upsample_above", "upsample_above_chunks", "count_above"]
+           "upsample_above_chunks", "count_above"]
 
 
 @functools.lru_cache(maxsize=64)
@@ -244,31 +244,8 @@ def upsample_above_chunks(maps: torch.Tensor, thresholds: torch.Tensor, size: tu
         yield chunk, mask
 
 
-def upsample_above(maps: torch.Tensor, thresholds: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """``upsample_bilinear(maps, size) > thresholds[:, None, None]``, exactly, at a fraction of its cost.
-
-    A map with no cell within the error bound of its threshold is below it everywhere (an upsampled
-    value is a convex combination of cells); the others are upsampled by the fast float32 path and only
-    pixels within :func:`upsample_error_bound` of the threshold are recomputed with PIL's arithmetic.
-
-    Parameters
-    ----------
-    maps : (P, h, w) float32
-    thresholds : (P,) float32
-    size : (sh, sw)
-
-    Returns
-    -------
-    (P, sh, sw) bool
-    """
-    out = torch.zeros(maps.shape[0], *size, dtype=torch.bool, device=maps.device)
-    for chunk, mask in upsample_above_chunks(maps, thresholds, size):
-        out[chunk] = mask
-    return out
-
-
 def count_above(maps: torch.Tensor, thresholds: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """``upsample_above(maps, thresholds, size).sum((1, 2))`` without the full masks: ``(P,)`` int64."""
+    """Per map, its upsampled pixels above threshold, without the full masks: ``(P,)`` int64."""
     out = torch.zeros(maps.shape[0], dtype=torch.int64, device=maps.device)
     for chunk, mask in upsample_above_chunks(maps, thresholds, size):
         out[chunk] = mask.flatten(1).sum(dim=1)

@@ -515,10 +515,6 @@ def _rank_inputs(activations: Path, tally: Path, cfg: RankConfig) -> _RankInputs
     return _RankInputs(act_path, tally, extract_json, dissect_json, extract_meta, dissect_meta, fingerprints, key, params)
 
 
-def _ranker_inputs(inp: _RankInputs) -> tuple[np.ndarray | None, ProbeActivations | None]:
-    return ranker_side_inputs(inp.tally, inp.dissect_meta)
-
-
 def ranker_side_inputs(tally: Path, dissect_meta: dict | None) -> tuple[np.ndarray | None, ProbeActivations | None]:
     """``thresholds.npy`` and ``probe_activations.npz`` beside ``tally``, when there (the probe file only
     when it was made with the dissection's model and layer, as ``dissect_meta`` records)."""
@@ -644,7 +640,7 @@ def run_rank(activations: Path, tally: Path, out: Path, cfg: RankConfig) -> Rank
     act = load_activations(inp.act_path)
     labels = read_tally(inp.tally)
     check_compatible(inp.extract_meta, inp.dissect_meta, str(inp.extract_json), str(inp.dissect_json))
-    thresholds, probe = _ranker_inputs(inp)
+    thresholds, probe = ranker_side_inputs(inp.tally, inp.dissect_meta)
     res = rank_concepts(act, labels, cfg, thresholds=thresholds, probe=probe)
     _invalidate(out)
     _write_rank_outputs(out, res, cfg)

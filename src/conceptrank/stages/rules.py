@@ -199,12 +199,14 @@ def learn_rules(stats: MapStats, unit_concepts: Sequence[str | None], labels: np
         combos += [(m, ln, t) for m in methods for ln in cfg.learners for t in ("svm", "true")
                    if (m, ln, t) != combos[0]]
 
-    def submit(f: Facts, learner: str, target: str):
-        y = svm_pred if target == "svm" else labels
-        return pool.submit(fit_rules, f.present[train], y[train], classes, f.names, f.concepts, learner,
+    def fit(f: Facts, rows: np.ndarray, y: np.ndarray, learner: str):
+        return pool.submit(fit_rules, f.present[rows], y[rows], classes, f.names, f.concepts, learner,
                            cfg.max_literals, cfg.max_rules, cfg.seed)
 
-    pending_cv = _submit_cv(pool, stats.share, unit_concepts, svm_pred, train, classes, cfg) if "share" in methods else None
+    def submit(f: Facts, learner: str, target: str):
+        return fit(f, train, svm_pred if target == "svm" else labels, learner)
+
+    pending_cv = _submit_cv(fit, stats.share, unit_concepts, svm_pred, train, cfg) if "share" in methods else None
     facts: dict[str, Facts] = {}
     if "nesyfold" in methods:
         facts["nesyfold"] = nesyfold_facts(stats.l2, train, unit_concepts)
@@ -243,9 +245,9 @@ def _methods(stats: MapStats, unit_concepts, cfg: RulesConfig, visible) -> list[
     return methods + (["truth"] if cfg.compare and visible is not None else [])
 
 
-def _submit_cv(pool, share: np.ndarray, unit_concepts, svm_pred, train, classes, cfg: RulesConfig) -> list:
-    """The CV fits that choose min_share (none when it is given):
-    ``[(s, facts at s, [(held-out rows, their SVM labels, future)] per fold)]``."""
+def _submit_cv(fit, share: np.ndarray, unit_concepts, svm_pred, train, cfg: RulesConfig) -> list:
+    """The CV fits that choose min_share (none when it is given), ``fit(facts, rows, labels, learner)``
+    submitting each: ``[(s, facts at s, [(held-out rows, their SVM labels, future)] per fold)]``."""
     from sklearn.model_selection import KFold
 
     if cfg.min_share is not None:
@@ -255,10 +257,7 @@ def _submit_cv(pool, share: np.ndarray, unit_concepts, svm_pred, train, classes,
     out = []
     for s in MIN_SHARE_GRID:
         f = concept_facts(share, unit_concepts, s)
-        out.append((s, f, [(idx[b], svm_pred[idx[b]],
-                            pool.submit(fit_rules, f.present[idx[a]], svm_pred[idx[a]], classes, f.names, f.concepts,
-                                        cfg.learner, cfg.max_literals, cfg.max_rules, cfg.seed))
-                           for a, b in folds]))
+        out.append((s, f, [(idx[b], svm_pred[idx[b]], fit(f, idx[a], svm_pred, cfg.learner)) for a, b in folds]))
     return out
 
 
@@ -470,7 +469,8 @@ def rules_json(res: RulesResult, images: np.ndarray, splits: np.ndarray, labels:
             "fires_on": {s: [str(x) for x in images[on & (splits == s)]] for s in ("train", "test")},
         })
     return {
-        "format": "conceptrank-rules", "version": 1, "policy": POLICY, "config": {k: v for k, v in asdict(res.config).items() if k != "jobs"},  # jobs: not a result
+        "format": "conceptrank-rules", "version": 1, "policy": POLICY,
+        "config": {k: v for k, v in asdict(res.config).items() if k != "jobs"},  # jobs: not a result
         "learner": p.learner, "labels": "svm predictions (surrogate)", "classes": list(rs.classes),
         "facts": {"method": facts.method, "params": facts.params,
                   "predicates": [{"name": n, "asp": a, "concept": c, "units": [u + 1 for u in us]}

@@ -418,6 +418,10 @@ class ConceptRanker(BaseEstimator):
         """Per class (``classes_`` order) its top-``g`` concepts with a positive ('+') or negative ('-') score."""
         return ranked_lists(self.global_scores_, self.global_units_, self.concepts_, self.categories_, g, sign)
 
+    def global_sets(self, g: int = 10) -> list[frozenset]:
+        """Per class (``classes_`` order) the set of its top-``g`` supporting concepts (what stability compares)."""
+        return [frozenset(rc.concept for rc in lst) for lst in self.global_(g, "+")]
+
 
 class PaperRanker(ConceptRanker):
     """The paper's method, unchanged (the reference).

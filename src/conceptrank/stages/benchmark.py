@@ -287,7 +287,7 @@ def _stability(name: str, world: WorldData, train: np.ndarray, fold_svms: list, 
         idx = np.flatnonzero(train)[tr]
         r = make_ranker(name).fit(world.mean[idx], world.classes[idx], world.bank, X_max=world.max[idx],
                                   probe=world.probe, svm=svm)
-        runs.append([frozenset(rc.concept for rc in lst) for lst in r.global_(depth)])
+        runs.append(r.global_sets(depth))
     return _nanmean(mean_pairwise_jaccard(runs))
 
 

@@ -521,7 +521,7 @@ class _RankerRefit:
 
         r = make_ranker(self.name).fit(X[rows], y[rows], self.bank, svm=svm, probe=self.probe,
                                        X_max=None if self.X_max is None else self.X_max[rows])
-        return {g: [frozenset(rc.concept for rc in lst) for lst in r.global_(g)] for g in gs}
+        return {g: r.global_sets(g) for g in gs}
 
     def stability(self, X, y, rf: "_Refit", gs, cfg: EvaluateConfig, classes, stability: dict) -> tuple[dict, dict]:
         from sklearn.model_selection import StratifiedKFold
